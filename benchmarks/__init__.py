@@ -1,0 +1,1 @@
+"""Runtime runners, statistics and the benchmark result schema."""

@@ -1,0 +1,1 @@
+"""Quantization specs, (later) structured pruning and the accuracy-budget search."""

@@ -1,0 +1,1 @@
+"""Teacher fine-tuning, student construction, KD losses, teacher logit cache and the trainer."""

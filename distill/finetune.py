@@ -1,0 +1,77 @@
+"""Stage 1: fine-tune the teacher (any HF encoder + classification head) on the user's data."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from edgekd.data import Dataset, Encoded, choose_max_length
+from edgekd.manifest import is_done, read_manifest, write_stage
+from edgekd.metrics import classification_metrics
+from edgekd.models import copy_licenses, count_parameters, load_classifier, load_tokenizer, resolve_model
+from edgekd.recipe import Recipe
+
+from edgekd.distill.training import (accuracy_metric, collator, last_checkpoint, predict_logits,
+                              training_args)
+
+
+def tfidf_baseline(dataset: Dataset) -> dict:
+    """TF-IDF + logistic regression: the floor a neural model has to beat (C chosen on validation)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    x_train = vectorizer.fit_transform(dataset.train.texts)
+    best = None
+    for c in (0.1, 1.0, 10.0):
+        model = LogisticRegression(C=c, max_iter=2000).fit(x_train, dataset.train.labels)
+        score = model.score(vectorizer.transform(dataset.validation.texts), dataset.validation.labels)
+        if best is None or score > best[0]:
+            best = (score, model)
+    model = best[1]
+    # decision_function gives per-class scores in model.classes_ order (sorted labels = label_names).
+    scores = model.decision_function(vectorizer.transform(dataset.test.texts))
+    if scores.ndim == 1:
+        scores = __import__("numpy").stack([-scores, scores], 1)
+    metrics = classification_metrics(scores, dataset.label_ids(dataset.test))
+    return {"name": "TF-IDF + logistic regression", "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"]}
+
+
+def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
+    """Fine-tune `recipe.teacher.model` with early stopping; write the best checkpoint to `out`."""
+    from transformers import EarlyStoppingCallback, Trainer
+
+    cfg = recipe.teacher
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    max_length = recipe.data.max_length or choose_max_length(tokenizer, dataset.train.texts)
+    params = {"teacher": cfg.__dict__, "max_length": max_length, "seed": recipe.seed,
+              "labels": dataset.label_names}
+    checkpoints = out.parent / f".{out.name}.checkpoints"  # survives a crash, so a rerun resumes
+    inputs = {"model": {"path": resolve_model(cfg.model)}}
+    if is_done(out, "finetune", params, inputs):
+        return read_manifest(out)["metrics"]
+    with write_stage(out, "finetune", params, inputs) as stage:
+        model = load_classifier(cfg.model, dataset.label_names, cfg.trust_remote_code)
+        train = Encoded(tokenizer, dataset.train.texts, dataset.label_ids(dataset.train), max_length)
+        val = Encoded(tokenizer, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
+        args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                             batch_size=cfg.batch_size, seed=recipe.seed, weight_decay=cfg.weight_decay)
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                          data_collator=collator(tokenizer), compute_metrics=accuracy_metric,
+                          callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+        trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
+        model = trainer.model.eval()
+        stage.metrics = {
+            split: classification_metrics(predict_logits(model, tokenizer, getattr(dataset, split).texts,
+                                                         max_length), dataset.label_ids(getattr(dataset, split)))
+            for split in ("validation", "test")
+        }
+        stage.metrics["baseline"] = tfidf_baseline(dataset)
+        stage.metrics["params"] = count_parameters(model)
+        stage.extra["max_length"] = max_length
+        stage.extra["labels"] = dataset.label_names
+        model.save_pretrained(stage.path)
+        tokenizer.save_pretrained(stage.path)
+        copy_licenses(cfg.model if cfg.model.startswith("builtin:") else resolve_model(cfg.model), stage.path)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return stage.metrics

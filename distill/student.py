@@ -1,0 +1,104 @@
+"""Students built from the teacher: keep a subset of its layers, trim the vocabulary to the domain."""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+
+from edgekd.errors import ModelError
+
+# Where each encoder family keeps its layer list, and the config field that counts them.
+_LAYER_PATHS = (
+    ("encoder.layer", "num_hidden_layers"),       # BERT, RoBERTa, MPNet, ELECTRA, MiniLM
+    ("transformer.layer", "n_layers"),            # DistilBERT
+)
+
+
+def _layer_list(model):
+    base = model.base_model
+    for path, config_field in _LAYER_PATHS:
+        owner = base
+        for part in path.split("."):
+            owner = getattr(owner, part, None)
+        if isinstance(owner, torch.nn.ModuleList):
+            return base, path, config_field
+    raise ModelError(f"cannot find the layer list of {type(model).__name__}; layer cutting supports "
+                     f"BERT-, RoBERTa-, MPNet- and DistilBERT-style encoders")
+
+
+def cut_layers(teacher, keep: list[int]):
+    """A copy of `teacher` with only the encoder layers `keep` (0-based), initialized from its weights."""
+    base, path, config_field = _layer_list(teacher)
+    container = path.split(".")[0]
+    total = len(getattr(base, container).layer)
+    bad = [i for i in keep if not 0 <= i < total]
+    if bad or len(set(keep)) != len(keep) or list(keep) != sorted(keep):
+        raise ModelError(f"student.layers {keep} is not an increasing list of distinct layers in 0..{total - 1} "
+                         f"(the teacher has {total})")
+    student = copy.deepcopy(teacher)
+    owner = getattr(student.base_model, container)
+    owner.layer = torch.nn.ModuleList([owner.layer[i] for i in keep])
+    setattr(student.config, config_field, len(keep))
+    return student
+
+
+def uniform_layers(total: int, count: int) -> list[int]:
+    """`count` teacher layers spread evenly, always ending at the last one (its features feed the head)."""
+    if not 0 < count <= total:
+        raise ModelError(f"a student of {count} layers cannot be cut from a teacher of {total}")
+    return sorted({round(total - 1 - i * total / count) for i in range(count)})
+
+
+def trim_vocabulary(model, tokenizer, corpus: list[str], margin: int = 0):
+    """Keep the tokens `corpus` uses, the special tokens and the `margin` lowest other ids.
+
+    Returns (model, tokenizer, kept_ids). The new tokenizer gives, for every text whose
+    original tokens are all kept, the same tokens under new ids, so the trimmed pair gives
+    the same logits as the untrimmed one (WordPiece greedy longest-match never reaches a
+    removed token when the original segmentation did not use it).
+    """
+    from transformers import BertTokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordPiece":
+        raise ModelError("vocabulary trimming supports WordPiece (BERT-family) tokenizers only; "
+                         "set student.trim_vocab: false")
+    used = Counter(i for ids in tokenizer(corpus, add_special_tokens=True)["input_ids"] for i in ids)
+    vocab = tokenizer.get_vocab()
+    keep = set(used) | set(tokenizer.all_special_ids)
+    keep |= set(sorted(set(vocab.values()) - keep)[:margin])
+    kept_ids = sorted(keep)
+    id_to_token = {i: t for t, i in vocab.items()}
+    new_vocab = {id_to_token[old]: new for new, old in enumerate(kept_ids)}
+
+    normalizer = backend.normalizer
+    trimmed_tok = BertTokenizer(
+        vocab=new_vocab,
+        do_lower_case=getattr(normalizer, "lowercase", True),
+        tokenize_chinese_chars=getattr(normalizer, "handle_chinese_chars", True),
+        strip_accents=getattr(normalizer, "strip_accents", None),
+        unk_token=tokenizer.unk_token, sep_token=tokenizer.sep_token, pad_token=tokenizer.pad_token,
+        cls_token=tokenizer.cls_token, mask_token=tokenizer.mask_token,
+        model_max_length=tokenizer.model_max_length,
+    )
+    trimmed = copy.deepcopy(model)
+    old = trimmed.get_input_embeddings()
+    rows = torch.tensor(kept_ids)
+    new = torch.nn.Embedding(len(kept_ids), old.embedding_dim, padding_idx=new_vocab[tokenizer.pad_token])
+    new.weight.data.copy_(old.weight.data[rows])
+    trimmed.set_input_embeddings(new)
+    trimmed.config.vocab_size = len(kept_ids)
+    trimmed.config.pad_token_id = new_vocab[tokenizer.pad_token]
+    return trimmed, trimmed_tok, kept_ids
+
+
+def vocabulary_coverage(tokenizer, kept_ids: list[int], texts: list[str]) -> dict:
+    """Share of texts (and tokens) whose original tokens are all kept: where trimming is exact."""
+    kept = set(kept_ids)
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    tokens = sum(len(ids) for ids in encoded)
+    return {
+        "texts_fully_covered": sum(all(i in kept for i in ids) for ids in encoded) / max(1, len(encoded)),
+        "tokens_covered": sum(i in kept for ids in encoded for i in ids) / max(1, tokens),
+    }

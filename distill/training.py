@@ -1,0 +1,60 @@
+"""Pieces shared by fine-tuning and distillation: Trainer arguments, batching, batched inference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.data import Encoded
+
+
+def collator(tokenizer):
+    """Dynamic padding: a batch is padded to its own longest text, not to max_length."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+
+
+def training_args(output_dir: Path, *, epochs: float, learning_rate: float, batch_size: int, seed: int,
+                  weight_decay: float = 0.01, **overrides):
+    """HF TrainingArguments for a CPU-or-GPU run that checkpoints every epoch (for --resume)."""
+    from transformers import TrainingArguments
+
+    defaults = dict(
+        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=64, weight_decay=weight_decay,
+        warmup_steps=0.1, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy",
+        greater_is_better=True, logging_strategy="epoch", report_to=[], seed=seed, data_seed=seed,
+        remove_unused_columns=False, save_only_model=False, dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+def accuracy_metric(eval_pred) -> dict:
+    logits, labels = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, -1) == labels).mean())}
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+@torch.no_grad()
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Logits [n, num_labels] of a PyTorch classifier, batched with dynamic padding."""
+    model.eval()
+    data = Encoded(tokenizer, texts, None, max_length)
+    pad = collator(tokenizer)
+    out = []
+    for start in range(0, len(data), batch_size):
+        rows = [{k: v for k, v in data[i].items() if k != "index"}
+                for i in range(start, min(start + batch_size, len(data)))]
+        batch = pad(rows)
+        out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+    return torch.cat(out).numpy()

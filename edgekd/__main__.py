@@ -1,0 +1,3 @@
+from edgekd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""The `edgekd` command. User errors print one line and exit 1; usage errors exit 2."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from edgekd.errors import EdgeKDError
+
+EXAMPLES = {
+    "demo": "edgekd demo --out runs/demo\n  edgekd demo --print-recipe > my-recipe.yaml",
+    "run": "edgekd run my-recipe.yaml --out runs/mine",
+    "finetune": "edgekd finetune --recipe my-recipe.yaml --out runs/mine/finetune",
+    "distill": "edgekd distill --recipe my-recipe.yaml --teacher runs/mine/finetune --out runs/mine/distill",
+    "compress": "edgekd compress --recipe my-recipe.yaml --student runs/mine/distill --quant int8 "
+                "--out runs/mine/compress",
+    "export": "edgekd export --recipe my-recipe.yaml --model runs/mine/compress --target android --quant int8 "
+              "--out runs/mine/export/student-int8",
+    "bench": "edgekd bench runs/mine/export/* --out runs/mine/bench --iterations 200",
+    "report": "edgekd report runs/mine\n  edgekd report runs/mine --json",
+    "verify": "edgekd verify runs/mine/export/student-int8-android-executorch",
+}
+
+
+def _recipe(path: str | None):
+    from edgekd.recipe import builtin_recipe, load_recipe
+
+    return load_recipe(path) if path else builtin_recipe()
+
+
+def cmd_demo(args) -> str:
+    from edgekd.recipe import builtin_recipe_text
+
+    if args.print_recipe:
+        return builtin_recipe_text()
+    return _run_and_print(_recipe(None), args)
+
+
+def cmd_run(args) -> str:
+    return _run_and_print(_recipe(args.recipe), args)
+
+
+def _run_and_print(recipe, args) -> str:
+    from edgekd.pipeline import run
+    from edgekd.report import machine_summary
+
+    summary = run(recipe, Path(args.out))
+    if args.json:
+        return json.dumps(machine_summary(summary), indent=2)
+    return (Path(args.out) / "report.md").read_text(encoding="utf-8") + f"\nreport: {Path(args.out) / 'report.html'}"
+
+
+def cmd_finetune(args) -> str:
+    from edgekd.data import load_dataset
+    from edgekd.distill.finetune import finetune
+
+    recipe = _recipe(args.recipe)
+    return _print_metrics(finetune(recipe, load_dataset(recipe), Path(args.out)), args)
+
+
+def cmd_distill(args) -> str:
+    from edgekd.data import load_dataset
+    from edgekd.distill.distill import distill
+
+    recipe = _recipe(args.recipe)
+    out = Path(args.out)
+    cache = Path(args.cache_dir) if args.cache_dir else out.parent / ".cache"
+    return _print_metrics(distill(recipe, load_dataset(recipe), Path(args.teacher), out, cache), args)
+
+
+def cmd_compress(args) -> str:
+    from edgekd.compress.compress import compress
+    from edgekd.data import load_dataset
+
+    recipe = _recipe(args.recipe)
+    quant = args.quant or recipe.compress.quant
+    return _print_metrics(compress(Path(args.student), load_dataset(recipe), quant, Path(args.out)), args)
+
+
+def cmd_export(args) -> str:
+    from edgekd.compress.quant import get_spec
+    from edgekd.data import load_dataset
+    from edgekd.manifest import read_manifest
+    from edgekd.targets import get_format
+    from edgekd.targets.export import export_artifact
+
+    recipe = _recipe(args.recipe)
+    fmt = get_format(args.target, args.format)
+    spec = get_spec(args.quant)
+    stage = read_manifest(Path(args.model))["stage"]
+    role = "teacher" if stage == "finetune" else ("student" if spec.is_float else "compressed")
+    name = args.name or f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
+    metrics = export_artifact(Path(args.model), stage, fmt, spec, load_dataset(recipe), Path(args.out), role,
+                              name, recipe.bench.threads)
+    return _print_metrics(metrics, args)
+
+
+def cmd_bench(args) -> str:
+    from edgekd.benchmarks.host import bench
+
+    if args.device != "host":
+        raise EdgeKDError(f"device '{args.device}' is not supported yet; use --device host")
+    metrics = bench([Path(p) for p in args.artifacts], Path(args.out), args.iterations, args.warmup, args.threads)
+    if args.json:
+        return json.dumps(metrics, indent=2)
+    return "\n".join(f"{row['name']:<48} p50 {row['latency_ms']['p50']:8.3f} ms  "
+                     f"p90 {row['latency_ms']['p90']:8.3f} ms  load {row['load_ms']:7.1f} ms"
+                     for row in metrics["results"])
+
+
+def cmd_report(args) -> str:
+    from edgekd.report import machine_summary, write_report
+
+    summary = write_report(Path(args.run_dir))
+    if args.json:
+        return json.dumps(machine_summary(summary), indent=2)
+    return (Path(args.run_dir) / "report.md").read_text(encoding="utf-8")
+
+
+def cmd_verify(args) -> str:
+    from edgekd.manifest import verify_stage
+
+    manifest = verify_stage(Path(args.dir))
+    return f"ok: {args.dir} ({manifest['stage']}, {len(manifest['files'])} files, checksums match)"
+
+
+def _print_metrics(metrics: dict, args) -> str:
+    return json.dumps(metrics, indent=2 if args.json else None, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgekd", description="Distill, compress, export and benchmark "
+                                     "text classifiers for phones and embedded boards.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def recipe_opt(p):
+        p.add_argument("--recipe", help="recipe YAML (default: the built-in demo recipe)")
+
+    p = add("demo", cmd_demo, "run the whole pipeline on the built-in model and data")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--print-recipe", action="store_true", help="print the built-in recipe and exit")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = add("run", cmd_run, "run every stage of a recipe")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = add("finetune", cmd_finetune, "fine-tune the teacher")
+    recipe_opt(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = add("distill", cmd_distill, "distill the teacher into a student")
+    recipe_opt(p)
+    p.add_argument("--teacher", required=True, help="a finetune stage directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache-dir", help="teacher logit cache (default: OUT/../.cache)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("compress", cmd_compress, "quantize the student and measure each spec's accuracy")
+    recipe_opt(p)
+    p.add_argument("--student", required=True, help="a distill stage directory")
+    p.add_argument("--quant", action="append", help="QuantSpec name, repeatable (default: the recipe's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = add("export", cmd_export, "export a model for a target and check it against PyTorch")
+    recipe_opt(p)
+    p.add_argument("--model", required=True, help="a finetune, distill or compress stage directory")
+    p.add_argument("--target", required=True, help="android (ios and embedded: see the README)")
+    p.add_argument("--format", help="artifact format of the target (default: its first)")
+    p.add_argument("--quant", default="fp32", help="QuantSpec name (default: fp32)")
+    p.add_argument("--name", help="model name in the file name (default: <recipe name>-<role>)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = add("bench", cmd_bench, "measure latency of exported artifacts, interleaved")
+    p.add_argument("artifacts", nargs="+", help="export stage directories")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="host", help="host (default)")
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="0: the runtime's default")
+    p.add_argument("--json", action="store_true")
+
+    p = add("report", cmd_report, "write report.md/.html/.json and plots for a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object with a `variants` list")
+
+    p = add("verify", cmd_verify, "re-check the checksums of a stage directory")
+    p.add_argument("dir")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter buries the one line that matters; keep warnings for --verbose runs."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        # Progress and library chatter go to stderr; stdout carries only the result (e.g. --json).
+        with contextlib.redirect_stdout(sys.stderr):
+            text = args.func(args)
+    except EdgeKDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0

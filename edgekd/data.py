@@ -1,0 +1,189 @@
+"""Labelled text data: CSV, TSV and JSONL with configurable columns and encoding.
+
+Files are read as a stream, row by row, so a very large file is not held twice.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekd.errors import DataError
+from edgekd.recipe import DataConfig, Recipe
+
+RESOURCES = Path(__file__).parent / "resources"
+csv.field_size_limit(1 << 24)  # long texts are data, not an error
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[str]
+
+    def __len__(self):
+        return len(self.texts)
+
+
+@dataclass
+class Dataset:
+    train: Split
+    validation: Split
+    test: Split
+    label_names: list[str]
+
+    def label_ids(self, split: Split) -> list[int]:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return [index[label] for label in split.labels]
+
+
+def resolve_path(value: str, recipe: Recipe | None = None) -> Path:
+    if value.startswith("builtin:"):
+        path = RESOURCES / value.removeprefix("builtin:")
+        if not path.is_file():
+            raise DataError(f"no built-in data file '{value}'")
+        return path
+    return Path(recipe.resolve(value) if recipe else value)
+
+
+def _format_of(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".jsonl"):
+        return suffix[1:]
+    if suffix == ".txt":
+        return "tsv"
+    raise DataError(f"{path}: cannot tell the format from the extension '{suffix}'; "
+                    f"set data.format to csv, tsv or jsonl")
+
+
+def _rows(path: Path, fmt: str, encoding: str):
+    """Yield (line number, dict row) from a CSV, TSV or JSONL file."""
+    handle = open(path, encoding=encoding, newline="")
+    with handle:
+        if fmt == "jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one "
+                                    f"JSON object") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: each JSONL line must be an object, "
+                                    f"found {type(row).__name__}")
+                yield number, row
+        else:
+            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t")
+            for row in reader:
+                yield reader.line_num, row
+
+
+def read_split(path: Path, config: DataConfig) -> Split:
+    """Read one labelled file; every problem is one DataError line naming file, row and fix."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check data.train/validation/test in the recipe")
+    try:
+        codecs.lookup(config.encoding)
+    except LookupError:
+        raise DataError(f"unknown encoding '{config.encoding}' in data.encoding; try utf-8 or latin-1") from None
+    fmt = _format_of(path, config.format)
+    texts, labels = [], []
+    text_col, label_col = config.text_column, config.label_column
+    try:
+        for number, row in _rows(path, fmt, config.encoding):
+            for column in (text_col, label_col):
+                if column not in row:
+                    found = ", ".join(str(k) for k in row if k is not None) or "none"
+                    raise DataError(f"{path}: no column '{column}' (found: {found}); set data.text_column / "
+                                    f"data.label_column")
+            text, label = row[text_col], row[label_col]
+            if text is None or label is None:
+                raise DataError(f"{path}:{number}: the row has fewer fields than the header")
+            label = str(label).strip()
+            if not label:
+                raise DataError(f"{path}:{number}: empty label; every row needs a label in '{label_col}'")
+            texts.append(str(text))
+            labels.append(label)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: bytes at offset {exc.start} are not valid {config.encoding}; set data.encoding "
+                        f"(for example latin-1 or cp1252)") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed {fmt.upper()} ({exc}); check quoting and delimiter") from None
+    if not texts:
+        raise DataError(f"{path} has no data rows; it needs a header and at least one labelled row")
+    return Split(texts, labels)
+
+
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split off `fraction` of each label (at least one row of each label with >= 2 rows)."""
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(split.labels):
+        by_label.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    held = []
+    for label in sorted(by_label):
+        rows = by_label[label]
+        rng.shuffle(rows)
+        take = min(len(rows) - 1, max(1, round(len(rows) * fraction))) if len(rows) > 1 else 0
+        held += rows[:take]
+    held_set = set(held)
+    keep = [i for i in range(len(split)) if i not in held_set]
+    pick = lambda idx: Split([split.texts[i] for i in idx], [split.labels[i] for i in idx])  # noqa: E731
+    return pick(keep), pick(sorted(held))
+
+
+def load_dataset(recipe: Recipe) -> Dataset:
+    config = recipe.data
+    train = read_split(resolve_path(config.train, recipe), config)
+    val_frac, test_frac = config.split_fractions
+    if config.test:
+        test = read_split(resolve_path(config.test, recipe), config)
+    else:
+        train, test = stratified_split(train, test_frac, recipe.seed)
+    if config.validation:
+        validation = read_split(resolve_path(config.validation, recipe), config)
+    else:
+        train, validation = stratified_split(train, val_frac / (1 - test_frac), recipe.seed + 1)
+    counts = Counter(train.labels)
+    if len(counts) < 2:
+        raise DataError(f"the training data has {len(counts)} label(s); a classifier needs at least 2")
+    for name, split in (("validation", validation), ("test", test)):
+        unseen = sorted(set(split.labels) - set(counts))
+        if unseen:
+            raise DataError(f"the {name} data has label(s) the training data never has: "
+                            f"{', '.join(unseen[:5])}; add training rows for them or fix the labels")
+        if not split.texts:
+            raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
+    return Dataset(train, validation, test, sorted(counts))
+
+
+def choose_max_length(tokenizer, texts: list[str], quantile: float = 0.99) -> int:
+    """The fixed sequence length for export: the p99 token length, rounded up to a multiple of 8."""
+    lengths = sorted(len(ids) for ids in tokenizer(texts, truncation=True, max_length=512)["input_ids"])
+    p = lengths[min(len(lengths) - 1, int(quantile * len(lengths)))]
+    return min(512, max(8, -(-p // 8) * 8))
+
+
+class Encoded:
+    """Tokenized texts (+ label ids) as a torch Dataset the HF Trainer can batch with dynamic padding."""
+
+    def __init__(self, tokenizer, texts: list[str], labels: list[int] | None, max_length: int):
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        self.rows = [{"input_ids": ids, "attention_mask": mask} for ids, mask in
+                     zip(enc["input_ids"], enc["attention_mask"])]
+        for i, row in enumerate(self.rows):
+            row["index"] = i
+            if labels is not None:
+                row["labels"] = labels[i]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]

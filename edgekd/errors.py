@@ -1,0 +1,29 @@
+"""One error hierarchy. The CLI prints `error: <message>` and exits 1 for any EdgeKDError."""
+
+
+class EdgeKDError(Exception):
+    """A user-facing failure: the message names the problem and the fix."""
+
+
+class RecipeError(EdgeKDError):
+    """The recipe (YAML or CLI options) is invalid."""
+
+
+class DataError(EdgeKDError):
+    """A data file is missing, unreadable or inconsistent."""
+
+
+class ModelError(EdgeKDError):
+    """A model directory cannot be loaded or does not fit the task."""
+
+
+class StageError(EdgeKDError):
+    """A stage directory is missing, incomplete or fails its checksums."""
+
+
+class ExportError(EdgeKDError):
+    """An artifact could not be produced, or failed its parity check."""
+
+
+class BenchError(EdgeKDError):
+    """A benchmark could not run or finished only partially."""

@@ -1,0 +1,170 @@
+"""Stage directories: atomic writes, `manifest.json` with the sha256 of every file, verification.
+
+A stage is built in a hidden temporary sibling and renamed into place only when
+complete, so a killed run never leaves a directory that looks whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from edgekd.errors import StageError
+
+MANIFEST = "manifest.json"
+SCHEMA = "edgekd.manifest/1"
+_TRACKED_PACKAGES = ("edgekd", "torch", "transformers", "executorch", "torchao", "coremltools",
+                     "ai-edge-litert", "litert-torch", "numpy")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a part."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """sha256 and size of every file under root except the manifest itself."""
+    table = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST:
+            table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return table
+
+
+def stage_key(params: dict, inputs: dict) -> str:
+    """What determines a stage's output: its parameters and its inputs' checksums."""
+    blob = json.dumps({"params": params, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def inputs_digest(manifest: dict) -> str:
+    """One checksum for a whole stage directory, from its manifest's file table."""
+    blob = json.dumps(manifest["files"], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class StageOutput:
+    """The directory a stage is writing; `metrics` and `extra` go into the manifest."""
+
+    def __init__(self, work: Path):
+        self.path = work
+        self.metrics: dict = {}
+        self.extra: dict = {}
+
+
+@contextlib.contextmanager
+def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None):
+    """Yield a StageOutput in a temporary sibling; on success write the manifest and rename.
+
+    `inputs` maps a name to {"path", "sha256"}; together with `params` it forms the
+    stage key a rerun compares to decide whether the stage is already done.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    started = time.time()
+    try:
+        result = StageOutput(work)
+        yield result
+        manifest = {
+            "schema": SCHEMA,
+            "stage": stage,
+            "key": stage_key(params, inputs or {}),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.time() - started, 2),
+            "params": params,
+            "inputs": inputs or {},
+            "metrics": result.metrics,
+            **result.extra,
+            "versions": software_versions(),
+            "files": file_table(work),
+        }
+        atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            work.rename(out)
+            shutil.rmtree(old)
+        else:
+            work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def read_manifest(path: Path, stage: str | None = None) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise StageError(f"{path} is not an edgekd stage directory (no {MANIFEST}); "
+                         f"create it with the edgekd command of that stage")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StageError(f"{file} is not valid JSON ({exc}); rerun the stage that wrote it") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or "files" not in manifest:
+        raise StageError(f"{file} is not an edgekd manifest (schema {SCHEMA}); rerun the stage that wrote it")
+    if stage and manifest.get("stage") != stage:
+        raise StageError(f"{path} holds stage '{manifest.get('stage')}', expected '{stage}'")
+    return manifest
+
+
+def verify_stage(path: Path, stage: str | None = None) -> dict:
+    """Re-check every checksum of a stage directory; return its manifest or raise StageError."""
+    path = Path(path)
+    manifest = read_manifest(path, stage)
+    listed = manifest["files"]
+    for rel, entry in listed.items():
+        file = path / rel
+        if not file.is_file():
+            raise StageError(f"{path}: file '{rel}' listed in the manifest is missing; rerun the stage")
+        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+            raise StageError(f"{path}: checksum mismatch for '{rel}' (the file changed after the stage "
+                             f"wrote it); rerun the stage")
+    extra = set(file_table(path)) - set(listed)
+    if extra:
+        raise StageError(f"{path}: files not in the manifest: {', '.join(sorted(extra)[:5])}; rerun the stage")
+    return manifest
+
+
+def stage_input(path: Path, stage: str) -> tuple[dict, dict]:
+    """Verify an input stage and return (manifest, the {"path", "sha256"} entry for the consumer)."""
+    manifest = verify_stage(path, stage)
+    return manifest, {"path": str(Path(path).resolve()), "sha256": inputs_digest(manifest)}
+
+
+def is_done(out: Path, stage: str, params: dict, inputs: dict) -> bool:
+    """True when `out` holds a verified stage with the same key (a rerun can skip it)."""
+    try:
+        manifest = verify_stage(out, stage)
+    except StageError:
+        return False
+    return manifest.get("key") == stage_key(params, inputs)

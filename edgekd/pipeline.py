@@ -1,0 +1,72 @@
+"""The pipeline: a chain of stages over one run directory.
+
+    RUN/finetune -> RUN/distill -> RUN/compress -> RUN/export/<variant> -> RUN/bench -> RUN/report.*
+
+Each stage skips itself when its directory already holds a verified result with the same
+key (same parameters, same input checksums), so a rerun after a crash resumes where it stopped.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from edgekd.compress.quant import get_spec
+from edgekd.data import load_dataset
+from edgekd.manifest import read_manifest
+from edgekd.recipe import Recipe
+from edgekd.targets import get_format
+
+
+def log(message: str) -> None:
+    print(f"[edgekd] {message}", file=sys.stderr, flush=True)
+
+
+def variant_plan(recipe: Recipe) -> list[tuple[str, str, str, object, object]]:
+    """(variant name, source stage, role, QuantSpec, Format) for every artifact the recipe asks for."""
+    plan = []
+    specs = [get_spec(name) for name in recipe.compress.quant]
+    for target in recipe.targets:
+        fmt = get_format(target.target, target.format)
+        tag = f"{fmt.target}-{fmt.name}"
+        plan.append((f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt))
+        plan.append((f"student-fp32-{tag}", "compress", "student", get_spec("fp32"), fmt))
+        plan += [(f"student-{s.name}-{tag}", "compress", "compressed", s, fmt) for s in specs if not s.is_float]
+    return plan
+
+
+def run(recipe: Recipe, out: Path) -> dict:
+    """Run every stage of `recipe` into `out`; return the report summary."""
+    from edgekd.benchmarks.host import bench
+    from edgekd.compress.compress import compress
+    from edgekd.distill.distill import distill
+    from edgekd.distill.finetune import finetune
+    from edgekd.report import write_report
+    from edgekd.targets.export import export_artifact
+
+    out = Path(out)
+    plan = variant_plan(recipe)  # a bad spec or target fails here, before hours of training
+    dataset = load_dataset(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    def stage(label: str, target: Path, func, *args):
+        started = time.time()
+        log(f"{label} ...")
+        func(*args)
+        log(f"{label}: {time.time() - started:.0f} s")
+        return target
+
+    stage("finetune", out / "finetune", finetune, recipe, dataset, out / "finetune")
+    stage("distill", out / "distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
+    stage("compress", out / "compress", compress, out / "distill", dataset, recipe.compress.quant, out / "compress")
+    artifacts = []
+    for name, source, role, spec, fmt in plan:
+        model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
+        artifacts.append(stage(f"export {name}", out / "export" / name, export_artifact, out / source, source,
+                               fmt, spec, dataset, out / "export" / name, role, model_name, recipe.bench.threads))
+    stage("bench", out / "bench", bench, artifacts, out / "bench", recipe.bench.iterations, recipe.bench.warmup,
+          recipe.bench.threads)
+    return write_report(out)

@@ -1,0 +1,206 @@
+"""The recipe: a typed, versioned pipeline config. Unknown keys and wrong types are errors.
+
+Paths in a recipe are relative to the recipe file; `builtin:NAME` names a file shipped
+in `edgekd/resources` (the default data) or the built-in default model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from edgekd.errors import RecipeError
+from edgekd.registry import did_you_mean
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "builtin:all-MiniLM-L6-v2"   # a local HF folder, a hub id, or builtin:
+    epochs: float = 4.0
+    learning_rate: float = 5e-5
+    batch_size: int = 16
+    patience: int = 2           # early stopping: evaluations without improvement
+    weight_decay: float = 0.01
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _positive(self, "epochs", "learning_rate", "batch_size")
+
+
+@dataclass
+class DataConfig:
+    train: str = "builtin:finsent/train.csv"
+    validation: str | None = "builtin:finsent/validation.csv"
+    test: str | None = "builtin:finsent/test.csv"
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "utf-8"
+    format: str = "auto"        # auto (from the extension), csv, tsv, jsonl
+    split_fractions: list[float] = field(default_factory=lambda: [0.15, 0.15])  # validation, test
+    max_length: int | None = None  # None: the p99 token length of the training texts
+
+    def __post_init__(self):
+        if self.format not in ("auto", "csv", "tsv", "jsonl"):
+            raise RecipeError(f"data.format must be auto, csv, tsv or jsonl, not '{self.format}'")
+        if len(self.split_fractions) != 2 or not all(0 < f < 0.5 for f in self.split_fractions):
+            raise RecipeError("data.split_fractions must be two fractions in (0, 0.5), for validation and test")
+        if self.max_length is not None and not 8 <= self.max_length <= 512:
+            raise RecipeError("data.max_length must be between 8 and 512 tokens (or left out)")
+
+
+@dataclass
+class StudentConfig:
+    layers: list[int] = field(default_factory=lambda: [2, 5])  # teacher layers kept, 0-based
+    temperature: float = 2.0
+    alpha: float = 0.5          # weight of the soft (KL) loss; 1 - alpha on hard-label CE
+    epochs: float = 8.0
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    trim_vocab: bool = True     # keep only the tokens the training texts use
+    vocab_margin: int = 0       # also keep this many most frequent other tokens (by id order)
+
+    def __post_init__(self):
+        _positive(self, "temperature", "epochs", "learning_rate", "batch_size")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise RecipeError(f"student.alpha must be in [0, 1], not {self.alpha}")
+        if not self.layers:
+            raise RecipeError("student.layers must list at least one teacher layer to keep")
+
+
+@dataclass
+class CompressConfig:
+    quant: list[str] = field(default_factory=lambda: ["int8"])  # QuantSpec names
+
+
+@dataclass
+class TargetConfig:
+    target: str = "android"
+    format: str = "executorch"
+
+
+@dataclass
+class BenchConfig:
+    iterations: int = 100
+    warmup: int = 10
+    threads: int = 0            # 0: the runtime's default (all cores)
+
+    def __post_init__(self):
+        _positive(self, "iterations")
+
+
+@dataclass
+class Recipe:
+    version: int = RECIPE_VERSION
+    name: str = "finsent"
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    base_dir: str = field(default=".", metadata={"internal": True})  # where relative paths start
+
+    def __post_init__(self):
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is not supported; this edgekd reads version "
+                              f"{RECIPE_VERSION}")
+
+    def resolve(self, value: str | None) -> str | None:
+        """A recipe path made absolute (builtin: and hub ids are left alone)."""
+        if value is None or value.startswith("builtin:"):
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (Path(self.base_dir) / path).resolve())
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("base_dir")
+        return data
+
+
+def _positive(obj, *names):
+    section = type(obj).__name__.replace("Config", "").lower()
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise RecipeError(f"{section}.{name} must be > 0, not {getattr(obj, name)}")
+
+
+def _build(cls, data, where: str):
+    """Build dataclass `cls` from a dict, checking unknown keys and value types."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'} must be a mapping, not {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(f"unknown key '{_join(where, key)}'{did_you_mean(str(key), fields)}; "
+                              f"known: {', '.join(fields)}")
+        kwargs[key] = _convert(hints[key], value, _join(where, key))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # defensive: dataclass signature mismatch
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from None
+
+
+def _join(where: str, key) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _convert(hint, value, where: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where} must be a list, not {type(value).__name__} ({value!r})")
+        return [_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 5e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise RecipeError(f"{where} must be {hint.__name__}, not {type(value).__name__} ({value!r})")
+    return value
+
+
+def recipe_from_dict(data: dict, base_dir: Path | str = ".") -> Recipe:
+    recipe = _build(Recipe, data or {}, "")
+    recipe.base_dir = str(Path(base_dir).resolve())
+    return recipe
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist; `edgekd demo --print-recipe` prints one to start from")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError(f"{path} is not valid YAML: {first}") from None
+    return recipe_from_dict(data, path.parent)
+
+
+def builtin_recipe_text() -> str:
+    return (Path(__file__).parent / "resources" / "recipes" / "demo.yaml").read_text(encoding="utf-8")
+
+
+def builtin_recipe() -> Recipe:
+    return recipe_from_dict(yaml.safe_load(builtin_recipe_text()), Path.cwd())

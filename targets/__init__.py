@@ -1,0 +1,40 @@
+"""Export targets. A target module registers its formats in FORMATS; adding one is adding a module."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from edgekd.registry import Registry
+
+
+@dataclass(frozen=True)
+class Format:
+    """One artifact format of a target: which QuantSpecs it realizes and how."""
+    target: str
+    name: str
+    backend: str                   # file naming: <model>_<backend>_<quant>.<suffix>
+    suffix: str
+    specs: tuple[str, ...]
+    export: Callable               # (model, spec, max_length, calibration, out_file) -> delegation dict
+    runner: Callable               # (file, threads) -> callable(ids, mask) -> logits
+
+
+FORMATS: Registry[Format] = Registry("target format")
+
+
+def get_format(target: str, fmt: str | None = None) -> Format:
+    """Look up `target` (android, ios, embedded) and one of its formats (its first when None)."""
+    names = [n for n in FORMATS.names() if n.startswith(f"{target}/")]
+    if not names:
+        targets = sorted({n.split("/")[0] for n in FORMATS.names()})
+        from edgekd.errors import RecipeError
+        from edgekd.registry import did_you_mean
+        raise RecipeError(f"unknown target '{target}'{did_you_mean(target, targets)}; known: {', '.join(targets)}")
+    return FORMATS.get(f"{target}/{fmt}" if fmt else names[0])
+
+
+def _register_builtin_targets():
+    from edgekd.targets import android  # noqa: F401
+
+
+_register_builtin_targets()

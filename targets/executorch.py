@@ -1,0 +1,66 @@
+"""ExecuTorch: lower to a .pte with the XNNPACK delegate, and run it with the ExecuTorch runtime."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.compress.quant import QuantSpec, quantize_for_xnnpack
+
+
+def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file: Path) -> dict:
+    """Quantize per `spec` (PT2E/torchao), lower to XNNPACK, write `out_file`; return the delegation summary."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    program = quantize_for_xnnpack(model, spec, max_length, calibration)
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    delegation = delegation_summary(edge.exported_program().graph_module)
+    # Constant propagation folds torchao's dequantize of quantized embeddings into
+    # quantized_decomposed::embedding_byte, which has an out variant in the runtime.
+    executorch_program = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
+    out_file.write_bytes(executorch_program.buffer)
+    return delegation
+
+
+def delegation_summary(graph_module) -> dict:
+    """How many nodes XNNPACK took and which ops fall back to portable CPU kernels."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    fallback = {op: row.non_delegated for op, row in info.delegation_by_operator.items() if row.non_delegated}
+    return {
+        "backend": "XnnpackBackend",
+        "delegated_nodes": info.num_delegated_nodes,
+        "non_delegated_nodes": info.num_non_delegated_nodes,
+        "delegate_calls": sum(1 for n in graph_module.graph.nodes if "executorch_call_delegate" in str(n.target)),
+        "non_delegated_ops": dict(sorted(fallback.items(), key=lambda kv: -kv[1])),
+    }
+
+
+class ExecuTorchRunner:
+    """A loaded .pte method: call(ids, mask) -> logits. Records the load time."""
+
+    runtime = "executorch"
+
+    def __init__(self, file: Path, threads: int = 0):
+        import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co.
+        from executorch.runtime import Runtime
+
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            _unsafe_reset_threadpool(threads)  # only effective before load_method
+        start = time.perf_counter()
+        self.program = Runtime.get().load_program(Path(file))
+        self.method = self.program.load_method("forward")
+        self.load_ms = (time.perf_counter() - start) * 1e3
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        return self.method.execute([ids, mask])[0].numpy()
+
+    @staticmethod
+    def versions() -> dict:
+        from importlib import metadata
+        return {"executorch": metadata.version("executorch")}

@@ -1,0 +1,93 @@
+"""Stage 4: one artifact directory per (model, target format, QuantSpec), proven against PyTorch.
+
+Every artifact is run in its real runtime on validation texts before it is kept: fp32 must
+match PyTorch logits, a quantized one must agree with the fp32 PyTorch model on top-1.
+An artifact that fails parity raises with the figures and leaves nothing on disk.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.compress.quant import QuantSpec
+from edgekd.data import Dataset
+from edgekd.errors import ExportError
+from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
+from edgekd.metrics import classification_metrics
+from edgekd.models import count_parameters, label_names, load_classifier, load_tokenizer
+from edgekd.targets import Format
+from edgekd.targets.graph import INPUT_NAMES, encode_fixed, run_graph, ExportWrapper
+
+FP32_TOLERANCE = 1e-4          # max |logit difference| of a float artifact vs PyTorch
+MIN_AGREEMENT = {"int8": 0.99, "int4": 0.97}
+PARITY_TEXTS = 200
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def artifact_name(model_name: str, fmt: Format, spec: QuantSpec) -> str:
+    """ExecuTorch's benchmark apps parse <model>_<backend>_<quant>.pte."""
+    return f"{model_name}_{fmt.backend}_{spec.name.replace('-', '')}.{fmt.suffix}"
+
+
+def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantSpec, dataset: Dataset,
+                    out: Path, role: str, model_name: str, threads: int = 0) -> dict:
+    if spec.name not in fmt.specs:
+        raise ExportError(f"{fmt.target}/{fmt.name} cannot realize quantization '{spec.name}'; "
+                          f"it supports: {', '.join(fmt.specs)}")
+    source_manifest, source = stage_input(model_dir, model_stage)
+    max_length = source_manifest["max_length"]
+    model = load_classifier(str(model_dir)).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    params = {"target": fmt.target, "format": fmt.name, "quant": spec.to_dict(), "role": role,
+              "max_length": max_length, "model_name": model_name}
+    if is_done(out, "export", params, {"model": source}):
+        return read_manifest(out)["metrics"]
+    with write_stage(out, "export", params, {"model": source}) as stage:
+        file = stage.path / artifact_name(model_name, fmt, spec)
+        calibration = encode_fixed(tokenizer, dataset.train.texts[: spec.calibration_samples], max_length)
+        delegation = fmt.export(model, spec, max_length, calibration, file)
+        runner = fmt.runner(file, threads)
+
+        val_texts = dataset.validation.texts[:PARITY_TEXTS]
+        val_inputs = encode_fixed(tokenizer, val_texts, max_length)
+        reference = run_graph(ExportWrapper(model), val_inputs).numpy()
+        produced = np.concatenate([runner(ids, mask) for ids, mask in val_inputs])
+        parity = {"texts": len(val_texts), "max_abs_diff": float(np.abs(produced - reference).max()),
+                  "top1_agreement": float((produced.argmax(-1) == reference.argmax(-1)).mean())}
+        _check_parity(parity, spec, file.name)
+
+        test_inputs = encode_fixed(tokenizer, dataset.test.texts, max_length)
+        test_logits = np.concatenate([runner(ids, mask) for ids, mask in test_inputs])
+        stage.metrics = {"test": classification_metrics(test_logits, dataset.label_ids(dataset.test)),
+                         "parity": parity, "params": count_parameters(model), "load_ms": runner.load_ms}
+        for name in TOKENIZER_FILES + ("LICENSE", "NOTICE"):
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, stage.path / name)
+        stage.extra.update({
+            "artifact": file.name, "size_bytes": file.stat().st_size, "role": role, "max_length": max_length,
+            "labels": label_names(model), "quant": spec.to_dict(), "delegation": delegation,
+            "inputs": [{"name": n, "shape": [1, max_length], "dtype": "int32"} for n in INPUT_NAMES],
+            "outputs": [{"name": "logits", "shape": [1, len(label_names(model))], "dtype": "float32"}],
+            "tokenizer": [n for n in TOKENIZER_FILES if (model_dir / n).is_file()],
+            # A real validation text as the graph takes it: benchmarks feed this input.
+            "sample_input": {"text": val_texts[0], "input_ids": val_inputs[0][0][0].tolist(),
+                             "attention_mask": val_inputs[0][1][0].tolist()},
+            "runtime": fmt.runner.versions(),
+        })
+        if not spec.is_float and delegation.get("non_delegated_nodes"):
+            stage.extra["warnings"] = [f"quantized model not fully delegated: "
+                                       f"{delegation['non_delegated_nodes']} nodes run on portable kernels "
+                                       f"({', '.join(list(delegation['non_delegated_ops'])[:5])})"]
+    return stage.metrics
+
+
+def _check_parity(parity: dict, spec: QuantSpec, name: str) -> None:
+    if spec.is_float and parity["max_abs_diff"] > FP32_TOLERANCE:
+        raise ExportError(f"{name} fails parity: max |logit diff| {parity['max_abs_diff']:.2e} > "
+                          f"{FP32_TOLERANCE:.0e} on {parity['texts']} validation texts; nothing written")
+    needed = MIN_AGREEMENT.get(spec.weights, 1.0) if not spec.is_float else 0.0
+    if parity["top1_agreement"] < needed:
+        raise ExportError(f"{name} fails parity: top-1 agreement {parity['top1_agreement']:.1%} with PyTorch "
+                          f"< {needed:.0%} on {parity['texts']} validation texts; nothing written")

@@ -1,0 +1,52 @@
+"""The graph every exporter starts from: fixed-shape int32 ids and mask in, logits out."""
+from __future__ import annotations
+
+import torch
+
+
+class ExportWrapper(torch.nn.Module):
+    """(input_ids int32 [1, L], attention_mask int32 [1, L]) -> logits float32 [1, C].
+
+    int32 ids because edge runtimes dislike int64. The additive mask is built here, so the
+    graph carries no mask-construction ops (arange/index/where) that would split delegation
+    and that break PT2E quantization; transformers passes a prepared 4D mask through as is.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        additive = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        return self.model(input_ids=input_ids.long(), attention_mask=additive).logits
+
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+def example_inputs(max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(1, max_length, dtype=torch.int32)
+    mask = torch.ones(1, max_length, dtype=torch.int32)
+    return ids, mask
+
+
+def encode_fixed(tokenizer, texts: list[str], max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each text as the exported graph takes it: padded to max_length, int32, batch of one."""
+    if not texts:
+        return []
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    ids, mask = enc["input_ids"].to(torch.int32), enc["attention_mask"].to(torch.int32)
+    return [(ids[i:i + 1], mask[i:i + 1]) for i in range(len(texts))]
+
+
+def export_graph(model, max_length: int):
+    """torch.export of the wrapped model at the fixed shape [1, max_length]."""
+    wrapper = ExportWrapper(model.eval()).eval()
+    with torch.no_grad():
+        return torch.export.export(wrapper, example_inputs(max_length), strict=False)
+
+
+@torch.no_grad()
+def run_graph(module, inputs) -> "torch.Tensor":
+    """Logits [n, C] of an eager or exported module over encode_fixed() inputs."""
+    return torch.cat([module(ids, mask) for ids, mask in inputs]).float()

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random-weight BERT built from a config, and small labelled files."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+WORDS = {
+    "positive": ["profit rose", "beat estimates", "raised its dividend", "shares jumped", "record sales",
+                 "upgraded to buy", "margins improved", "strong demand"],
+    "negative": ["profit fell", "missed estimates", "cut its dividend", "shares slumped", "weak sales",
+                 "downgraded to sell", "margins shrank", "a profit warning"],
+    "neutral": ["will report results", "holds its meeting", "appointed a director", "the bond matures",
+                "published its calendar", "listed new shares", "moved its office", "kept guidance"],
+}
+COMPANIES = ["Brightwater Foods", "Kestrel Mining", "Norlund Bank", "Halvorsen Freight", "Arcadia Telecom",
+             "Pinecrest Energy", "Solano Retail", "Vireo Pharma"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    labels = sorted(WORDS)
+    rows = []
+    for i in range(n):
+        label = labels[i % 3]
+        rows.append({"text": f"{rng.choice(COMPANIES)} {rng.choice(WORDS[label])} in the "
+                             f"{rng.choice(['first', 'second', 'third', 'fourth'])} quarter, "
+                             f"{rng.choice(['analysts said', 'the company said', 'a filing showed'])}.",
+                     "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",", encoding: str = "utf-8") -> Path:
+    with open(path, "w", newline="", encoding=encoding) as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> Path:
+    """A 4-layer, 64-wide BERT with random weights and the built-in model's WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from edgekd.models import builtin_model_dir
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-teacher")
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(builtin_model_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"train": write_csv(root / "train.csv", make_rows(96, 1)),
+            "validation": write_csv(root / "validation.csv", make_rows(30, 2)),
+            "test": write_csv(root / "test.csv", make_rows(30, 3))}
+
+
+@pytest.fixture
+def tiny_recipe_dict(tiny_teacher_dir, small_data) -> dict:
+    """A recipe that runs every stage in well under a minute."""
+    return {
+        "version": 1, "name": "tiny", "seed": 0,
+        "teacher": {"model": str(tiny_teacher_dir), "epochs": 2, "batch_size": 16, "learning_rate": 1e-3},
+        "data": {"train": str(small_data["train"]), "validation": str(small_data["validation"]),
+                 "test": str(small_data["test"])},
+        "student": {"layers": [1, 3], "epochs": 2, "batch_size": 16, "learning_rate": 1e-3},
+        "compress": {"quant": ["int8"]},
+        "targets": [{"target": "android", "format": "executorch"}],
+        "bench": {"iterations": 5, "warmup": 1},
+    }
