@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import torch
 
@@ -51,8 +50,11 @@ def uniform_layers(total: int, count: int) -> list[int]:
 
 
 def trim_vocabulary(model, tokenizer, corpus: list[str], margin: int = 0):
-    """Keep the tokens `corpus` uses, the special tokens and the `margin` lowest other ids.
+    """Keep the tokens `corpus` uses, the special tokens, the alphabet and `margin` frequent others.
 
+    The alphabet (every single-character token and its `##` continuation) means a word the
+    corpus never had is still split into known pieces instead of collapsing to [UNK]. The
+    margin adds the lowest-id other tokens (WordPiece vocabularies are stored by frequency).
     Returns (model, tokenizer, kept_ids). The new tokenizer gives, for every text whose
     original tokens are all kept, the same tokens under new ids, so the trimmed pair gives
     the same logits as the untrimmed one (WordPiece greedy longest-match never reaches a
@@ -64,10 +66,12 @@ def trim_vocabulary(model, tokenizer, corpus: list[str], margin: int = 0):
     if backend is None or type(backend.model).__name__ != "WordPiece":
         raise ModelError("vocabulary trimming supports WordPiece (BERT-family) tokenizers only; "
                          "set student.trim_vocab: false")
-    used = Counter(i for ids in tokenizer(corpus, add_special_tokens=True)["input_ids"] for i in ids)
     vocab = tokenizer.get_vocab()
-    keep = set(used) | set(tokenizer.all_special_ids)
-    keep |= set(sorted(set(vocab.values()) - keep)[:margin])
+    keep = {i for ids in tokenizer(corpus, add_special_tokens=True)["input_ids"] for i in ids}
+    keep |= set(tokenizer.all_special_ids)
+    keep |= {i for token, i in vocab.items() if len(token.removeprefix("##")) == 1}
+    others = sorted(i for token, i in vocab.items() if i not in keep and not token.startswith("[unused"))
+    keep |= set(others[:margin])
     kept_ids = sorted(keep)
     id_to_token = {i: t for t, i in vocab.items()}
     new_vocab = {id_to_token[old]: new for new, old in enumerate(kept_ids)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import warnings
@@ -133,8 +134,10 @@ def _print_metrics(metrics: dict, args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgekd", description="Distill, compress, export and benchmark "
-                                     "text classifiers for phones and embedded boards.")
+    parser = argparse.ArgumentParser(
+        prog="edgekd", description="Distill, compress, export and benchmark text classifiers for phones and "
+        "embedded boards.", epilog=f"example:\n  {EXAMPLES['demo']}\n  {EXAMPLES['run']}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -208,6 +211,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
+    # torchao logs missing optional CUDA kernels; torch's pytree logs deprecations, at import time.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

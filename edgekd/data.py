@@ -63,6 +63,8 @@ def _format_of(path: Path, declared: str) -> str:
 
 def _rows(path: Path, fmt: str, encoding: str):
     """Yield (line number, dict row) from a CSV, TSV or JSONL file."""
+    # utf-8-sig also reads UTF-8 files that start with a byte-order mark (Excel's "CSV UTF-8").
+    encoding = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     handle = open(path, encoding=encoding, newline="")
     with handle:
         if fmt == "jsonl":
@@ -104,7 +106,9 @@ def read_split(path: Path, config: DataConfig) -> Split:
                                     f"data.label_column")
             text, label = row[text_col], row[label_col]
             if text is None or label is None:
-                raise DataError(f"{path}:{number}: the row has fewer fields than the header")
+                column = text_col if text is None else label_col
+                raise DataError(f"{path}:{number}: no value for '{column}'" +
+                                ("" if fmt == "jsonl" else " (the row has fewer fields than the header)"))
             label = str(label).strip()
             if not label:
                 raise DataError(f"{path}:{number}: empty label; every row needs a label in '{label_col}'")

@@ -15,7 +15,6 @@ import yaml
 
 from edgekd.compress.quant import get_spec
 from edgekd.data import load_dataset
-from edgekd.manifest import read_manifest
 from edgekd.recipe import Recipe
 from edgekd.targets import get_format
 
@@ -39,6 +38,9 @@ def variant_plan(recipe: Recipe) -> list[tuple[str, str, str, object, object]]:
 
 def run(recipe: Recipe, out: Path) -> dict:
     """Run every stage of `recipe` into `out`; return the report summary."""
+    plan = variant_plan(recipe)  # a bad spec or target fails here, before hours of training
+    dataset = load_dataset(recipe)  # and bad data, before the heavy imports below
+
     from edgekd.benchmarks.host import bench
     from edgekd.compress.compress import compress
     from edgekd.distill.distill import distill
@@ -47,8 +49,6 @@ def run(recipe: Recipe, out: Path) -> dict:
     from edgekd.targets.export import export_artifact
 
     out = Path(out)
-    plan = variant_plan(recipe)  # a bad spec or target fails here, before hours of training
-    dataset = load_dataset(recipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 

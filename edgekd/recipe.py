@@ -63,7 +63,7 @@ class StudentConfig:
     learning_rate: float = 1e-4
     batch_size: int = 32
     trim_vocab: bool = True     # keep only the tokens the training texts use
-    vocab_margin: int = 0       # also keep this many most frequent other tokens (by id order)
+    vocab_margin: int = 0       # also keep this many frequent other tokens (lowest ids first)
 
     def __post_init__(self):
         _positive(self, "temperature", "epochs", "learning_rate", "batch_size")
