@@ -13,6 +13,7 @@ from edgekd.models import count_parameters, label_names, load_classifier, load_t
 from edgekd.errors import ModelError
 from edgekd.recipe import Recipe
 
+from edgekd.distill.augment import augment
 from edgekd.distill.cache import teacher_logits
 from edgekd.distill.student import cut_layers, trim_vocabulary, vocabulary_coverage
 from edgekd.distill.trainer import DistillationTrainer
@@ -36,15 +37,18 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
         return read_manifest(out)["metrics"]
     with write_stage(out, "distill", params, inputs) as stage:
         torch.manual_seed(recipe.seed)
-        soft, cache_hit = teacher_logits(teacher, tokenizer, dataset.train.texts, max_length,
-                                         teacher_input["sha256"], cache_dir)
+        # Transfer set: the labelled texts, then teacher-labelled augmentations of them.
+        extra = augment(dataset.train.texts, cfg.augment, tokenizer.mask_token, recipe.seed) if cfg.augment else []
+        transfer = dataset.train.texts + extra
+        soft, cache_hit = teacher_logits(teacher, tokenizer, transfer, max_length, teacher_input["sha256"],
+                                         cache_dir)
         student = cut_layers(teacher, cfg.layers)
         student_tok = tokenizer
         if cfg.trim_vocab:
             student, student_tok, kept = trim_vocabulary(student, tokenizer, dataset.train.texts, cfg.vocab_margin)
             stage.metrics["vocabulary"] = {"kept": len(kept), "original": len(tokenizer.get_vocab()),
                                            "test_coverage": vocabulary_coverage(tokenizer, kept, dataset.test.texts)}
-        train = Encoded(student_tok, dataset.train.texts, dataset.label_ids(dataset.train), max_length)
+        train = Encoded(student_tok, transfer, dataset.label_ids(dataset.train) + [-100] * len(extra), max_length)
         val = Encoded(student_tok, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
         args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                              batch_size=cfg.batch_size, seed=recipe.seed)
@@ -61,6 +65,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
                 predict_logits(student, student_tok, split.texts, max_length), dataset.label_ids(split), reference)
         stage.metrics["params"] = count_parameters(student)
         stage.metrics["teacher_cache_hit"] = cache_hit
+        stage.metrics["transfer_set"] = {"labelled": len(dataset.train), "augmented": len(extra)}
         stage.extra["max_length"] = max_length
         stage.extra["labels"] = dataset.label_names
         student.save_pretrained(stage.path)

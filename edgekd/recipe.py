@@ -64,6 +64,7 @@ class StudentConfig:
     batch_size: int = 32
     trim_vocab: bool = True     # keep only the tokens the training texts use
     vocab_margin: int = 0       # also keep this many frequent other tokens (lowest ids first)
+    augment: int = 0            # teacher-labelled perturbed copies of each training text (Tang et al., 2019)
 
     def __post_init__(self):
         _positive(self, "temperature", "epochs", "learning_rate", "batch_size")
@@ -71,6 +72,8 @@ class StudentConfig:
             raise RecipeError(f"student.alpha must be in [0, 1], not {self.alpha}")
         if not self.layers:
             raise RecipeError("student.layers must list at least one teacher layer to keep")
+        if self.augment < 0 or self.vocab_margin < 0:
+            raise RecipeError("student.augment and student.vocab_margin must be >= 0")
 
 
 @dataclass
