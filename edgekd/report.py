@@ -52,7 +52,7 @@ def collect(run_dir: Path) -> dict:
         "title": f"edgekd report: {run_dir.name}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "dataset": {"labels": finetune["labels"] if finetune else None,
+        "dataset": {"name": _recipe_name(run_dir), "labels": finetune["labels"] if finetune else None,
                     "test_size": finetune["metrics"]["test"]["n"] if finetune else None,
                     "max_length": finetune["max_length"] if finetune else None},
         "variants": variants,
@@ -63,6 +63,16 @@ def collect(run_dir: Path) -> dict:
                   f"{bench['params']['warmup']} warm-up, batch 1, fixed length; ratios are from this one run."]
                  if bench else ["No bench stage: latency not measured."],
     }
+
+
+def _recipe_name(run_dir: Path) -> str | None:
+    """The name in the run's recipe.yaml (written by `edgekd run`), if there is one."""
+    import yaml
+
+    try:
+        return (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def _ratio(teacher: dict, variant: dict) -> dict:

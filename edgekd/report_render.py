@@ -96,7 +96,7 @@ def _figure(width=7.0, height=3.8):
 def _png(fig):
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")  # keeps legends below the axes
     fig.clear()  # release artists now rather than at garbage collection
     return buf.getvalue()
 
@@ -154,15 +154,13 @@ def _plot_acc_lat(variants, baseline):
         return None
     lat = [_lat(v, "p50") for v in vs]
     acc = [v["accuracy"] * 100 for v in vs]
-    fig, ax = _figure(7.0, 4.5)
-    # Alternate labels below-right / above-left in latency order: both regions stay clear of
-    # the steps-post front, and neighbours in latency don't print on top of each other.
-    for rank, i in enumerate(sorted(range(len(vs)), key=lambda k: lat[k])):
-        ax.scatter(lat[i], acc[i], s=60, color=_color(vs[i]), zorder=3)
-        below = rank % 2 == 0
-        ax.annotate(_name(vs[i]), (lat[i], acc[i]), xytext=(6, -6) if below else (-6, 6),
-                    textcoords="offset points", fontsize=9,
-                    va="top" if below else "bottom", ha="left" if below else "right")
+    fig, ax = _figure(7.0, 4.2)
+    # Points carry a number and the legend names them: long variant names next to the
+    # points overlapped each other and the axes whenever two variants were close.
+    for k, v in enumerate(vs):
+        ax.scatter(lat[k], acc[k], s=60, color=_color(v), zorder=3, label=f"{k + 1}. {_name(v)}")
+        ax.annotate(str(k + 1), (lat[k], acc[k]), xytext=(5, 5), textcoords="offset points", fontsize=9,
+                    fontweight="bold")
     front = pareto_front(list(zip(lat, acc)))
     if len(front) > 1:
         ax.plot([lat[i] for i in front], [acc[i] for i in front], drawstyle="steps-post",
@@ -172,8 +170,8 @@ def _plot_acc_lat(variants, baseline):
                    label=f"{baseline.get('name') or 'baseline'}")
     if min(lat) > 0 and max(lat) / min(lat) > 10:
         ax.set_xscale("log")
-    # Pad both axes so point labels are not clipped at the edges.
-    ax.margins(x=0.25, y=0.2)
+    # Pad both axes so the numbers are not clipped at the edges.
+    ax.margins(x=0.15, y=0.2)
     if ax.get_xscale() == "log":
         ax.set_xlabel("p50 latency (ms, log scale)")
     else:
@@ -182,8 +180,7 @@ def _plot_acc_lat(variants, baseline):
     ax.set_ylabel("Accuracy (%)")
     ax.set_title("Accuracy vs. latency (up and left is better)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=1, frameon=False)
     return _png(fig)
 
 
