@@ -23,9 +23,10 @@ def compress(student_dir: Path, dataset: Dataset, quant: list[str], out: Path) -
     manifest, source = stage_input(student_dir, "distill")
     max_length = manifest["max_length"]
     params = {"quant": [spec.to_dict() for spec in specs]}
-    if is_done(out, "compress", params, {"student": source}):
+    inputs = {"student": source, "data": dataset.fingerprint()}
+    if is_done(out, "compress", params, inputs):
         return read_manifest(out)["metrics"]
-    with write_stage(out, "compress", params, {"student": source}) as stage:
+    with write_stage(out, "compress", params, inputs) as stage:
         for file in student_dir.iterdir():
             if file.is_file() and file.name != "manifest.json":
                 shutil.copyfile(file, stage.path / file.name)

@@ -9,7 +9,7 @@ import torch
 from edgekd.data import Dataset, Encoded
 from edgekd.manifest import is_done, read_manifest, stage_input, stage_key, write_stage
 from edgekd.metrics import classification_metrics
-from edgekd.models import count_parameters, label_names, load_classifier, load_tokenizer
+from edgekd.models import count_parameters, load_classifier, load_tokenizer
 from edgekd.errors import ModelError
 from edgekd.recipe import Recipe
 
@@ -25,16 +25,16 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
     cfg = recipe.student
     teacher_manifest, teacher_input = stage_input(teacher_dir, "finetune")
     max_length = teacher_manifest["max_length"]
-    teacher = load_classifier(str(teacher_dir))
-    if label_names(teacher) != dataset.label_names:
-        raise ModelError(f"the teacher's labels {label_names(teacher)} differ from the data's "
+    if teacher_manifest["labels"] != dataset.label_names:
+        raise ModelError(f"the teacher's labels {teacher_manifest['labels']} differ from the data's "
                          f"{dataset.label_names}; fine-tune the teacher on this data first")
-    tokenizer = load_tokenizer(str(teacher_dir))
     params = {"student": cfg.__dict__, "seed": recipe.seed, "max_length": max_length}
-    inputs = {"teacher": teacher_input}
-    checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
+    inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
     if is_done(out, "distill", params, inputs):
         return read_manifest(out)["metrics"]
+    checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
+    teacher = load_classifier(str(teacher_dir))
+    tokenizer = load_tokenizer(str(teacher_dir))
     with write_stage(out, "distill", params, inputs) as stage:
         torch.manual_seed(recipe.seed)
         # Transfer set: the labelled texts, then teacher-labelled augmentations of them.

@@ -5,9 +5,10 @@ import shutil
 from pathlib import Path
 
 from edgekd.data import Dataset, Encoded, choose_max_length
-from edgekd.manifest import is_done, read_manifest, write_stage
+from edgekd.manifest import is_done, read_manifest, stage_key, write_stage
 from edgekd.metrics import classification_metrics
-from edgekd.models import copy_licenses, count_parameters, load_classifier, load_tokenizer, resolve_model
+from edgekd.models import (copy_licenses, count_parameters, load_classifier, load_tokenizer,
+                           model_fingerprint, resolve_model)
 from edgekd.recipe import Recipe
 
 from edgekd.distill.training import (accuracy_metric, collator, last_checkpoint, predict_logits,
@@ -46,8 +47,9 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
     max_length = recipe.data.max_length or choose_max_length(tokenizer, dataset.train.texts)
     params = {"teacher": cfg.__dict__, "max_length": max_length, "seed": recipe.seed,
               "labels": dataset.label_names}
-    checkpoints = out.parent / f".{out.name}.checkpoints"  # survives a crash, so a rerun resumes
-    inputs = {"model": {"path": resolve_model(cfg.model)}}
+    inputs = {"model": model_fingerprint(cfg.model), "data": dataset.fingerprint()}
+    # Checkpoints live beside the stage, keyed by it: a crash keeps them, a rerun resumes from them.
+    checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
     if is_done(out, "finetune", params, inputs):
         return read_manifest(out)["metrics"]
     with write_stage(out, "finetune", params, inputs) as stage:

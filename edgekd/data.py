@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 import random
 from collections import Counter
@@ -34,6 +35,13 @@ class Dataset:
     validation: Split
     test: Split
     label_names: list[str]
+
+    def fingerprint(self) -> dict:
+        """A stage-input entry for the data: changing any text or label changes every stage's key."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.validation, self.test):
+            digest.update(json.dumps([split.texts, split.labels]).encode())
+        return {"sha256": digest.hexdigest(), "rows": [len(self.train), len(self.validation), len(self.test)]}
 
     def label_ids(self, split: Split) -> list[int]:
         index = {name: i for i, name in enumerate(self.label_names)}

@@ -49,6 +49,22 @@ def resolve_model(spec: str) -> str:
     return spec  # a hub id: from_pretrained downloads it (safetensors only)
 
 
+def model_fingerprint(spec: str) -> dict:
+    """A stage-input entry for a model: a local folder by the sha256 of its files, a hub id by name."""
+    import hashlib
+
+    from edgekd.manifest import sha256_file
+
+    source = resolve_model(spec)
+    path = Path(source)
+    if not path.is_dir():
+        return {"path": source}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt")):
+        digest.update(f"{file.name}:{sha256_file(file)}".encode())
+    return {"path": source, "sha256": digest.hexdigest()}
+
+
 def _load(loader, spec: str, **kwargs):
     source = resolve_model(spec)
     try:

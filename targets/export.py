@@ -38,13 +38,14 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
                           f"it supports: {', '.join(fmt.specs)}")
     source_manifest, source = stage_input(model_dir, model_stage)
     max_length = source_manifest["max_length"]
-    model = load_classifier(str(model_dir)).eval()
-    tokenizer = load_tokenizer(str(model_dir))
     params = {"target": fmt.target, "format": fmt.name, "quant": spec.to_dict(), "role": role,
               "max_length": max_length, "model_name": model_name}
-    if is_done(out, "export", params, {"model": source}):
+    inputs = {"model": source, "data": dataset.fingerprint()}
+    if is_done(out, "export", params, inputs):
         return read_manifest(out)["metrics"]
-    with write_stage(out, "export", params, {"model": source}) as stage:
+    model = load_classifier(str(model_dir)).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    with write_stage(out, "export", params, inputs) as stage:
         file = stage.path / artifact_name(model_name, fmt, spec)
         calibration = encode_fixed(tokenizer, dataset.train.texts[: spec.calibration_samples], max_length)
         delegation = fmt.export(model, spec, max_length, calibration, file)

@@ -77,7 +77,7 @@ def tiny_recipe_dict(tiny_teacher_dir, small_data) -> dict:
         "teacher": {"model": str(tiny_teacher_dir), "epochs": 2, "batch_size": 16, "learning_rate": 1e-3},
         "data": {"train": str(small_data["train"]), "validation": str(small_data["validation"]),
                  "test": str(small_data["test"])},
-        "student": {"layers": [1, 3], "epochs": 2, "batch_size": 16, "learning_rate": 1e-3},
+        "student": {"layers": [1, 3], "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "augment": 1},
         "compress": {"quant": ["int8"]},
         "targets": [{"target": "android", "format": "executorch"}],
         "bench": {"iterations": 5, "warmup": 1},

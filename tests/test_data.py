@@ -298,3 +298,15 @@ def test_builtin_data_loads():
     dataset = load_dataset(builtin_recipe())
     assert dataset.label_names == ["negative", "neutral", "positive"]
     assert len(dataset.train) > 1000 and len(dataset.validation) > 100 and len(dataset.test) > 100
+
+
+def test_fingerprint_follows_every_text_and_label(tmp_path):
+    """Stages key their results by this: any edit to the data must change it."""
+    rows = make_rows(60, 5)
+    write_csv(tmp_path / "train.csv", rows)
+    recipe = recipe_from_dict({"data": {"train": "train.csv", "validation": None, "test": None}}, tmp_path)
+    first = load_dataset(recipe).fingerprint()
+    assert first == load_dataset(recipe).fingerprint()
+    rows[7]["label"] = "neutral" if rows[7]["label"] != "neutral" else "positive"
+    write_csv(tmp_path / "train.csv", rows)
+    assert load_dataset(recipe).fingerprint()["sha256"] != first["sha256"]
