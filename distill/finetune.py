@@ -1,7 +1,6 @@
 """Stage 1: fine-tune the teacher (any HF encoder + classification head) on the user's data."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from edgekd.data import Dataset, Encoded, choose_max_length
@@ -11,8 +10,8 @@ from edgekd.models import (copy_licenses, count_parameters, load_classifier, loa
                            model_fingerprint, resolve_model)
 from edgekd.recipe import Recipe
 
-from edgekd.distill.training import (accuracy_metric, collator, last_checkpoint, predict_logits,
-                              training_args)
+from edgekd.distill.training import (accuracy_metric, collator, drop_checkpoints, last_checkpoint,
+                                     predict_logits, training_args)
 
 
 def tfidf_baseline(dataset: Dataset) -> dict:
@@ -75,5 +74,5 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
         model.save_pretrained(stage.path)
         tokenizer.save_pretrained(stage.path)
         copy_licenses(cfg.model if cfg.model.startswith("builtin:") else resolve_model(cfg.model), stage.path)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    drop_checkpoints(checkpoints)
     return stage.metrics

@@ -21,3 +21,43 @@ def soft_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     if alpha >= 1.0 or not labelled.any():
         return soft
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits[labelled], labels[labelled])
+
+
+def hidden_state_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor,
+                     projection: torch.nn.Module | None = None) -> torch.Tensor:
+    """Jiao et al., 2020, "TinyBERT", eq. 8: MSE(H_s W_h, H_t) over real (non-pad) tokens.
+
+    W_h is a learned projection when the widths differ. Shapes: hidden [B, L, H], mask [B, L].
+    """
+    if projection is not None:
+        student_hidden = projection(student_hidden)
+    keep = mask.bool()
+    return F.mse_loss(student_hidden[keep], teacher_hidden[keep])
+
+
+def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Wang et al., 2020, "MiniLM", eq. 4: KL(A_t || A_s) of the self-attention distributions,
+    averaged over heads and real query positions. Shapes: attention [B, heads, L, L], mask [B, L].
+    """
+    return _relation_kl(student_attn, teacher_attn, mask)
+
+
+def value_relation_kl(student_values: torch.Tensor, teacher_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Wang et al., 2020, "MiniLM", eq. 5-6: KL between value relations softmax(V V^T / sqrt(d_k)).
+
+    Shapes: values [B, heads, L, d_k] (head counts must match; widths may differ), mask [B, L].
+    """
+    def relation(values):
+        scores = values @ values.transpose(-1, -2) / values.shape[-1] ** 0.5
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+        return scores.softmax(-1)
+
+    return _relation_kl(relation(student_values), relation(teacher_values), mask)
+
+
+def _relation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the last axis, averaged over heads and real query rows."""
+    eps = 1e-12
+    kl = (teacher * ((teacher + eps).log() - (student + eps).log())).sum(-1)  # [B, heads, L]
+    rows = mask.bool()[:, None, :].expand_as(kl)
+    return kl[rows].mean()

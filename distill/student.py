@@ -106,3 +106,55 @@ def vocabulary_coverage(tokenizer, kept_ids: list[int], texts: list[str]) -> dic
         "texts_fully_covered": sum(all(i in kept for i in ids) for ids in encoded) / max(1, len(encoded)),
         "tokens_covered": sum(i in kept for ids in encoded for i in ids) / max(1, tokens),
     }
+
+
+def fresh_student(teacher, shape):
+    """A randomly initialized model of the teacher's family with a smaller shape.
+
+    The embedding rows are copied from the teacher when the widths agree (they carry most of
+    what a small student knows about words); the rest starts from the family's initializer.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(teacher.config)
+    for key, value in vars(shape).items():
+        if not hasattr(config, key):
+            raise ModelError(f"student.config.{key} does not apply to a {config.model_type} teacher; "
+                             f"use student.layers or student.model instead")
+        setattr(config, key, value)
+    student = AutoModelForSequenceClassification.from_config(config)
+    if shape.hidden_size == teacher.config.hidden_size:
+        student.get_input_embeddings().load_state_dict(teacher.get_input_embeddings().state_dict())
+    return student
+
+
+def same_tokenization(a, b) -> bool:
+    """True when two tokenizers give the same ids for every text (same vocabulary and rules)."""
+    if a.get_vocab() != b.get_vocab():
+        return False
+    backend_a, backend_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if backend_a is None or backend_b is None:
+        return type(a) is type(b)
+    return str(backend_a.normalizer) == str(backend_b.normalizer) and \
+        str(backend_a.pre_tokenizer) == str(backend_b.pre_tokenizer)
+
+
+def layer_map(choice, student_layers: int, teacher_layers: int, kept: list[int] | None) -> list[int]:
+    """Teacher layer (0-based) each student layer learns from in the intermediate losses."""
+    if isinstance(choice, list):
+        mapping = choice
+    elif choice == "last":
+        mapping = list(range(teacher_layers - student_layers, teacher_layers))
+    elif choice == "auto" and kept is not None:
+        mapping = list(kept)
+    else:  # uniform: evenly spread, ending at the teacher's last layer
+        mapping = [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+    if len(mapping) != student_layers or not all(0 <= t < teacher_layers for t in mapping):
+        raise ModelError(f"student.layer_map {mapping} must give one teacher layer in 0..{teacher_layers - 1} "
+                         f"for each of the student's {student_layers} layers")
+    return mapping
+
+
+def num_layers(model) -> int:
+    config = model.config
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers")

@@ -45,6 +45,18 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
 
 
+def drop_checkpoints(checkpoints: Path) -> None:
+    """After a finished stage: every process is done with the checkpoints before rank 0 deletes them."""
+    import shutil
+
+    from edgekd.manifest import is_primary_process
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if is_primary_process():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
 @torch.no_grad()
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
     """Logits [n, num_labels] of a PyTorch classifier, batched with dynamic padding."""

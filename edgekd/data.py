@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekd.errors import DataError
@@ -35,12 +35,14 @@ class Dataset:
     validation: Split
     test: Split
     label_names: list[str]
+    unlabeled: list[str] = field(default_factory=list)
 
     def fingerprint(self) -> dict:
         """A stage-input entry for the data: changing any text or label changes every stage's key."""
         digest = hashlib.sha256()
         for split in (self.train, self.validation, self.test):
             digest.update(json.dumps([split.texts, split.labels]).encode())
+        digest.update(json.dumps(self.unlabeled).encode())
         return {"sha256": digest.hexdigest(), "rows": [len(self.train), len(self.validation), len(self.test)]}
 
     def label_ids(self, split: Split) -> list[int]:
@@ -132,6 +134,26 @@ def read_split(path: Path, config: DataConfig) -> Split:
     return Split(texts, labels)
 
 
+def read_texts(path: Path, config: DataConfig) -> list[str]:
+    """The text column of an unlabelled file (a label column, if any, is ignored)."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check data.unlabeled in the recipe")
+    texts = []
+    try:
+        for number, row in _rows(path, _format_of(path, config.format), config.encoding):
+            if row.get(config.text_column) is None:
+                found = ", ".join(str(k) for k in row if k is not None) or "none"
+                raise DataError(f"{path}:{number}: no '{config.text_column}' value (found: {found}); "
+                                f"set data.text_column")
+            texts.append(str(row[config.text_column]))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: bytes at offset {exc.start} are not valid {config.encoding}; set data.encoding "
+                        f"(for example latin-1 or cp1252)") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed file ({exc}); check quoting and delimiter") from None
+    return texts
+
+
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Split off `fraction` of each label (at least one row of each label with >= 2 rows)."""
     by_label: dict[str, list[int]] = {}
@@ -172,7 +194,8 @@ def load_dataset(recipe: Recipe) -> Dataset:
                             f"{', '.join(unseen[:5])}; add training rows for them or fix the labels")
         if not split.texts:
             raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
-    return Dataset(train, validation, test, sorted(counts))
+    unlabeled = read_texts(resolve_path(config.unlabeled, recipe), config) if config.unlabeled else []
+    return Dataset(train, validation, test, sorted(counts), unlabeled)
 
 
 def choose_max_length(tokenizer, texts: list[str], quantile: float = 0.99) -> int:

@@ -94,6 +94,9 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
     try:
         result = StageOutput(work)
         yield result
+        if not is_primary_process():  # under torchrun / accelerate, rank 0 alone publishes the stage
+            shutil.rmtree(work)
+            return
         manifest = {
             "schema": SCHEMA,
             "stage": stage,
@@ -118,6 +121,11 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def is_primary_process() -> bool:
+    """Rank 0 of a `torchrun` / `accelerate launch` job, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def read_manifest(path: Path, stage: str | None = None) -> dict:

@@ -38,6 +38,7 @@ class DataConfig:
     train: str = "builtin:finsent/train.csv"
     validation: str | None = "builtin:finsent/validation.csv"
     test: str | None = "builtin:finsent/test.csv"
+    unlabeled: str | None = None   # domain text without labels: the teacher labels it for distillation
     text_column: str = "text"
     label_column: str = "label"
     encoding: str = "utf-8"
@@ -55,8 +56,30 @@ class DataConfig:
 
 
 @dataclass
+class StudentShape:
+    """A fresh student of the teacher's family: these fields override the teacher's config."""
+    num_hidden_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+
+    def __post_init__(self):
+        _positive(self, "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise RecipeError(f"student.config.hidden_size {self.hidden_size} must be a multiple of "
+                              f"num_attention_heads {self.num_attention_heads}")
+
+
+LAYER_MAPS = ("auto", "uniform", "last")
+
+
+@dataclass
 class StudentConfig:
+    # One of three students: `model` (any HF model), `config` (fresh, the teacher's family), or
+    # else `layers` (cut from the teacher, initialized from its weights).
     layers: list[int] = field(default_factory=lambda: [2, 5])  # teacher layers kept, 0-based
+    config: StudentShape | None = None
+    model: str | None = None
     temperature: float = 2.0
     alpha: float = 0.5          # weight of the soft (KL) loss; 1 - alpha on hard-label CE
     # Defaults measured on the built-in data (perf/results/demo.json, issue notes): lr 2e-4 and 4
@@ -67,6 +90,13 @@ class StudentConfig:
     trim_vocab: bool = True     # keep the tokens the training texts use (and the alphabet)
     vocab_margin: int = 3000    # also keep this many frequent other tokens (lowest ids first)
     augment: int = 4            # teacher-labelled perturbed copies of each training text (Tang et al., 2019)
+    # Intermediate-layer losses (0 = off); they run the teacher during training.
+    hidden_weight: float = 0.0      # hidden-state MSE (TinyBERT)
+    attention_weight: float = 0.0   # self-attention KL (MiniLM)
+    value_weight: float = 0.0       # value-relation KL of the last layer (MiniLM)
+    # Student layer i learns from teacher layer layer_map[i]: auto (the kept layers when cut,
+    # else uniform), uniform, last, or an explicit list of 0-based teacher layers.
+    layer_map: str | list[int] = "auto"
 
     def __post_init__(self):
         _positive(self, "temperature", "epochs", "learning_rate", "batch_size")
@@ -76,6 +106,17 @@ class StudentConfig:
             raise RecipeError("student.layers must list at least one teacher layer to keep")
         if self.augment < 0 or self.vocab_margin < 0:
             raise RecipeError("student.augment and student.vocab_margin must be >= 0")
+        if min(self.hidden_weight, self.attention_weight, self.value_weight) < 0:
+            raise RecipeError("student.hidden_weight, attention_weight and value_weight must be >= 0")
+        if isinstance(self.layer_map, str) and self.layer_map not in LAYER_MAPS:
+            raise RecipeError(f"student.layer_map must be {', '.join(LAYER_MAPS)} or a list of teacher layers, "
+                              f"not '{self.layer_map}'{did_you_mean(self.layer_map, LAYER_MAPS)}")
+        if self.model and self.config:
+            raise RecipeError("student.model and student.config are alternatives; give one of them")
+
+    @property
+    def intermediate(self) -> bool:
+        return max(self.hidden_weight, self.attention_weight, self.value_weight) > 0
 
 
 @dataclass
@@ -165,8 +206,13 @@ def _convert(hint, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
+        options = [a for a in args if a is not type(None)]
+        for inner in options[:-1]:  # e.g. `str | list[int]`: the first type that fits
+            try:
+                return _convert(inner, value, where)
+            except RecipeError:
+                pass
+        return _convert(options[-1], value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is list:

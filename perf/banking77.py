@@ -1,0 +1,106 @@
+"""Distillation quality on BANKING77 (77 intents, real customer messages): teacher vs students.
+
+    python perf/banking77.py [--out runs/perf-banking77] [--teacher-epochs 3] [--student-epochs 4]
+
+Fine-tunes the teacher (all-MiniLM-L6-v2 + head) once, then distills students of 1-4 layers cut
+from it, with and without vocabulary trimming, and the same student trained on hard labels only
+(alpha 0). Prints a table and records perf/results/banking77.json row by row as each finishes.
+Needs ../shared/data/banking77 (not part of the project); exits 0 with a note when it is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+RESULTS = Path(__file__).parent / "results" / "banking77.json"
+
+STUDENTS = {  # name -> student recipe overrides
+    "student-1L-trim": {"layers": [5]},
+    "student-2L-trim": {"layers": [2, 5]},
+    "student-3L-trim": {"layers": [1, 3, 5]},
+    "student-4L-trim": {"layers": [1, 2, 4, 5]},
+    "student-2L-full-vocab": {"layers": [2, 5], "trim_vocab": False},
+    "student-2L-trim-hard-labels": {"layers": [2, 5], "alpha": 0.0},
+    "student-1L-trim-hard-labels": {"layers": [5], "alpha": 0.0},
+}
+
+
+def non_embedding_params(model) -> int:
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    return sum(p.numel() for p in model.parameters()) - embedding
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/perf-banking77")
+    parser.add_argument("--teacher-epochs", type=float, default=3)
+    parser.add_argument("--student-epochs", type=float, default=4)
+    parser.add_argument("--only", nargs="*", help="student names to run (default: all)")
+    args = parser.parse_args()
+    if not (DATA / "train.csv").is_file():
+        print(f"skipped: {DATA} is absent (BANKING77 is not part of the project)")
+        return 0
+
+    from edgekd.data import load_dataset
+    from edgekd.distill.distill import distill
+    from edgekd.distill.finetune import finetune
+    from edgekd.models import load_classifier
+    from edgekd.recipe import recipe_from_dict
+
+    out = Path(args.out)
+    base = {"name": "banking77",
+            "teacher": {"epochs": args.teacher_epochs, "batch_size": 32, "learning_rate": 1e-4},
+            "data": {"train": str(DATA / "train.csv"), "validation": None, "test": str(DATA / "test.csv"),
+                     "text_column": "text", "label_column": "category", "split_fractions": [0.1, 0.15]}}
+    recipe = recipe_from_dict(base)
+    dataset = load_dataset(recipe)
+    started = time.time()
+    teacher_metrics = finetune(recipe, dataset, out / "finetune")
+    teacher = load_classifier(str(out / "finetune"))
+    rows = [{"name": "teacher (MiniLM-L6, fine-tuned)", "wall_s": round(time.time() - started, 1),
+             "params": teacher_metrics["params"], "non_embedding_params": non_embedding_params(teacher),
+             "size_bytes": (out / "finetune" / "model.safetensors").stat().st_size,
+             "accuracy": teacher_metrics["test"]["accuracy"], "macro_f1": teacher_metrics["test"]["macro_f1"]}]
+    record(rows, dataset, args)
+    for name, student in STUDENTS.items():
+        if args.only and name not in args.only:
+            continue
+        started = time.time()
+        recipe = recipe_from_dict(base | {"student": {"epochs": args.student_epochs, "augment": 0,
+                                                      "vocab_margin": 3000, **student}})
+        metrics = distill(recipe, dataset, out / "finetune", out / name, out / ".cache")
+        model = load_classifier(str(out / name))
+        rows.append({"name": name, "wall_s": round(time.time() - started, 1), "params": metrics["params"],
+                     "non_embedding_params": non_embedding_params(model),
+                     "size_bytes": (out / name / "model.safetensors").stat().st_size,
+                     "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
+                     "agreement": metrics["test"]["agreement"], "vocabulary": metrics.get("vocabulary"),
+                     "student": student})
+        record(rows, dataset, args)
+    return 0
+
+
+def record(rows: list[dict], dataset, args) -> None:
+    teacher = rows[0]
+    print(f"\n{'model':<32} {'size MB':>8} {'params M':>9} {'non-emb M':>10} {'acc %':>6} {'F1':>6} "
+          f"{'of teacher':>10} {'wall s':>7}")
+    for row in rows:
+        print(f"{row['name']:<32} {row['size_bytes'] / 1e6:8.2f} {row['params'] / 1e6:9.2f} "
+              f"{row['non_embedding_params'] / 1e6:10.2f} {100 * row['accuracy']:6.2f} {row['macro_f1']:6.3f} "
+              f"{100 * row['accuracy'] / teacher['accuracy']:9.1f}% {row['wall_s']:7.0f}", flush=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "command": "python perf/banking77.py " + " ".join(sys.argv[1:]),
+        "data": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test),
+                 "labels": len(dataset.label_names)},
+        "settings": {"teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs},
+        "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Distillation stage on tiny random-weight models: students of every kind, intermediate losses, cache."""
+from __future__ import annotations
+
+import pytest
+
+from edgekd.data import load_dataset
+from edgekd.distill.distill import distill
+from edgekd.distill.finetune import finetune
+from edgekd.errors import ModelError, RecipeError
+from edgekd.manifest import verify_stage
+from edgekd.models import load_classifier
+from edgekd.recipe import recipe_from_dict
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, tiny_teacher_dir, small_data):
+    root = tmp_path_factory.mktemp("distill")
+    base = {"teacher": {"model": str(tiny_teacher_dir), "epochs": 1, "batch_size": 16},
+            "data": {k: str(v) for k, v in small_data.items()}}
+    recipe = recipe_from_dict(base)
+    dataset = load_dataset(recipe)
+    finetune(recipe, dataset, root / "finetune")
+    return root, base, dataset
+
+
+def _recipe(base, **student):
+    return recipe_from_dict(base | {"student": {"epochs": 1, "batch_size": 16, "augment": 1, **student}})
+
+
+def test_cut_student_with_every_intermediate_loss(teacher_run):
+    root, base, dataset = teacher_run
+    recipe = _recipe(base, layers=[1, 3], hidden_weight=1.0, attention_weight=1.0, value_weight=1.0)
+    metrics = distill(recipe, dataset, root / "finetune", root / "cut", root / ".cache")
+    assert metrics["layer_map"] == [1, 3]                     # auto: the kept layers
+    assert verify_stage(root / "cut", "distill")
+    student = load_classifier(str(root / "cut"))
+    assert student.config.num_hidden_layers == 2
+    assert student.config._attn_implementation == "sdpa"      # eager only while training
+    assert 0 <= metrics["test"]["agreement"] <= 1 and "ece" in metrics["test"]
+
+
+def test_fresh_narrow_student_learns_a_projection(teacher_run):
+    root, base, dataset = teacher_run
+    recipe = _recipe(base, config={"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                   "intermediate_size": 64}, hidden_weight=1.0, layer_map="uniform")
+    metrics = distill(recipe, dataset, root / "finetune", root / "fresh", root / ".cache")
+    assert metrics["layer_map"] == [1, 3]
+    student = load_classifier(str(root / "fresh"))
+    assert student.config.hidden_size == 32 and student.config.num_hidden_layers == 2
+    assert metrics["teacher_cache_hit"] is True  # same teacher, same transfer set as the test above
+
+
+def test_attention_transfer_needs_equal_heads(teacher_run):
+    root, base, dataset = teacher_run
+    recipe = _recipe(base, config={"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                   "intermediate_size": 64}, attention_weight=1.0)
+    with pytest.raises(ModelError, match="heads"):
+        distill(recipe, dataset, root / "finetune", root / "bad-heads", root / ".cache")
+    assert not (root / "bad-heads").exists()
+
+
+@pytest.mark.parametrize("layer_map", [[0, 9], [0]])
+def test_layer_map_out_of_range_is_refused(teacher_run, layer_map):
+    root, base, dataset = teacher_run
+    recipe = _recipe(base, layers=[1, 3], hidden_weight=1.0, layer_map=layer_map)
+    with pytest.raises(ModelError, match="layer_map"):
+        distill(recipe, dataset, root / "finetune", root / "bad-map", root / ".cache")
+    assert not (root / "bad-map").exists()
+
+
+def test_student_layers_out_of_range_is_refused(teacher_run):
+    root, base, dataset = teacher_run
+    with pytest.raises(ModelError, match="student.layers"):
+        distill(_recipe(base, layers=[1, 7]), dataset, root / "finetune", root / "bad", root / ".cache")
+    assert not (root / "bad").exists()
+
+
+def test_temperature_must_be_positive(teacher_run):
+    _, base, _ = teacher_run
+    with pytest.raises(RecipeError, match="temperature"):
+        _recipe(base, temperature=0)
+
+
+def test_labels_must_match_the_teacher(teacher_run, tmp_path):
+    from conftest import make_rows, write_csv
+
+    root, base, _ = teacher_run
+    rows = [r | {"label": "up" if r["label"] == "positive" else r["label"]} for r in make_rows(60, 9)]
+    other = recipe_from_dict(base | {"data": {"train": str(write_csv(tmp_path / "t.csv", rows)),
+                                              "validation": None, "test": None}})
+    with pytest.raises(ModelError, match="labels"):
+        distill(other, load_dataset(other), root / "finetune", root / "bad-labels", root / ".cache")
