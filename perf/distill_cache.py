@@ -2,7 +2,8 @@
 
     python perf/distill_cache.py [--rounds 2]
 
-Built-in teacher (all-MiniLM-L6-v2 + head) and data; the 2-layer student of the demo recipe.
+Built-in teacher (all-MiniLM-L6-v2 + head) and data; the demo recipe's student (2 layers cut from
+the teacher, vocabulary trimmed as the distill stage does).
 Epochs alternate cached / uncached (A B A B) so the machine's drift hits both; the ratio of the
 median epoch times is the figure. Records perf/results/distill_cache.json.
 """
@@ -26,7 +27,7 @@ def main() -> int:
     import torch
 
     from edgekd.data import Encoded, choose_max_length, load_dataset
-    from edgekd.distill.student import cut_layers
+    from edgekd.distill.student import cut_layers, trim_vocabulary
     from edgekd.distill.trainer import DistillationTrainer, Intermediate
     from edgekd.distill.training import collator, predict_logits, training_args
     from edgekd.models import load_classifier, load_tokenizer
@@ -38,21 +39,25 @@ def main() -> int:
     tokenizer = load_tokenizer(recipe.teacher.model)
     max_length = choose_max_length(tokenizer, dataset.train.texts)
     texts = dataset.train.texts
-    train = Encoded(tokenizer, texts, dataset.label_ids(dataset.train), max_length)
+    _, student_tok, kept = trim_vocabulary(cut_layers(teacher, recipe.student.layers), tokenizer, texts,
+                                           recipe.student.vocab_margin)
+    train = Encoded(student_tok, texts, dataset.label_ids(dataset.train), max_length)
     started = time.perf_counter()
     cached = torch.from_numpy(predict_logits(teacher, tokenizer, texts, max_length))
     fill_s = time.perf_counter() - started
 
     def epoch(use_cache: bool) -> float:
-        student = cut_layers(teacher, recipe.student.layers)
+        student, _, _ = trim_vocabulary(cut_layers(teacher, recipe.student.layers), tokenizer, texts,
+                                        recipe.student.vocab_margin)
         with tempfile.TemporaryDirectory() as tmp:
             targs = training_args(Path(tmp), epochs=1, learning_rate=2e-4, batch_size=32, seed=0,
                                   eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
                                   disable_tqdm=True)
             trainer = DistillationTrainer(
-                model=student, args=targs, train_dataset=train, data_collator=collator(tokenizer),
+                model=student, args=targs, train_dataset=train, data_collator=collator(student_tok),
                 teacher_logits=cached if use_cache else None, temperature=2.0, alpha=0.5,
-                intermediate=None if use_cache else Intermediate(teacher=teacher, layer_map=[]))
+                intermediate=None if use_cache else Intermediate(teacher=teacher, layer_map=[],
+                                                                 to_teacher_ids=torch.tensor(kept)))
             start = time.perf_counter()
             trainer.train()
             return time.perf_counter() - start
