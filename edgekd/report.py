@@ -36,11 +36,17 @@ def collect(run_dir: Path) -> dict:
             "name": path.name, "role": role, "title": _title(role, quant),
             "artifact": str((path / manifest["artifact"]).relative_to(run_dir)),
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"], "quant": quant,
-            "accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
+            "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "ece": test.get("ece"),
+            "predictions": manifest.get("test_predictions"),
             "latency_ms": measured.get("latency_ms"), "runtime": measured.get("runtime"),
         })
     order = {"teacher": 0, "student": 1, "compressed": 2}
     variants.sort(key=lambda v: (order.get(v["role"], 3), v["name"]))
+    reference = next((v["predictions"] for v in variants if v["role"] == "teacher"), None)
+    for v in variants:  # top-1 agreement of each artifact with the teacher's artifact, text by text
+        predictions = v.pop("predictions")
+        v["agreement"] = (sum(a == b for a, b in zip(predictions, reference)) / len(reference)
+                          if reference and predictions and len(predictions) == len(reference) else None)
     finetune = read_manifest(run_dir / "finetune", "finetune") if (run_dir / "finetune").is_dir() else None
     teacher = next((v for v in variants if v["role"] == "teacher"), None)
     machine = dict(bench["machine"]) if bench else {"os": platform.platform()}
@@ -108,7 +114,8 @@ def write_report(run_dir: Path) -> dict:
 
 def machine_summary(summary: dict) -> dict:
     """The `--json` view: one object with a `variants` list (samples left out)."""
-    keep = ("name", "role", "artifact", "size_bytes", "accuracy", "macro_f1", "params", "quant", "runtime")
+    keep = ("name", "role", "artifact", "size_bytes", "accuracy", "macro_f1", "agreement", "ece", "params",
+            "quant", "runtime")
     variants = []
     for v in summary["variants"]:
         row = {k: v.get(k) for k in keep}

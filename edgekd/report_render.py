@@ -235,6 +235,8 @@ def _blocks(summary, plots):
         ["Latency p50 / p90 (ms)"] + [p50_p90(v) for v in variants],
         ["Accuracy / macro-F1 (test)"] + [acc_f1(v) for v in variants],
         ["Parameters"] + [_fmt_params(v.get("params")) for v in variants],
+        ["Agreement with the teacher (test, top-1)"] + [_fmt_pct(v.get("agreement")) for v in variants],
+        ["Calibration error (ECE, test)"] + [_fmt(v.get("ece"), ".3f") for v in variants],
     ]))
     ratios = summary.get("ratios") or []
     if ratios:

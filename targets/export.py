@@ -72,6 +72,8 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
             "inputs": [{"name": n, "shape": [1, max_length], "dtype": "int32"} for n in INPUT_NAMES],
             "outputs": [{"name": "logits", "shape": [1, len(label_names(model))], "dtype": "float32"}],
             "tokenizer": [n for n in TOKENIZER_FILES if (model_dir / n).is_file()],
+            # Per-text test predictions: the report compares every variant with the teacher's.
+            "test_predictions": test_logits.argmax(-1).tolist(),
             # A real validation text as the graph takes it: benchmarks feed this input.
             "sample_input": {"text": val_texts[0], "input_ids": val_inputs[0][0][0].tolist(),
                              "attention_mask": val_inputs[0][1][0].tolist()},

@@ -35,6 +35,8 @@ def test_run_reduced_recipe(tmp_path, tiny_recipe_dict, capsys):
         assert variant["params"] > 0
         assert manifest["metrics"]["parity"]["texts"] == 30
     teacher, student = by_name["teacher-fp32-android-executorch"], by_name["student-fp32-android-executorch"]
+    assert teacher["agreement"] == 1.0 and 0.0 <= student["agreement"] <= 1.0
+    assert all(0.0 <= v["ece"] <= 1.0 for v in printed["variants"])
     assert student["params"] < teacher["params"]          # layers cut and vocabulary trimmed
     assert by_name["student-int8-android-executorch"]["size_bytes"] < student["size_bytes"]
     assert (out / "export" / "student-fp32-android-executorch").joinpath("tokenizer.json").is_file()
