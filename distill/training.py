@@ -28,6 +28,7 @@ def training_args(output_dir: Path, *, epochs: float, learning_rate: float, batc
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy",
         greater_is_better=True, logging_strategy="epoch", report_to=[], seed=seed, data_seed=seed,
         remove_unused_columns=False, save_only_model=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     defaults.update(overrides)
     return TrainingArguments(**defaults)

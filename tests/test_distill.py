@@ -90,3 +90,43 @@ def test_labels_must_match_the_teacher(teacher_run, tmp_path):
                                               "validation": None, "test": None}})
     with pytest.raises(ModelError, match="labels"):
         distill(other, load_dataset(other), root / "finetune", root / "bad-labels", root / ".cache")
+
+
+@pytest.fixture(scope="module")
+def other_student_dir(tmp_path_factory):
+    """A different, tiny BERT whose own small WordPiece vocabulary differs from the teacher's."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from conftest import COMPANIES, WORDS
+
+    words = sorted({w.lower().strip(",.") for p in WORDS.values() for t in p for w in t.split()} |
+                   {w.lower() for c in COMPANIES for w in c.split()} |
+                   {"in", "the", "first", "second", "third", "fourth", "quarter", "analysts", "said", "company",
+                    "a", "filing", "showed", ",", "."})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    out = tmp_path_factory.mktemp("other-student")
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(out)
+    BertTokenizer(vocab=vocab).save_pretrained(out)
+    return out
+
+
+def test_any_hf_student_distills_across_tokenizers(teacher_run, other_student_dir):
+    root, base, dataset = teacher_run
+    recipe = _recipe(base, model=str(other_student_dir), trim_vocab=False)
+    metrics = distill(recipe, dataset, root / "finetune", root / "other", root / ".cache")
+    student = load_classifier(str(root / "other"))
+    assert student.config.hidden_size == 32
+    assert student.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert metrics["test"]["n"] == 30
+
+
+def test_layer_losses_refuse_a_student_with_another_tokenizer(teacher_run, other_student_dir):
+    root, base, dataset = teacher_run
+    recipe = _recipe(base, model=str(other_student_dir), trim_vocab=False, hidden_weight=1.0)
+    with pytest.raises(ModelError, match="tokenizes differently"):
+        distill(recipe, dataset, root / "finetune", root / "other-bad", root / ".cache")
+    assert not (root / "other-bad").exists()
