@@ -15,7 +15,7 @@ import torch
 from edgekd.benchmarks.stats import latency_stats
 from edgekd.errors import BenchError
 from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
-from edgekd.targets import FORMATS
+from edgekd.targets import get_format
 
 RESULT_SCHEMA = "edgekd.bench/1"
 
@@ -44,7 +44,7 @@ def bench(artifact_dirs: list[Path], out: Path, iterations: int = 100, warmup: i
     artifacts = []
     for path in artifact_dirs:
         manifest, source = stage_input(path, "export")
-        fmt = FORMATS.get(f"{manifest['params']['target']}/{manifest['params']['format']}")
+        fmt = get_format(manifest["params"]["target"], manifest["params"]["format"])
         artifacts.append((Path(path), manifest, source, fmt))
     params = {"iterations": iterations, "warmup": warmup, "threads": threads, "device": "host"}
     inputs = {manifest["params"]["model_name"] + "/" + manifest["quant"]["name"]: source

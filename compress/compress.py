@@ -13,6 +13,7 @@ from edgekd.data import Dataset
 from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
 from edgekd.metrics import classification_metrics
 from edgekd.models import load_classifier, load_tokenizer
+from edgekd.targets import get_format
 from edgekd.targets.graph import ExportWrapper, encode_fixed, run_graph
 
 EVAL_TEXTS = 300
@@ -20,6 +21,8 @@ EVAL_TEXTS = 300
 
 def compress(student_dir: Path, dataset: Dataset, quant: list[str], out: Path) -> dict:
     specs = [get_spec(name) for name in quant]  # unknown names fail before any work
+    if any(not spec.is_float for spec in specs):
+        get_format("android", "executorch")  # the XNNPACK quantizer ships with ExecuTorch: fail early if absent
     manifest, source = stage_input(student_dir, "distill")
     max_length = manifest["max_length"]
     params = {"quant": [spec.to_dict() for spec in specs]}

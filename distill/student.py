@@ -157,4 +157,4 @@ def layer_map(choice, student_layers: int, teacher_layers: int, kept: list[int] 
 
 def num_layers(model) -> int:
     config = model.config
-    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers")
+    return getattr(config, "num_hidden_layers", None) or config.n_layers

@@ -1,10 +1,12 @@
 """Export targets. A target module registers its formats in FORMATS; adding one is adding a module."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
-from edgekd.registry import Registry
+from edgekd.errors import EdgeKDError, RecipeError
+from edgekd.registry import Registry, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,15 @@ class Format:
     specs: tuple[str, ...]
     export: Callable               # (model, spec, max_length, calibration, out_file) -> delegation dict
     runner: Callable               # (file, threads) -> callable(ids, mask) -> logits
+    requires: tuple[str, ...] = () # importable modules it needs
+    extra: str = ""                # the pip extra that installs them
+
+    def check_installed(self) -> None:
+        """Fail before any work when the converter or runtime of this format is missing."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise EdgeKDError(f"{self.target}/{self.name} needs {', '.join(missing)}, which is not installed; "
+                              f"run `pip install 'edgekd[{self.extra}]'`")
 
 
 FORMATS: Registry[Format] = Registry("target format")
@@ -27,10 +38,10 @@ def get_format(target: str, fmt: str | None = None) -> Format:
     names = [n for n in FORMATS.names() if n.startswith(f"{target}/")]
     if not names:
         targets = sorted({n.split("/")[0] for n in FORMATS.names()})
-        from edgekd.errors import RecipeError
-        from edgekd.registry import did_you_mean
         raise RecipeError(f"unknown target '{target}'{did_you_mean(target, targets)}; known: {', '.join(targets)}")
-    return FORMATS.get(f"{target}/{fmt}" if fmt else names[0])
+    found = FORMATS.get(f"{target}/{fmt}" if fmt else names[0])
+    found.check_installed()
+    return found
 
 
 def _register_builtin_targets():

@@ -225,3 +225,17 @@ def test_top_level_help_lists_commands():
 
 def test_top_level_help_shows_an_example():
     assert "example:" in _help()
+
+
+def test_missing_runtime_is_named_with_the_extra_before_any_work(tmp_path, tiny_recipe_dict, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: android/executorch needs executorch, which is not installed; " \
+                      "run `pip install 'edgekd[android]'`"
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import COMPANIES, WORDS, make_rows
+from conftest import make_rows
 from edgekd.distill.losses import soft_label_kd
 from edgekd.distill.student import cut_layers, trim_vocabulary, uniform_layers, vocabulary_coverage
 from edgekd.errors import ModelError
