@@ -5,6 +5,7 @@
 Fine-tunes the teacher (all-MiniLM-L6-v2 + head) once, then distills students of 1-4 layers cut
 from it, with and without vocabulary trimming, and the same student trained on hard labels only
 (alpha 0). Prints a table and records perf/results/banking77.json row by row as each finishes.
+Stages already done in --out are reused (wall times come from their manifests).
 Needs ../shared/data/banking77 (not part of the project); exits 0 with a note when it is absent.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,7 @@ def main() -> int:
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
     from edgekd.distill.finetune import finetune
+    from edgekd.manifest import read_manifest
     from edgekd.models import load_classifier
     from edgekd.recipe import recipe_from_dict
 
@@ -59,10 +60,9 @@ def main() -> int:
                      "text_column": "text", "label_column": "category", "split_fractions": [0.1, 0.15]}}
     recipe = recipe_from_dict(base)
     dataset = load_dataset(recipe)
-    started = time.time()
     teacher_metrics = finetune(recipe, dataset, out / "finetune")
     teacher = load_classifier(str(out / "finetune"))
-    rows = [{"name": "teacher (MiniLM-L6, fine-tuned)", "wall_s": round(time.time() - started, 1),
+    rows = [{"name": "teacher (MiniLM-L6, fine-tuned)", "wall_s": read_manifest(out / "finetune")["wall_s"],
              "params": teacher_metrics["params"], "non_embedding_params": non_embedding_params(teacher),
              "size_bytes": (out / "finetune" / "model.safetensors").stat().st_size,
              "accuracy": teacher_metrics["test"]["accuracy"], "macro_f1": teacher_metrics["test"]["macro_f1"]}]
@@ -70,12 +70,11 @@ def main() -> int:
     for name, student in STUDENTS.items():
         if args.only and name not in args.only:
             continue
-        started = time.time()
         recipe = recipe_from_dict(base | {"student": {"epochs": args.student_epochs, "augment": 0,
                                                       "vocab_margin": 3000, **student}})
         metrics = distill(recipe, dataset, out / "finetune", out / name, out / ".cache")
         model = load_classifier(str(out / name))
-        rows.append({"name": name, "wall_s": round(time.time() - started, 1), "params": metrics["params"],
+        rows.append({"name": name, "wall_s": read_manifest(out / name)["wall_s"], "params": metrics["params"],
                      "non_embedding_params": non_embedding_params(model),
                      "size_bytes": (out / name / "model.safetensors").stat().st_size,
                      "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
