@@ -5,6 +5,7 @@ Files are read as a stream, row by row, so a very large file is not held twice.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import json
@@ -96,6 +97,18 @@ def _rows(path: Path, fmt: str, encoding: str):
                 yield reader.line_num, row
 
 
+@contextlib.contextmanager
+def _reading(path: Path, config: DataConfig, fmt: str):
+    """Decoding and CSV-syntax errors of a data file, as one line that names the fix."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: bytes at offset {exc.start} are not valid {config.encoding}; set data.encoding "
+                        f"(for example latin-1 or cp1252)") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed {fmt.upper()} ({exc}); check quoting and delimiter") from None
+
+
 def read_split(path: Path, config: DataConfig) -> Split:
     """Read one labelled file; every problem is one DataError line naming file, row and fix."""
     if not path.is_file():
@@ -107,7 +120,7 @@ def read_split(path: Path, config: DataConfig) -> Split:
     fmt = _format_of(path, config.format)
     texts, labels = [], []
     text_col, label_col = config.text_column, config.label_column
-    try:
+    with _reading(path, config, fmt):
         for number, row in _rows(path, fmt, config.encoding):
             for column in (text_col, label_col):
                 if column not in row:
@@ -124,11 +137,6 @@ def read_split(path: Path, config: DataConfig) -> Split:
                 raise DataError(f"{path}:{number}: empty label; every row needs a label in '{label_col}'")
             texts.append(str(text))
             labels.append(label)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: bytes at offset {exc.start} are not valid {config.encoding}; set data.encoding "
-                        f"(for example latin-1 or cp1252)") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed {fmt.upper()} ({exc}); check quoting and delimiter") from None
     if not texts:
         raise DataError(f"{path} has no data rows; it needs a header and at least one labelled row")
     return Split(texts, labels)
@@ -139,18 +147,14 @@ def read_texts(path: Path, config: DataConfig) -> list[str]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check data.unlabeled in the recipe")
     texts = []
-    try:
-        for number, row in _rows(path, _format_of(path, config.format), config.encoding):
+    fmt = _format_of(path, config.format)
+    with _reading(path, config, fmt):
+        for number, row in _rows(path, fmt, config.encoding):
             if row.get(config.text_column) is None:
                 found = ", ".join(str(k) for k in row if k is not None) or "none"
                 raise DataError(f"{path}:{number}: no '{config.text_column}' value (found: {found}); "
                                 f"set data.text_column")
             texts.append(str(row[config.text_column]))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: bytes at offset {exc.start} are not valid {config.encoding}; set data.encoding "
-                        f"(for example latin-1 or cp1252)") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed file ({exc}); check quoting and delimiter") from None
     return texts
 
 

@@ -310,3 +310,16 @@ def test_fingerprint_follows_every_text_and_label(tmp_path):
     rows[7]["label"] = "neutral" if rows[7]["label"] != "neutral" else "positive"
     write_csv(tmp_path / "train.csv", rows)
     assert load_dataset(recipe).fingerprint()["sha256"] != first["sha256"]
+
+
+def test_unlabeled_text_file_joins_the_dataset(tmp_path):
+    write_csv(tmp_path / "train.csv", make_rows(60, 5))
+    (tmp_path / "more.jsonl").write_text('{"text": "Brightwater Foods opened a plant."}\n\n{"text": "Rates held."}\n')
+    base = {"train": "train.csv", "validation": None, "test": None}
+    with_text = load_dataset(recipe_from_dict({"data": base | {"unlabeled": "more.jsonl"}}, tmp_path))
+    assert with_text.unlabeled == ["Brightwater Foods opened a plant.", "Rates held."]
+    plain = load_dataset(recipe_from_dict({"data": base}, tmp_path))
+    assert plain.unlabeled == [] and plain.fingerprint() != with_text.fingerprint()
+    (tmp_path / "bad.csv").write_text("body\nhello\n")
+    with pytest.raises(DataError, match="no 'text' value"):
+        load_dataset(recipe_from_dict({"data": base | {"unlabeled": "bad.csv"}}, tmp_path))
