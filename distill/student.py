@@ -148,7 +148,7 @@ def layer_map(choice, student_layers: int, teacher_layers: int, kept: list[int] 
     elif choice == "auto" and kept is not None:
         mapping = list(kept)
     else:  # uniform: evenly spread, ending at the teacher's last layer
-        mapping = [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+        mapping = uniform_layers(teacher_layers, student_layers)
     if len(mapping) != student_layers or not all(0 <= t < teacher_layers for t in mapping):
         raise ModelError(f"student.layer_map {mapping} must give one teacher layer in 0..{teacher_layers - 1} "
                          f"for each of the student's {student_layers} layers")
