@@ -13,20 +13,23 @@ from edgekd.errors import RecipeError
 from edgekd.registry import Registry
 
 SPECS: Registry["QuantSpec"] = Registry("quantization spec")
+WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4", "lut4")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     name: str
-    weights: str = "fp32"           # fp32 | int8 | int4
-    activations: str = "none"       # none | dynamic | static
+    weights: str = "fp32"           # fp32 | fp16 | int8 (per channel) | int4 (per group) | lut4 (4-bit palette)
+    activations: str = "none"       # none (weight-only) | dynamic | static (calibrated)
     group_size: int | None = None   # int4 weights: per-group scales
     embeddings: str | None = None   # None | int8 | int4: weight-only rows of every nn.Embedding
     calibration_samples: int = 0    # static activations: examples of the user's data
 
     def __post_init__(self):
-        if self.weights not in ("fp32", "int8", "int4"):
-            raise RecipeError(f"QuantSpec {self.name}: weights must be fp32, int8 or int4")
+        if self.weights not in WEIGHT_TYPES:
+            raise RecipeError(f"QuantSpec {self.name}: weights must be one of {', '.join(WEIGHT_TYPES)}")
+        if self.weights in ("fp32", "fp16") and self.activations != "none":
+            raise RecipeError(f"QuantSpec {self.name}: float weights take no quantized activations")
         if self.activations not in ("none", "dynamic", "static"):
             raise RecipeError(f"QuantSpec {self.name}: activations must be none, dynamic or static")
         if self.activations == "static" and self.calibration_samples <= 0:
@@ -42,10 +45,18 @@ class QuantSpec:
         return asdict(self)
 
 
+# The specs a recipe names. Each target format lists which of them its backend realizes.
 for _spec in (
     QuantSpec("fp32"),
+    QuantSpec("fp16", weights="fp16"),
     QuantSpec("int8", weights="int8", activations="dynamic", embeddings="int8"),
     QuantSpec("int8-static", weights="int8", activations="static", embeddings="int8", calibration_samples=100),
+    QuantSpec("int8-weights", weights="int8", embeddings="int8"),
+    QuantSpec("int4", weights="int4", activations="dynamic", group_size=32, embeddings="int4"),
+    QuantSpec("int4-g64", weights="int4", activations="dynamic", group_size=64, embeddings="int4"),
+    QuantSpec("int4-g128", weights="int4", activations="dynamic", group_size=128, embeddings="int4"),
+    QuantSpec("int4-weights", weights="int4", group_size=32, embeddings="int4"),
+    QuantSpec("palettize4", weights="lut4"),
 ):
     SPECS.register(_spec.name)(_spec)
 

@@ -23,16 +23,18 @@ def log(message: str) -> None:
     print(f"[edgekd] {message}", file=sys.stderr, flush=True)
 
 
-def variant_plan(recipe: Recipe) -> list[tuple[str, str, str, object, object]]:
-    """(variant name, source stage, role, QuantSpec, Format) for every artifact the recipe asks for."""
+def variant_plan(recipe: Recipe) -> list[tuple[str, str, str, object, object, dict]]:
+    """(variant name, source stage, role, QuantSpec, Format, options) for every artifact the recipe asks for."""
     plan = []
     specs = [get_spec(name) for name in recipe.compress.quant]
     for target in recipe.targets:
         fmt = get_format(target.target, target.format)
+        options = fmt.resolve_options(target.options)
         tag = f"{fmt.target}-{fmt.name}"
-        plan.append((f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt))
-        plan.append((f"student-fp32-{tag}", "compress", "student", get_spec("fp32"), fmt))
-        plan += [(f"student-{s.name}-{tag}", "compress", "compressed", s, fmt) for s in specs if not s.is_float]
+        plan.append((f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt, options))
+        plan.append((f"student-fp32-{tag}", "compress", "student", get_spec("fp32"), fmt, options))
+        plan += [(f"student-{s.name}-{tag}", "compress", "compressed", s, fmt, options)
+                 for s in specs if not s.is_float]
     return plan
 
 
@@ -63,10 +65,11 @@ def run(recipe: Recipe, out: Path) -> dict:
     stage("distill", out / "distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
     stage("compress", out / "compress", compress, out / "distill", dataset, recipe.compress.quant, out / "compress")
     artifacts = []
-    for name, source, role, spec, fmt in plan:
+    for name, source, role, spec, fmt, options in plan:
         model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
         artifacts.append(stage(f"export {name}", out / "export" / name, export_artifact, out / source, source,
-                               fmt, spec, dataset, out / "export" / name, role, model_name, recipe.bench.threads))
+                               fmt, spec, dataset, out / "export" / name, role, model_name, recipe.bench.threads,
+                               options))
     stage("bench", out / "bench", bench, artifacts, out / "bench", recipe.bench.iterations, recipe.bench.warmup,
           recipe.bench.threads)
     return write_report(out)

@@ -128,6 +128,7 @@ class CompressConfig:
 class TargetConfig:
     target: str = "android"
     format: str = "executorch"
+    options: dict = field(default_factory=dict)  # format-specific, e.g. ios/coreml deployment_target: iOS17
 
 
 @dataclass

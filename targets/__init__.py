@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from edgekd.errors import EdgeKDError, RecipeError
@@ -17,10 +17,21 @@ class Format:
     backend: str                   # file naming: <model>_<backend>_<quant>.<suffix>
     suffix: str
     specs: tuple[str, ...]
-    export: Callable               # (model, spec, max_length, calibration, out_file) -> delegation dict
+    export: Callable               # (model, spec, max_length, calibration, out_file, **options) -> details dict
     runner: Callable               # (file, threads) -> callable(ids, mask) -> logits
     requires: tuple[str, ...] = () # importable modules it needs
     extra: str = ""                # the pip extra that installs them
+    options: dict = field(default_factory=dict)  # option name -> default, given in the recipe's target entry
+
+    def resolve_options(self, given: dict | None) -> dict:
+        """The export options: the defaults updated by `given`; an unknown name is an error."""
+        given = dict(given or {})
+        for name in given:
+            if name not in self.options:
+                known = ", ".join(self.options) or "none"
+                raise RecipeError(f"{self.target}/{self.name} has no option '{name}'"
+                                  f"{did_you_mean(name, list(self.options))}; its options: {known}")
+        return {**self.options, **given}
 
     def check_installed(self) -> None:
         """Fail before any work when the converter or runtime of this format is missing."""

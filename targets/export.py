@@ -32,14 +32,15 @@ def artifact_name(model_name: str, fmt: Format, spec: QuantSpec) -> str:
 
 
 def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantSpec, dataset: Dataset,
-                    out: Path, role: str, model_name: str, threads: int = 0) -> dict:
+                    out: Path, role: str, model_name: str, threads: int = 0, options: dict | None = None) -> dict:
     if spec.name not in fmt.specs:
         raise ExportError(f"{fmt.target}/{fmt.name} cannot realize quantization '{spec.name}'; "
                           f"it supports: {', '.join(fmt.specs)}")
     source_manifest, source = stage_input(model_dir, model_stage)
     max_length = source_manifest["max_length"]
+    options = fmt.resolve_options(options)
     params = {"target": fmt.target, "format": fmt.name, "quant": spec.to_dict(), "role": role,
-              "max_length": max_length, "model_name": model_name}
+              "max_length": max_length, "model_name": model_name, "options": options}
     inputs = {"model": source, "data": dataset.fingerprint()}
     if is_done(out, "export", params, inputs):
         return read_manifest(out)["metrics"]
@@ -48,7 +49,7 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
     with write_stage(out, "export", params, inputs) as stage:
         file = stage.path / artifact_name(model_name, fmt, spec)
         calibration = encode_fixed(tokenizer, dataset.train.texts[: spec.calibration_samples], max_length)
-        delegation = fmt.export(model, spec, max_length, calibration, file)
+        delegation = fmt.export(model, spec, max_length, calibration, file, **options)
         runner = fmt.runner(file, threads)
 
         val_texts = dataset.validation.texts[:PARITY_TEXTS]
