@@ -15,7 +15,7 @@ import torch
 from edgekd.benchmarks.stats import latency_stats
 from edgekd.errors import BenchError
 from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
-from edgekd.targets import get_format
+from edgekd.targets import RuntimeUnavailable, get_format
 
 RESULT_SCHEMA = "edgekd.bench/1"
 
@@ -52,10 +52,14 @@ def bench(artifact_dirs: list[Path], out: Path, iterations: int = 100, warmup: i
     if is_done(out, "bench", params, inputs):
         return read_manifest(out)["metrics"]
     with write_stage(out, "bench", params, inputs) as stage:
-        runs = []
+        runs, skipped = [], []
         for path, manifest, _, fmt in artifacts:
             rss = _rss_mb()
-            runner = fmt.runner(path / manifest["artifact"], threads)
+            try:
+                runner = fmt.runner(path / manifest["artifact"], threads)
+            except RuntimeUnavailable as exc:  # e.g. Core ML off Apple hardware: measured on the device
+                skipped.append({"name": path.name, "reason": str(exc)})
+                continue
             sample = manifest["sample_input"]
             ids = torch.tensor([sample["input_ids"]], dtype=torch.int32)
             mask = torch.tensor([sample["attention_mask"]], dtype=torch.int32)
@@ -74,7 +78,7 @@ def bench(artifact_dirs: list[Path], out: Path, iterations: int = 100, warmup: i
             "load_ms": run["load_ms"], "rss_added_mb": round(run["rss_added_mb"], 1),
             "latency_ms": latency_stats(run["samples"]),
         } for run in runs]
-        stage.metrics = {"schema": RESULT_SCHEMA, "results": results, "complete": True}
+        stage.metrics = {"schema": RESULT_SCHEMA, "results": results, "skipped": skipped, "complete": True}
         stage.extra["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads or os.cpu_count(),
                                   "os": platform.platform(), "device": "host"}
     return stage.metrics

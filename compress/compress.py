@@ -1,54 +1,162 @@
-"""Stage 3: compress the student. Records the QuantSpecs with their accuracy, measured in PyTorch.
+"""Stage 3: compress the student.
 
-Pruning (physically smaller layers) and the budget search join this stage later; the
-quantized accuracy here is that of the very PT2E graph the ExecuTorch exporter lowers.
+    distilled student -> [structured pruning -> recovery distillation] -> QuantSpecs evaluated in PyTorch
+
+With `compress.budget` set, the search (compress/search.py) chooses the pruning and the spec
+instead, measuring each candidate on the target's runtime. The stage writes the (pruned)
+student, the plan (pruning done, QuantSpecs to realize) and the accuracy of every variant,
+measured in PyTorch on the very graph the exporter lowers (ExecuTorch) or with torchao /
+the backend's own PyTorch quantizer (the others).
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from edgekd.compress.quant import get_spec, quantize_for_xnnpack
-from edgekd.data import Dataset
+import numpy as np
+import torch
+
+from edgekd.compress.prune import PruneSpec, importance, prune
+from edgekd.compress.quant import QuantSpec, get_spec, quantized_module
+from edgekd.data import Dataset, Encoded
+from edgekd.errors import RecipeError
 from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
 from edgekd.metrics import classification_metrics
-from edgekd.models import load_classifier, load_tokenizer
-from edgekd.targets import get_format
+from edgekd.models import count_parameters, load_classifier, load_tokenizer
+from edgekd.recipe import Recipe
 from edgekd.targets.graph import ExportWrapper, encode_fixed, run_graph
 
-EVAL_TEXTS = 300
+EVAL_TEXTS = 1000       # validation texts each variant is scored on
+RANKING_TEXTS = 512     # validation texts the pruning importance is measured on
 
 
-def compress(student_dir: Path, dataset: Dataset, quant: list[str], out: Path) -> dict:
-    specs = [get_spec(name) for name in quant]  # unknown names fail before any work
-    if any(not spec.is_float for spec in specs):
-        get_format("android", "executorch")  # the XNNPACK quantizer ships with ExecuTorch: fail early if absent
+def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, teacher_dir: Path | None = None,
+             fmt=None) -> dict:
+    """Prune (when asked) and evaluate the QuantSpecs of `recipe.compress`; or search within its budget."""
+    cfg = recipe.compress
+    specs = [get_spec(name) for name in cfg.quant]  # unknown names fail before any work
+    prune_spec = PruneSpec(**vars(cfg.prune))
+    if fmt is not None:
+        _check_realizable(fmt, specs if cfg.budget is None else [get_spec(n) for n in cfg.search_quant or []])
+    if (not prune_spec.is_noop or cfg.budget is not None) and teacher_dir is None:
+        raise RecipeError("pruning and the budget search retrain the student from the teacher; give --teacher DIR")
     manifest, source = stage_input(student_dir, "distill")
     max_length = manifest["max_length"]
-    params = {"quant": [spec.to_dict() for spec in specs]}
+    params = {"compress": {"quant": [s.to_dict() for s in specs], "prune": prune_spec.to_dict(),
+                           "recovery_epochs": cfg.recovery_epochs, "budget": cfg.budget, "objective": cfg.objective,
+                           "search_quant": cfg.search_quant},
+              "target": f"{fmt.target}/{fmt.name}" if fmt else None, "seed": recipe.seed}
     inputs = {"student": source, "data": dataset.fingerprint()}
+    if teacher_dir is not None and (not prune_spec.is_noop or cfg.budget is not None):
+        inputs["teacher"] = stage_input(teacher_dir, "finetune")[1]
     if is_done(out, "compress", params, inputs):
         return read_manifest(out)["metrics"]
+    student = load_classifier(str(student_dir)).eval()
+    tokenizer = load_tokenizer(str(student_dir))
     with write_stage(out, "compress", params, inputs) as stage:
-        for file in student_dir.iterdir():
-            if file.is_file() and file.name != "manifest.json":
-                shutil.copyfile(file, stage.path / file.name)
-        model = load_classifier(str(student_dir)).eval()
-        tokenizer = load_tokenizer(str(student_dir))
-        texts = dataset.validation.texts[:EVAL_TEXTS]
-        labels = dataset.label_ids(dataset.validation)[:EVAL_TEXTS]
-        inputs = encode_fixed(tokenizer, texts, max_length)
-        reference = run_graph(ExportWrapper(model), inputs).numpy()
-        variants = {"fp32": classification_metrics(reference, labels)}
-        calibration = encode_fixed(tokenizer, dataset.train.texts[:max((s.calibration_samples for s in specs), default=0)],
-                                   max_length)
-        for spec in specs:
-            if spec.is_float:
-                continue
-            program = quantize_for_xnnpack(model, spec, max_length, calibration)
-            logits = run_graph(program.module(), inputs).numpy()
-            variants[spec.name] = classification_metrics(logits, labels, reference)
-        stage.metrics = {"validation": variants}
+        job = Compression(recipe, dataset, student, tokenizer, max_length, teacher_dir, stage.path)
+        if cfg.budget is not None:
+            from edgekd.compress.search import search
+
+            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant)
+            model, prune_spec, specs = result.model, result.prune, [result.quant]
+            stage.metrics["search"] = result.summary
+        else:
+            model = job.pruned(prune_spec) if not prune_spec.is_noop else student
+        stage.metrics["validation"] = job.evaluate(model, specs)
+        stage.metrics["params"] = {"before": count_parameters(student), "after": count_parameters(model)}
         stage.extra.update({"max_length": max_length, "labels": manifest["labels"],
-                            "plan": {"pruning": None, "quant": [spec.to_dict() for spec in specs]}})
+                            "plan": {"pruning": None if prune_spec.is_noop else prune_spec.to_dict(),
+                                     "quant": [s.to_dict() for s in specs]}})
+        model.save_pretrained(stage.path)
+        tokenizer.save_pretrained(stage.path)
+        for name in ("LICENSE", "NOTICE"):
+            if (student_dir / name).is_file():
+                shutil.copyfile(student_dir / name, stage.path / name)
     return stage.metrics
+
+
+def _check_realizable(fmt, specs: list[QuantSpec]) -> None:
+    for spec in specs:
+        if spec.name not in fmt.specs and not spec.is_float:
+            raise RecipeError(f"{fmt.target}/{fmt.name} cannot realize quantization '{spec.name}'; "
+                              f"it supports: {', '.join(fmt.specs)}")
+
+
+class Compression:
+    """What pruning and evaluation share: the student, its data, and the teacher for recovery."""
+
+    def __init__(self, recipe: Recipe, dataset: Dataset, student, tokenizer, max_length: int,
+                 teacher_dir: Path | None, workdir: Path):
+        self.recipe, self.dataset, self.student, self.tokenizer = recipe, dataset, student, tokenizer
+        self.max_length, self.teacher_dir, self.workdir = max_length, teacher_dir, workdir
+        val = dataset.validation
+        self.eval_inputs = encode_fixed(tokenizer, val.texts[:EVAL_TEXTS], max_length)
+        self.eval_labels = dataset.label_ids(val)[:EVAL_TEXTS]
+        self.calibration = encode_fixed(tokenizer, dataset.train.texts[:200], max_length)
+        self._scores = None
+        self._soft = None
+
+    def evaluate(self, model, specs: list[QuantSpec]) -> dict:
+        """Validation metrics of fp32 and each spec (agreement is with the fp32 model)."""
+        reference = run_graph(ExportWrapper(model.eval()), self.eval_inputs).numpy()
+        results = {"fp32": classification_metrics(reference, self.eval_labels)}
+        for spec in specs:
+            if not spec.is_float:
+                results[spec.name] = self.accuracy_of(model, spec, reference)
+        return results
+
+    def accuracy_of(self, model, spec: QuantSpec, reference: np.ndarray | None = None) -> dict:
+        module = quantized_module(model, spec, self.max_length, self.calibration)
+        return classification_metrics(run_graph(module, self.eval_inputs).numpy(), self.eval_labels, reference)
+
+    def teacher_accuracy(self) -> float:
+        """The teacher's accuracy on the same validation texts: what a budget is counted from."""
+        from edgekd.distill.training import predict_logits
+
+        texts = self.dataset.validation.texts[:EVAL_TEXTS]
+        logits = predict_logits(load_classifier(str(self.teacher_dir)), load_tokenizer(str(self.teacher_dir)),
+                                texts, self.max_length)
+        return classification_metrics(logits, self.eval_labels)["accuracy"]
+
+    def pruned(self, spec: PruneSpec):
+        """The student with `spec` removed, then recovered by distillation from the teacher."""
+        if self._scores is None:
+            self._scores = importance(self.student, self._ranking_batches())
+        model = prune(self.student, spec, self._scores)
+        return self._recover(model) if self.recipe.compress.recovery_epochs > 0 else model
+
+    def _ranking_batches(self) -> list[dict]:
+        from edgekd.distill.training import collator
+
+        val = self.dataset.validation
+        data = Encoded(self.tokenizer, val.texts[:RANKING_TEXTS], self.dataset.label_ids(val)[:RANKING_TEXTS],
+                       self.max_length)
+        pad = collator(self.tokenizer)
+        rows = [{k: v for k, v in data[i].items() if k != "index"} for i in range(len(data))]
+        return [pad(rows[i:i + 32]) for i in range(0, len(rows), 32)]
+
+    def _recover(self, model):
+        """A short distillation from the cached teacher logits (the distill stage's loss and settings)."""
+        from edgekd.distill.cache import teacher_logits
+        from edgekd.distill.trainer import DistillationTrainer
+        from edgekd.distill.training import collator, training_args
+        from edgekd.manifest import stage_input
+
+        cfg, texts = self.recipe.student, self.dataset.train.texts
+        if self._soft is None:
+            teacher_input = stage_input(self.teacher_dir, "finetune")[1]
+            teacher = load_classifier(str(self.teacher_dir)).eval()
+            soft, _ = teacher_logits(teacher, load_tokenizer(str(self.teacher_dir)), texts, self.max_length,
+                                     teacher_input["sha256"], self.workdir.parent / ".cache")
+            self._soft = torch.from_numpy(soft)
+        train = Encoded(self.tokenizer, texts, self.dataset.label_ids(self.dataset.train), self.max_length)
+        scratch = self.workdir / ".recovery"
+        args = training_args(scratch, epochs=self.recipe.compress.recovery_epochs, learning_rate=cfg.learning_rate,
+                             batch_size=cfg.batch_size, seed=self.recipe.seed, eval_strategy="no",
+                             save_strategy="no", load_best_model_at_end=False, disable_tqdm=True)
+        torch.manual_seed(self.recipe.seed)
+        DistillationTrainer(model=model, args=args, train_dataset=train, data_collator=collator(self.tokenizer),
+                            teacher_logits=self._soft, temperature=cfg.temperature, alpha=cfg.alpha).train()
+        shutil.rmtree(scratch, ignore_errors=True)
+        return model.eval()

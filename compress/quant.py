@@ -78,26 +78,49 @@ def quantize_embeddings(model: torch.nn.Module, bits: str) -> None:
               filter_fn=lambda module, fqn: isinstance(module, torch.nn.Embedding))
 
 
-def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()):
-    """The exported program of `model` quantized by `spec` with PT2E + the XNNPACK quantizer.
+def quantize_linears(model: torch.nn.Module, spec: QuantSpec) -> None:
+    """torchao quantization of every nn.Linear per `spec` (in place): int4 grouped / int8 per channel weights,
+    with dynamic int8 activations or weight-only. This is the form XNNPACK lowers (8da4w, 8da8w)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
 
-    `calibration` is a list of encode_fixed() inputs (used for static activations).
-    Returns a torch.export ExportedProgram ready to lower.
+    dtype = {"int8": torch.int8, "int4": torch.int4}[spec.weights]
+    granularity = PerGroup(spec.group_size) if spec.weights == "int4" else PerAxis(0)
+    if spec.weights == "int4":
+        widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
+        if any(width % spec.group_size for width in widths):
+            raise RecipeError(f"QuantSpec {spec.name} groups {spec.group_size} input channels, but this model has "
+                              f"Linear layers {widths} wide; choose a group size that divides them (int4: 32)")
+    if spec.activations == "dynamic":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity)
+    else:
+        config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
+    quantize_(model, config, filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
+
+
+def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()):
+    """The exported program of `model` quantized by `spec`, in the form the XNNPACK delegate lowers.
+
+    int8 (dynamic or static activations): PT2E with the XNNPACK quantizer; `calibration` is a list
+    of encode_fixed() inputs for static activations. int4: torchao 8-bit dynamic activations with
+    4-bit grouped weights. Embeddings: torchao weight-only rows. Returns a torch.export ExportedProgram.
     """
     import copy
-
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from edgekd.targets.graph import ExportWrapper, example_inputs
 
     wrapper = ExportWrapper(copy.deepcopy(model).eval()).eval()
     if spec.embeddings:
         quantize_embeddings(wrapper, spec.embeddings)
+    if spec.weights == "int4":
+        quantize_linears(wrapper, spec)
     example = example_inputs(max_length)
     program = torch.export.export(wrapper, example, strict=False)
     if spec.weights == "int8":
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer, get_symmetric_quantization_config)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
         quantizer = XNNPACKQuantizer().set_global(
             get_symmetric_quantization_config(is_per_channel=True, is_dynamic=spec.activations == "dynamic"))
         prepared = prepare_pt2e(program.module(), quantizer)
@@ -106,6 +129,54 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
             for ids, mask in samples or [example]:
                 prepared(ids, mask)
         program = torch.export.export(convert_pt2e(prepared), example, strict=False)
-    elif spec.weights == "int4":
-        raise RecipeError(f"QuantSpec {spec.name}: int4 linear weights are not realized for ExecuTorch yet")
     return program
+
+
+def quantized_module(model, spec: QuantSpec, max_length: int, calibration=()) -> torch.nn.Module:
+    """`model` as `spec` quantizes it, in PyTorch: (ids, mask) -> float logits, for accuracy before export.
+
+    The ExecuTorch specs are evaluated on the very graph that exporter lowers; the others with
+    torchao (weight-only int8/int4), a float16 copy, or coremltools' own palettizer (4-bit LUT).
+    """
+    import copy
+
+    from edgekd.targets.graph import ExportWrapper
+
+    if spec.is_float:
+        return ExportWrapper(copy.deepcopy(model).eval()).eval()
+    if spec.activations != "none":
+        return quantize_for_xnnpack(model, spec, max_length, calibration).module()
+    wrapper = ExportWrapper(copy.deepcopy(model).eval()).eval()
+    if spec.weights == "fp16":
+        return _Float32Out(wrapper.half())
+    if spec.weights == "lut4":
+        return _palettize(wrapper)
+    if spec.embeddings:
+        quantize_embeddings(wrapper, spec.embeddings)
+    quantize_linears(wrapper, spec)
+    return wrapper
+
+
+class _Float32Out(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids, mask):
+        return self.module(ids, mask).float()
+
+
+def _palettize(model: torch.nn.Module) -> torch.nn.Module:
+    """4-bit k-means palettization of the Linear weights with coremltools' PyTorch palettizer."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.WARNING)  # it logs every k-means block at INFO
+    try:
+        from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+    except ImportError:
+        raise RecipeError("QuantSpec palettize4 is evaluated with coremltools; "
+                          "run `pip install 'edgekd[ios]'`") from None
+    config = PostTrainingPalettizerConfig.from_dict(
+        {"global_config": {"n_bits": 4, "granularity": "per_tensor"},
+         "module_type_configs": {torch.nn.Embedding: None}})
+    return PostTrainingPalettizer(model, config).compress()

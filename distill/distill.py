@@ -38,7 +38,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
               "max_length": max_length}
     inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
     if cfg.model:
-        inputs["student_model"] = model_fingerprint(cfg.model)
+        inputs["student_model"] = model_fingerprint(cfg.model, cfg.allow_pickle)
     if is_done(out, "distill", params, inputs):
         return read_manifest(out)["metrics"]
     checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
@@ -92,7 +92,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
         for name in ("LICENSE", "NOTICE"):
             if (teacher_dir / name).is_file():
                 shutil.copyfile(teacher_dir / name, stage.path / name)
-    drop_checkpoints(checkpoints)
+    drop_checkpoints(checkpoints, out)
     return stage.metrics
 
 
@@ -100,8 +100,8 @@ def _build_student(recipe: Recipe, teacher, tokenizer, dataset: Dataset):
     """(student, its tokenizer, the teacher layers it was cut from or None)."""
     cfg = recipe.student
     if cfg.model:
-        student = load_classifier(cfg.model, dataset.label_names, recipe.teacher.trust_remote_code)
-        student_tok = load_tokenizer(cfg.model, recipe.teacher.trust_remote_code)
+        student = load_classifier(cfg.model, dataset.label_names, recipe.teacher.trust_remote_code, cfg.allow_pickle)
+        student_tok = load_tokenizer(cfg.model, recipe.teacher.trust_remote_code, cfg.allow_pickle)
         if cfg.intermediate and not same_tokenization(student_tok, tokenizer):
             raise ModelError(f"student.model '{cfg.model}' tokenizes differently from the teacher, so its layers "
                              f"cannot be matched token by token; set hidden_weight, attention_weight and "

@@ -42,17 +42,17 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
     from transformers import EarlyStoppingCallback, Trainer
 
     cfg = recipe.teacher
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
     max_length = recipe.data.max_length or choose_max_length(tokenizer, dataset.train.texts)
     params = {"teacher": cfg.__dict__, "max_length": max_length, "seed": recipe.seed,
               "labels": dataset.label_names}
-    inputs = {"model": model_fingerprint(cfg.model), "data": dataset.fingerprint()}
+    inputs = {"model": model_fingerprint(cfg.model, cfg.allow_pickle), "data": dataset.fingerprint()}
     # Checkpoints live beside the stage, keyed by it: a crash keeps them, a rerun resumes from them.
     checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
     if is_done(out, "finetune", params, inputs):
         return read_manifest(out)["metrics"]
     with write_stage(out, "finetune", params, inputs) as stage:
-        model = load_classifier(cfg.model, dataset.label_names, cfg.trust_remote_code)
+        model = load_classifier(cfg.model, dataset.label_names, cfg.trust_remote_code, cfg.allow_pickle)
         train = Encoded(tokenizer, dataset.train.texts, dataset.label_ids(dataset.train), max_length)
         val = Encoded(tokenizer, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
         args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
@@ -73,6 +73,7 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
         stage.extra["labels"] = dataset.label_names
         model.save_pretrained(stage.path)
         tokenizer.save_pretrained(stage.path)
-        copy_licenses(cfg.model if cfg.model.startswith("builtin:") else resolve_model(cfg.model), stage.path)
-    drop_checkpoints(checkpoints)
+        copy_licenses(cfg.model if cfg.model.startswith("builtin:") else resolve_model(cfg.model, cfg.allow_pickle),
+                      stage.path)
+    drop_checkpoints(checkpoints, out)
     return stage.metrics

@@ -18,7 +18,8 @@ EXAMPLES = {
     "finetune": "edgekd finetune --recipe my-recipe.yaml --out runs/mine/finetune",
     "distill": "edgekd distill --recipe my-recipe.yaml --teacher runs/mine/finetune --out runs/mine/distill",
     "compress": "edgekd compress --recipe my-recipe.yaml --student runs/mine/distill --quant int8 "
-                "--out runs/mine/compress",
+                "--out runs/mine/compress\n  edgekd compress --recipe my-recipe.yaml --student runs/mine/distill "
+                "--teacher runs/mine/finetune --budget 1.0 --objective latency --out runs/mine/compress",
     "export": "edgekd export --recipe my-recipe.yaml --model runs/mine/compress --target android --quant int8 "
               "--out runs/mine/export/student-int8",
     "bench": "edgekd bench runs/mine/export/* --out runs/mine/bench --iterations 200",
@@ -27,10 +28,13 @@ EXAMPLES = {
 }
 
 
-def _recipe(path: str | None):
+def _recipe(path: str | None, args=None):
     from edgekd.recipe import builtin_recipe, load_recipe
 
-    return load_recipe(path) if path else builtin_recipe()
+    recipe = load_recipe(path) if path else builtin_recipe()
+    if getattr(args, "allow_pickle", False):  # --allow-pickle: as if the recipe set both fields
+        recipe.teacher.allow_pickle = recipe.student.allow_pickle = True
+    return recipe
 
 
 def cmd_demo(args) -> str:
@@ -42,7 +46,7 @@ def cmd_demo(args) -> str:
 
 
 def cmd_run(args) -> str:
-    return _run_and_print(_recipe(args.recipe), args)
+    return _run_and_print(_recipe(args.recipe, args), args)
 
 
 def _run_and_print(recipe, args) -> str:
@@ -59,7 +63,7 @@ def cmd_finetune(args) -> str:
     from edgekd.data import load_dataset
     from edgekd.distill.finetune import finetune
 
-    recipe = _recipe(args.recipe)
+    recipe = _recipe(args.recipe, args)
     return _print_metrics(finetune(recipe, load_dataset(recipe), Path(args.out)), args)
 
 
@@ -67,7 +71,7 @@ def cmd_distill(args) -> str:
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
 
-    recipe = _recipe(args.recipe)
+    recipe = _recipe(args.recipe, args)
     out = Path(args.out)
     cache = Path(args.cache_dir) if args.cache_dir else out.parent / ".cache"
     return _print_metrics(distill(recipe, load_dataset(recipe), Path(args.teacher), out, cache), args)
@@ -77,9 +81,22 @@ def cmd_compress(args) -> str:
     from edgekd.compress.compress import compress
     from edgekd.data import load_dataset
 
+    from edgekd.targets import get_format
+
     recipe = _recipe(args.recipe)
-    quant = args.quant or recipe.compress.quant
-    return _print_metrics(compress(Path(args.student), load_dataset(recipe), quant, Path(args.out)), args)
+    cfg = recipe.compress
+    if args.quant:
+        cfg.quant = args.quant
+    if args.budget is not None:
+        cfg.budget = args.budget
+    if args.objective:
+        cfg.objective = args.objective
+    cfg.__post_init__()  # the flags obey the recipe's rules
+    target = recipe.targets[0]
+    fmt = get_format(args.target or target.target, args.format or (None if args.target else target.format))
+    teacher = Path(args.teacher) if args.teacher else None
+    return _print_metrics(compress(recipe, load_dataset(recipe), Path(args.student), Path(args.out), teacher, fmt),
+                          args)
 
 
 def cmd_export(args) -> str:
@@ -149,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     def recipe_opt(p):
         p.add_argument("--recipe", help="recipe YAML (default: the built-in demo recipe)")
 
+    def pickle_opt(p):
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="read a teacher or student.model that has only .bin/.pt weights, with "
+                            "torch.load(weights_only=True) (default: safetensors only)")
+
     p = add("demo", cmd_demo, "run the whole pipeline on the built-in model and data")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--print-recipe", action="store_true", help="print the built-in recipe and exit")
@@ -157,24 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "run every stage of a recipe")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--out", required=True, help="run directory")
+    pickle_opt(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     p = add("finetune", cmd_finetune, "fine-tune the teacher")
     recipe_opt(p)
+    pickle_opt(p)
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
 
     p = add("distill", cmd_distill, "distill the teacher into a student")
     recipe_opt(p)
+    pickle_opt(p)
     p.add_argument("--teacher", required=True, help="a finetune stage directory")
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", help="teacher logit cache (default: OUT/../.cache)")
     p.add_argument("--json", action="store_true")
 
-    p = add("compress", cmd_compress, "quantize the student and measure each spec's accuracy")
+    p = add("compress", cmd_compress, "prune and quantize the student, or search within an accuracy budget")
     recipe_opt(p)
     p.add_argument("--student", required=True, help="a distill stage directory")
+    p.add_argument("--teacher", help="the finetune stage directory (pruning recovers by distilling from it)")
     p.add_argument("--quant", action="append", help="QuantSpec name, repeatable (default: the recipe's)")
+    p.add_argument("--budget", type=float, help="search: validation accuracy points the student may lose")
+    p.add_argument("--objective", choices=("latency", "size"), help="search: what to minimize (default: latency)")
+    p.add_argument("--target", help="target whose runtime the search measures (default: the recipe's first)")
+    p.add_argument("--format", help="format of that target (default: its first)")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
 
@@ -216,6 +246,12 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _printable(message: str) -> str:
+    """One visible line, always: user input quoted in a message (a path, a column name) may hold line
+    breaks, control characters or an invisible byte-order mark; they are shown escaped (\\n, \\ufeff)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -224,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             text = args.func(args)
     except EdgeKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -20,8 +20,9 @@ from edgekd.errors import StageError
 
 MANIFEST = "manifest.json"
 SCHEMA = "edgekd.manifest/1"
+DIGEST = "manifest_sha256"  # the manifest's own checksum: an edited or damaged manifest is caught too
 _TRACKED_PACKAGES = ("edgekd", "torch", "transformers", "executorch", "torchao", "coremltools",
-                     "ai-edge-litert", "litert-torch", "numpy")
+                     "ai-edge-litert", "litert-torch", "ai-edge-quantizer", "tflite-micro", "numpy")
 
 
 def sha256_file(path: Path) -> str:
@@ -94,6 +95,10 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
     try:
         result = StageOutput(work)
         yield result
+        clash = set(result.extra) & {"schema", "stage", "key", "created", "wall_s", "params", "inputs", "metrics",
+                                     "versions", "files", DIGEST}
+        if clash:  # a programming error: extra fields must not hide the manifest's own
+            raise ValueError(f"stage extra fields {sorted(clash)} clash with the manifest's")
         if not is_primary_process():  # under torchrun / accelerate, rank 0 alone publishes the stage
             shutil.rmtree(work)
             return
@@ -110,6 +115,7 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
             "versions": software_versions(),
             "files": file_table(work),
         }
+        manifest[DIGEST] = manifest_digest(manifest)
         atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -128,6 +134,29 @@ def is_primary_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's content without its own digest, in a canonical JSON form."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST}
+    canonical = json.loads(json.dumps(body, default=str))  # what a reader gets back from the file
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _shape_problem(manifest: dict) -> str | None:
+    """What is structurally wrong with a parsed manifest (wrong types, unsafe file names), or None."""
+    for key, kind in (("stage", str), ("key", str), ("params", dict), ("inputs", dict), ("metrics", dict),
+                      ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is missing or not a {'string' if kind is str else 'mapping'}"
+    for rel, entry in manifest["files"].items():
+        parts = rel.replace("\\", "/").split("/")
+        if not rel or "\x00" in rel or rel.startswith("/") or ".." in parts or rel == MANIFEST:
+            return f"file name {rel[:80]!r} is not a path inside the stage directory"
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and
+                type(entry.get("size")) is int and entry["size"] >= 0):
+            return f"the entry of {rel[:80]!r} is not {{sha256, size}}"
+    return None
+
+
 def read_manifest(path: Path, stage: str | None = None) -> dict:
     path = Path(path)
     file = path / MANIFEST
@@ -136,10 +165,18 @@ def read_manifest(path: Path, stage: str | None = None) -> dict:
                          f"create it with the edgekd command of that stage")
     try:
         manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StageError(f"{file} is not valid JSON ({exc}); rerun the stage that wrote it") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, numbers too long, nesting too deep
+        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise StageError(f"{file} is not valid JSON ({reason}); rerun the stage that wrote it") from None
+    except OSError as exc:
+        raise StageError(f"{file} cannot be read ({exc.strerror or exc}); check its permissions") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or "files" not in manifest:
         raise StageError(f"{file} is not an edgekd manifest (schema {SCHEMA}); rerun the stage that wrote it")
+    problem = _shape_problem(manifest)
+    if problem is None and DIGEST in manifest and manifest[DIGEST] != manifest_digest(manifest):
+        problem = "its own checksum does not match: it was edited or damaged after the stage wrote it"
+    if problem:
+        raise StageError(f"{file} is damaged: {problem}; rerun the stage that wrote it")
     if stage and manifest.get("stage") != stage:
         raise StageError(f"{path} holds stage '{manifest.get('stage')}', expected '{stage}'")
     return manifest
@@ -152,11 +189,15 @@ def verify_stage(path: Path, stage: str | None = None) -> dict:
     listed = manifest["files"]
     for rel, entry in listed.items():
         file = path / rel
-        if not file.is_file():
-            raise StageError(f"{path}: file '{rel}' listed in the manifest is missing; rerun the stage")
-        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
-            raise StageError(f"{path}: checksum mismatch for '{rel}' (the file changed after the stage "
-                             f"wrote it); rerun the stage")
+        try:
+            if not file.is_file():
+                raise StageError(f"{path}: file '{rel[:120]}' listed in the manifest is missing; rerun the stage")
+            if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+                raise StageError(f"{path}: checksum mismatch for '{rel[:120]}' (the file changed after the stage "
+                                 f"wrote it); rerun the stage")
+        except OSError as exc:  # unreadable, or a name the file system cannot hold
+            raise StageError(f"{path}: cannot read '{rel[:120]}' listed in the manifest ({exc.strerror or exc}); "
+                             f"rerun the stage") from None
     extra = set(file_table(path)) - set(listed)
     if extra:
         raise StageError(f"{path}: files not in the manifest: {', '.join(sorted(extra)[:5])}; rerun the stage")

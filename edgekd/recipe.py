@@ -6,6 +6,8 @@ in `edgekd/resources` (the default data) or the built-in default model.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ class TeacherConfig:
     batch_size: int = 16
     patience: int = 2           # early stopping: evaluations without improvement
     weight_decay: float = 0.01
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False   # run Python code shipped with a model: only for models you trust
+    allow_pickle: bool = False  # read .bin/.pt-only weights, with torch.load(weights_only=True)
 
     def __post_init__(self):
         _positive(self, "epochs", "learning_rate", "batch_size")
@@ -48,7 +51,7 @@ class DataConfig:
 
     def __post_init__(self):
         if self.format not in ("auto", "csv", "tsv", "jsonl"):
-            raise RecipeError(f"data.format must be auto, csv, tsv or jsonl, not '{self.format}'")
+            raise RecipeError(f"data.format must be auto, csv, tsv or jsonl, not {_short(self.format)}")
         if len(self.split_fractions) != 2 or not all(0 < f < 0.5 for f in self.split_fractions):
             raise RecipeError("data.split_fractions must be two fractions in (0, 0.5), for validation and test")
         if self.max_length is not None and not 8 <= self.max_length <= 512:
@@ -80,6 +83,7 @@ class StudentConfig:
     layers: list[int] = field(default_factory=lambda: [2, 5])  # teacher layers kept, 0-based
     config: StudentShape | None = None
     model: str | None = None
+    allow_pickle: bool = False  # student.model with .bin/.pt-only weights: torch.load(weights_only=True)
     temperature: float = 2.0
     alpha: float = 0.5          # weight of the soft (KL) loss; 1 - alpha on hard-label CE
     # Defaults measured on the built-in data (perf/results/demo.json, issue notes): lr 2e-4 and 4
@@ -110,7 +114,7 @@ class StudentConfig:
             raise RecipeError("student.hidden_weight, attention_weight and value_weight must be >= 0")
         if isinstance(self.layer_map, str) and self.layer_map not in LAYER_MAPS:
             raise RecipeError(f"student.layer_map must be {', '.join(LAYER_MAPS)} or a list of teacher layers, "
-                              f"not '{self.layer_map}'{did_you_mean(self.layer_map, LAYER_MAPS)}")
+                              f"not {_short(self.layer_map)}{did_you_mean(self.layer_map, LAYER_MAPS)}")
         if self.model and self.config:
             raise RecipeError("student.model and student.config are alternatives; give one of them")
 
@@ -120,8 +124,27 @@ class StudentConfig:
 
 
 @dataclass
+class PruneConfig:
+    heads: float = 0.0          # fraction of attention heads removed in every layer
+    ffn: float = 0.0            # fraction of FFN neurons removed in every layer
+    layers: int = 0             # whole layers removed (the least important first)
+
+
+@dataclass
 class CompressConfig:
     quant: list[str] = field(default_factory=lambda: ["int8"])  # QuantSpec names
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    recovery_epochs: float = 2.0   # distillation from the teacher after pruning
+    budget: float | None = None    # search: validation accuracy points the compressed student may lose
+    objective: str = "latency"     # search: what to minimize within the budget (latency or size)
+    search_quant: list[str] | None = None  # search: QuantSpecs to try (default: every one the target realizes)
+
+    def __post_init__(self):
+        if self.budget is not None and self.budget < 0:
+            raise RecipeError(f"compress.budget must be >= 0 accuracy points, not {self.budget}")
+        if self.objective not in ("latency", "size"):
+            raise RecipeError(f"compress.objective must be latency or size, not '{self.objective}'"
+                              f"{did_you_mean(self.objective, ['latency', 'size'])}")
 
 
 @dataclass
@@ -156,20 +179,33 @@ class Recipe:
 
     def __post_init__(self):
         if self.version != RECIPE_VERSION:
-            raise RecipeError(f"recipe version {self.version} is not supported; this edgekd reads version "
+            raise RecipeError(f"recipe version {_short(self.version)} is not supported; this edgekd reads version "
                               f"{RECIPE_VERSION}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):  # it becomes part of file names
+            raise RecipeError(f"name {_short(self.name)} must be 1 to 64 letters, digits, '.', '_' or '-', "
+                              f"starting with a letter or digit (it names the exported files)")
 
     def resolve(self, value: str | None) -> str | None:
         """A recipe path made absolute (builtin: and hub ids are left alone)."""
         if value is None or value.startswith("builtin:"):
             return value
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (Path(self.base_dir) / path).resolve())
+        try:
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() else (Path(self.base_dir) / path).resolve())
+        except (RuntimeError, ValueError, OSError) as exc:  # ~unknown-user, a NUL byte, a name too long
+            reason = getattr(exc, "strerror", None) or exc
+            raise RecipeError(f"{_short(value)} in the recipe is not a usable path ({reason}); fix it") from None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
         return data
+
+
+def _short(value) -> str:
+    """repr of a value for an error line, cut when long (a pasted file is not a key's value)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _positive(obj, *names):
@@ -188,7 +224,7 @@ def _build(cls, data, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise RecipeError(f"unknown key '{_join(where, key)}'{did_you_mean(str(key), fields)}; "
+            raise RecipeError(f"unknown key '{_join(where, str(key)[:60])}'{did_you_mean(str(key), fields)}; "
                               f"known: {', '.join(fields)}")
         kwargs[key] = _convert(hints[key], value, _join(where, key))
     try:
@@ -218,17 +254,19 @@ def _convert(hint, value, where: str):
         return _build(hint, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise RecipeError(f"{where} must be a list, not {type(value).__name__} ({value!r})")
+            raise RecipeError(f"{where} must be a list, not {type(value).__name__} ({_short(value)})")
         return [_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 5e-5 as a string
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)
-        except ValueError:
-            pass
+            number = float(value)  # YAML reads 5e-5 as a string
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise RecipeError(f"{where} must be a finite number, not {_short(value)}")
+        if number is not None:
+            return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise RecipeError(f"{where} must be {hint.__name__}, not {type(value).__name__} ({value!r})")
+        raise RecipeError(f"{where} must be {hint.__name__}, not {type(value).__name__} ({_short(value)})")
     return value
 
 

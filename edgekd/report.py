@@ -36,7 +36,8 @@ def collect(run_dir: Path) -> dict:
             "name": path.name, "role": role, "title": _title(role, quant),
             "artifact": str((path / manifest["artifact"]).relative_to(run_dir)),
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"], "quant": quant,
-            "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "ece": test.get("ece"),
+            "accuracy": (test or {}).get("accuracy"), "macro_f1": (test or {}).get("macro_f1"),
+            "ece": (test or {}).get("ece"),
             "predictions": manifest.get("test_predictions"),
             "latency_ms": measured.get("latency_ms"), "runtime": measured.get("runtime"),
         })
@@ -65,10 +66,20 @@ def collect(run_dir: Path) -> dict:
         "ratios": [_ratio(teacher, v) for v in variants if teacher and v["role"] != "teacher"],
         "baseline": finetune["metrics"].get("baseline") if finetune else None,
         "stages": _stage_times(run_dir),
-        "notes": [f"Latency: {bench['params']['iterations']} interleaved iterations per variant after "
-                  f"{bench['params']['warmup']} warm-up, batch 1, fixed length; ratios are from this one run."]
+        "search": _search(run_dir),
+        "notes": ([f"Latency: {bench['params']['iterations']} interleaved iterations per variant after "
+                   f"{bench['params']['warmup']} warm-up, batch 1, fixed length; ratios are from this one run."]
+                  + [f"{s['name']}: not run here ({s['reason']}); accuracy and latency come from the device"
+                     for s in bench["metrics"].get("skipped", [])])
                  if bench else ["No bench stage: latency not measured."],
     }
+
+
+def _search(run_dir: Path) -> dict | None:
+    """The compression budget search of the run (candidates, front, choice), when there was one."""
+    if not (run_dir / "compress" / "manifest.json").is_file():
+        return None
+    return read_manifest(run_dir / "compress", "compress")["metrics"].get("search")
 
 
 def _recipe_name(run_dir: Path) -> str | None:
@@ -86,9 +97,10 @@ def _ratio(teacher: dict, variant: dict) -> dict:
         return round(a / b, 2) if a is not None and b else None
 
     t_lat, v_lat = (teacher.get("latency_ms") or {}).get("p50"), (variant.get("latency_ms") or {}).get("p50")
+    measured = variant["accuracy"] is not None and teacher["accuracy"] is not None
     return {"variant": variant["name"], "size_x": div(teacher["size_bytes"], variant["size_bytes"]),
             "latency_p50_x": div(t_lat, v_lat), "params_x": div(teacher["params"], variant["params"]),
-            "accuracy_delta_points": round((variant["accuracy"] - teacher["accuracy"]) * 100, 2)}
+            "accuracy_delta_points": round((variant["accuracy"] - teacher["accuracy"]) * 100, 2) if measured else None}
 
 
 def _stage_times(run_dir: Path) -> list[dict]:

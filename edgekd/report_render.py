@@ -204,6 +204,51 @@ def _plot_distribution(variants):
 
 # ---------------------------------------------------------------- document model
 # One neutral list of blocks feeds both renderers so md and html can't drift apart.
+def _plot_search(search):
+    """Accuracy against the search objective for every measured candidate, front joined, choice ringed."""
+    if not search or not search.get("measured"):
+        return None
+    by_size = search.get("objective") == "size"
+    rows = [c for c in search["measured"] if (c.get("size_bytes") if by_size else c.get("latency_p50_ms"))]
+    if not rows:
+        return None
+    x = [c["size_bytes"] / 1e6 if by_size else c["latency_p50_ms"] for c in rows]
+    y = [c["accuracy"] * 100 for c in rows]
+    fig, ax = _figure(7.0, 4.2)
+    for k, c in enumerate(rows):
+        chosen = c["name"] == search.get("chosen")
+        ax.scatter(x[k], y[k], s=90 if chosen else 50, zorder=3, color="#C44E52" if chosen else "#4C72B0",
+                   label=f"{k + 1}. {c['name']}" + (" (chosen)" if chosen else ""))
+        ax.annotate(str(k + 1), (x[k], y[k]), xytext=(5, 5), textcoords="offset points", fontsize=9)
+    front = pareto_front(list(zip(x, y)))
+    if len(front) > 1:
+        ax.plot([x[i] for i in front], [y[i] for i in front], drawstyle="steps-post", color="grey", lw=1.2,
+                zorder=2, label="Pareto front")
+    if search.get("teacher_accuracy") is not None and search.get("budget_points") is not None:
+        ax.axhline(search["teacher_accuracy"] * 100 - search["budget_points"], ls="--", color="#C44E52", lw=1.0,
+                   label=f"budget: teacher - {search['budget_points']} points")
+    ax.margins(x=0.15, y=0.2)
+    ax.set_xlabel("artifact size (MB)" if by_size else "p50 latency on this machine (ms)")
+    ax.set_ylabel("Validation accuracy (%)")
+    ax.set_title("Compression search (up and left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=1, frameon=False)
+    return _png(fig)
+
+
+def _search_blocks(search):
+    rows = [[c["name"], _fmt_pct(c.get("accuracy")), f"{-c['drop_points']:+.2f}",
+             _fmt_size(c.get("size_bytes")), _fmt_ms(c.get("latency_p50_ms"))]
+            for c in search.get("measured") or []]
+    tried = len(search.get("candidates") or [])
+    return [("h2", "Compression search"),
+            ("p", f"Budget: {search['budget_points']} points of validation accuracy below the teacher "
+                  f"({_fmt_pct(search.get('teacher_accuracy'))}); objective: {search['objective']}; "
+                  f"{tried} candidates evaluated, {len(rows)} exported and timed."),
+            ("p", f"Chosen: {search.get('explanation') or search.get('chosen')}"),
+            ("table", ["Candidate", "Accuracy (val)", "Points vs teacher", "Size", "p50 (ms)"], rows)]
+
+
 def _blocks(summary, plots):
     variants = summary.get("variants") or []
     m = summary.get("machine") or {}
@@ -268,6 +313,8 @@ def _blocks(summary, plots):
             rows.append(["Total", f"{sum(walls):.1f}"])
         b.append(("h2", "Stage wall times"))
         b.append(("table", ["Stage", "Wall time (s)"], rows))
+    if summary.get("search"):
+        b.extend(_search_blocks(summary["search"]))
     notes = [str(n) for n in (summary.get("notes") or [])]
     if notes:
         b.append(("h2", "Notes"))
@@ -377,6 +424,8 @@ def render_report(summary: dict, out_dir: Path) -> list[Path]:
          lambda: _plot_acc_lat(variants, summary.get("baseline"))),
         ("latency_distribution.png", "Latency sample distribution",
          lambda: _plot_distribution(variants)),
+        ("search_front.png", "Compression search: accuracy against the objective, with the Pareto front",
+         lambda: _plot_search(summary.get("search"))),
     ]
     written, plots = [], []
     for name, alt, make in specs:

@@ -3,8 +3,9 @@
     python perf/banking77.py [--out runs/perf-banking77] [--teacher-epochs 8] [--teacher-lr 2e-4] [--student-epochs 4]
 
 Fine-tunes the teacher (all-MiniLM-L6-v2 + head) once, then distills students of 1-4 layers cut
-from it, with and without vocabulary trimming, and the same student trained on hard labels only
-(alpha 0). Prints a table and records perf/results/banking77.json row by row as each finishes.
+from it, with and without vocabulary trimming, with augmentation or intermediate losses, and the
+same student trained on hard labels only (alpha 0); then prunes half of every FFN of the 2-layer
+students (compress stage, recovery by distillation or, for the hard-label one, by hard labels). Prints a table and records perf/results/banking77.json row by row as each finishes.
 Stages already done in --out are reused (wall times come from their manifests).
 Needs ../shared/data/banking77 (not part of the project); exits 0 with a note when it is absent.
 """
@@ -19,14 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 RESULTS = Path(__file__).parent / "results" / "banking77.json"
 
-STUDENTS = {  # name -> student recipe overrides
+STUDENTS = {  # name -> student recipe overrides; the rows that decide the defaults first
     "student-1L-trim": {"layers": [5]},
+    "student-1L-trim-hard-labels": {"layers": [5], "alpha": 0.0},
+    "student-1L-trim-augment2": {"layers": [5], "augment": 2},
     "student-2L-trim": {"layers": [2, 5]},
+    "student-2L-trim-hard-labels": {"layers": [2, 5], "alpha": 0.0},
+    "student-1L-trim-intermediate": {"layers": [5], "hidden_weight": 1.0, "attention_weight": 1.0},
     "student-3L-trim": {"layers": [1, 3, 5]},
     "student-4L-trim": {"layers": [1, 2, 4, 5]},
     "student-2L-full-vocab": {"layers": [2, 5], "trim_vocab": False},
-    "student-2L-trim-hard-labels": {"layers": [2, 5], "alpha": 0.0},
-    "student-1L-trim-hard-labels": {"layers": [5], "alpha": 0.0},
+}
+# Students pruned by the compress stage (half of every FFN, then 2 epochs of recovery) from a student
+# above: 2 layers at half FFN width are under a quarter of the teacher's non-embedding parameters.
+PRUNED = {  # name -> (source student, student overrides for the recovery, compress.prune)
+    "student-2L-trim-ffn50": ("student-2L-trim", {"layers": [2, 5]}, {"ffn": 0.5}),
+    "student-2L-trim-ffn50-hard-labels": ("student-2L-trim-hard-labels", {"layers": [2, 5], "alpha": 0.0},
+                                          {"ffn": 0.5}),
 }
 
 
@@ -47,6 +57,7 @@ def main() -> int:
         print(f"skipped: {DATA} is absent (BANKING77 is not part of the project)")
         return 0
 
+    from edgekd.compress.compress import compress
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
     from edgekd.distill.finetune import finetune
@@ -82,7 +93,33 @@ def main() -> int:
                      "agreement": metrics["test"]["agreement"], "vocabulary": metrics.get("vocabulary"),
                      "student": student})
         record(rows, dataset, args)
+    for name, (source, student, pruning) in PRUNED.items():
+        if (args.only and name not in args.only) or not (out / source / "manifest.json").is_file():
+            continue
+        recipe = recipe_from_dict(base | {"student": {"epochs": args.student_epochs, "augment": 0, **student},
+                                          "compress": {"quant": [], "prune": pruning, "recovery_epochs": 2}})
+        compress(recipe, dataset, out / source, out / name, out / "finetune")
+        rows.append(pruned_row(name, out, source, dataset, teacher, pruning, student))
+        record(rows, dataset, args)
     return 0
+
+
+def pruned_row(name: str, out: Path, source: str, dataset, teacher, pruning: dict, student: dict) -> dict:
+    from edgekd.distill.training import predict_logits
+    from edgekd.manifest import read_manifest
+    from edgekd.metrics import classification_metrics
+    from edgekd.models import load_classifier, load_tokenizer
+
+    model = load_classifier(str(out / name))
+    max_length = read_manifest(out / name)["max_length"]
+    reference = predict_logits(teacher, load_tokenizer(str(out / "finetune")), dataset.test.texts, max_length)
+    test = classification_metrics(predict_logits(model, load_tokenizer(str(out / name)), dataset.test.texts,
+                                                 max_length), dataset.label_ids(dataset.test), reference)
+    return {"name": name, "wall_s": read_manifest(out / source)["wall_s"] + read_manifest(out / name)["wall_s"],
+            "params": sum(p.numel() for p in model.parameters()), "non_embedding_params": non_embedding_params(model),
+            "size_bytes": (out / name / "model.safetensors").stat().st_size, "accuracy": test["accuracy"],
+            "macro_f1": test["macro_f1"], "agreement": test["agreement"],
+            "student": {**student, "from": source, "prune": pruning, "recovery_epochs": 2}}
 
 
 def record(rows: list[dict], dataset, args) -> None:

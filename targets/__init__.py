@@ -44,6 +44,14 @@ class Format:
 FORMATS: Registry[Format] = Registry("target format")
 
 
+class RuntimeUnavailable(EdgeKDError):
+    """Raised by a runner whose runtime cannot run on this machine (Core ML off Apple hardware).
+
+    Export then keeps the format's structural check as parity and claims no runtime metrics;
+    a benchmark stops with this one line.
+    """
+
+
 def get_format(target: str, fmt: str | None = None) -> Format:
     """Look up `target` (android, ios, embedded) and one of its formats (its first when None)."""
     names = [n for n in FORMATS.names() if n.startswith(f"{target}/")]
@@ -56,7 +64,7 @@ def get_format(target: str, fmt: str | None = None) -> Format:
 
 
 def _register_builtin_targets():
-    from edgekd.targets import android  # noqa: F401
+    from edgekd.targets import android, embedded, ios  # noqa: F401
 
 
 _register_builtin_targets()

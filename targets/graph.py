@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 
 
+# The additive mask's value for padding: float16's min, not float32's. Backends that compute in
+# float16 (Core ML, fp16 delegates) turn float32's min into -inf, and 0 * -inf is NaN for every kept
+# token; exp() of float16's min is 0 in float32 as well, so fp32 parity is unchanged.
+MASK_VALUE = torch.finfo(torch.float16).min
+
+
 class ExportWrapper(torch.nn.Module):
     """(input_ids int32 [1, L], attention_mask int32 [1, L]) -> logits float32 [1, C].
 
@@ -22,7 +28,8 @@ class ExportWrapper(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        additive = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        dtype = self.model.get_input_embeddings().weight.dtype  # float32, or float16 for fp16 evaluation
+        additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASK_VALUE
         return self.model(input_ids=input_ids.long(), attention_mask=additive).logits
 
 

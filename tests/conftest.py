@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,19 @@ def tiny_recipe_dict(tiny_teacher_dir, small_data) -> dict:
         "targets": [{"target": "android", "format": "executorch"}],
         "bench": {"iterations": 5, "warmup": 1},
     }
+
+
+# Inputs tried by the fuzz tests (tests/test_fuzz.py), "category: outcome" -> count; printed at the end
+# of the run so CI output shows how many inputs were tried and how each ended.
+FUZZ_CASES: Counter = Counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FUZZ_CASES:
+        return
+    total = sum(FUZZ_CASES.values())
+    terminalreporter.section("fuzzed inputs")
+    terminalreporter.write_line(f"{total} inputs tried; outcomes: exit 1 with one `error:` line, or exit 0 for "
+                                f"valid input (never a traceback, never a partial output)")
+    for key, count in sorted(FUZZ_CASES.items()):
+        terminalreporter.write_line(f"  {key:<44} {count:6d}")

@@ -1,0 +1,179 @@
+"""The budget search: the smallest or fastest student within N points of the teacher's validation accuracy.
+
+Not the whole grid, but an order that stops early:
+  1. every QuantSpec the target realizes, on the unpruned student, least aggressive first;
+  2. pruning levels of growing strength (FFN neurons, then heads, then a layer), each recovered by
+     distillation; an axis stops at its first level over budget; each level that passes is tried
+     with the specs that passed one level before (quantization error adds to pruning error);
+  3. every candidate within budget is exported with the target's own exporter and timed on its
+     runtime here, interleaved (A B A B) so the machine's drift hits all alike;
+  4. the Pareto front (accuracy against latency or size) is kept, and the best candidate for the
+     objective is chosen and explained.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgekd.benchmarks.stats import latency_stats
+from edgekd.compress.prune import PruneSpec
+from edgekd.compress.quant import QuantSpec, get_spec
+from edgekd.errors import EdgeKDError, RecipeError
+from edgekd.targets import RuntimeUnavailable
+
+# Pruning levels along each axis, weakest first. A level over budget ends its axis.
+AXES = (
+    (PruneSpec(ffn=0.25), PruneSpec(ffn=0.5), PruneSpec(ffn=0.5, heads=0.25), PruneSpec(ffn=0.75, heads=0.5)),
+    (PruneSpec(layers=1), PruneSpec(layers=1, ffn=0.5)),
+)
+TIMING_ITERATIONS = 40
+
+
+@dataclass
+class Candidate:
+    prune: PruneSpec
+    quant: QuantSpec
+    accuracy: float
+    drop: float                      # accuracy points below the teacher
+    model: object = field(repr=False, default=None)
+    size_bytes: int | None = None
+    latency_ms: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return f"prune-{self.prune.name}+{self.quant.name}" if not self.prune.is_noop else self.quant.name
+
+    def row(self) -> dict:
+        return {"name": self.name, "prune": self.prune.to_dict(), "quant": self.quant.name,
+                "accuracy": self.accuracy, "drop_points": round(self.drop, 3), "size_bytes": self.size_bytes,
+                "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None}
+
+
+@dataclass
+class SearchResult:
+    model: object
+    prune: PruneSpec
+    quant: QuantSpec
+    summary: dict
+
+
+def log(message: str) -> None:
+    print(f"[edgekd] search: {message}", file=sys.stderr, flush=True)
+
+
+def search(job, fmt, budget: float, objective: str, quant: list[str] | None = None) -> SearchResult:
+    """Run the search for `job` (a compress.Compression) on target format `fmt`.
+
+    `quant`: the QuantSpecs to try (default: every one `fmt` realizes), least aggressive first.
+    """
+    if fmt is None:
+        raise EdgeKDError("the budget search measures latency on the target's runtime; name a target")
+    names = [n for n in fmt.specs if not quant or n in quant]
+    specs = [get_spec(name) for name in names if not get_spec(name).is_float]
+    base = job.teacher_accuracy()  # "I can lose at most 1 point" counts from the model the user has
+    tried: list[Candidate] = []
+
+    def consider(model, prune: PruneSpec, spec: QuantSpec, reference=None) -> Candidate:
+        accuracy = job.accuracy_of(model, spec, reference)["accuracy"] if not spec.is_float else \
+            job.evaluate(model, [])["fp32"]["accuracy"]
+        candidate = Candidate(prune, spec, accuracy, 100 * (base - accuracy), model)
+        tried.append(candidate)
+        log(f"{candidate.name}: accuracy {100 * accuracy:.2f} % ({-candidate.drop:+.2f} points)")
+        return candidate
+
+    def fits(model, prune: PruneSpec, spec: QuantSpec) -> bool:
+        try:
+            return consider(model, prune, spec).drop <= budget
+        except RecipeError as exc:  # e.g. int4 groups of 128 on a 64-wide student
+            log(f"{spec.name} after prune-{prune.name}: skipped ({exc})")
+            return False
+
+    fp32 = get_spec("fp32")
+    consider(job.student, PruneSpec(), fp32)
+    passing = [s for s in specs if fits(job.student, PruneSpec(), s)]
+    for axis in AXES:
+        quant_ok = passing
+        for level in axis:
+            try:
+                model = job.pruned(level)
+            except EdgeKDError as exc:  # e.g. a one-layer student cannot lose a layer
+                log(f"prune-{level.name}: skipped ({exc})")
+                break
+            if consider(model, level, fp32).drop > budget:
+                break
+            quant_ok = [s for s in quant_ok if fits(model, level, s)]
+    within = [c for c in tried if c.drop <= budget]
+    measured = within or sorted(tried, key=lambda c: c.drop)[:3]
+    _measure(measured, fmt, job, objective)
+    front = pareto_front(measured, objective)
+    table = [c.row() for c in tried]
+    if not within:
+        for c in measured:
+            log(f"best outside the budget: {c.name} {-c.drop:+.2f} points, {_cost(c, objective)}")
+        raise EdgeKDError(f"no candidate stays within {budget} points of the teacher's validation accuracy "
+                          f"({100 * base:.2f} %); the closest, {measured[0].name}, loses {measured[0].drop:.2f}: "
+                          f"raise compress.budget or distill a larger student")
+    key = (lambda c: c.latency_ms["p50"]) if objective == "latency" else (lambda c: c.size_bytes)
+    chosen = min(within, key=lambda c: (key(c), c.drop))
+    reference = next(c for c in measured if c.prune.is_noop and c.quant.is_float)
+    why = (f"{chosen.name}: {_cost(chosen, objective)}, {_cost(reference, objective)} for the fp32 student; "
+           f"loses {chosen.drop:.2f} of the {budget} points allowed; the {objective}-best of {len(within)} "
+           f"candidates within budget ({len(tried)} evaluated)")
+    log(f"chosen {why}")
+    summary = {"budget_points": budget, "objective": objective, "teacher_accuracy": base, "chosen": chosen.name,
+               "explanation": why, "candidates": table, "front": [c.name for c in front],
+               "measured": [c.row() for c in measured]}
+    return SearchResult(chosen.model, chosen.prune, chosen.quant, summary)
+
+
+def _cost(candidate: Candidate, objective: str) -> str:
+    if objective == "latency" and candidate.latency_ms:
+        return f"p50 {candidate.latency_ms['p50']:.2f} ms"
+    return f"{candidate.size_bytes / 1e6:.2f} MB"
+
+
+def pareto_front(candidates: list[Candidate], objective: str) -> list[Candidate]:
+    """Candidates no other beats on both accuracy and the objective."""
+    cost = (lambda c: c.latency_ms["p50"]) if objective == "latency" else (lambda c: c.size_bytes)
+    return [c for c in candidates
+            if not any(o is not c and o.accuracy >= c.accuracy and cost(o) <= cost(c)
+                       and (o.accuracy > c.accuracy or cost(o) < cost(c)) for o in candidates)]
+
+
+def _measure(candidates: list[Candidate], fmt, job, objective: str) -> None:
+    """Export every candidate with the target's exporter and time them interleaved on its runtime."""
+    ids, mask = job.eval_inputs[0]
+    with tempfile.TemporaryDirectory(prefix=".search-", dir=job.workdir) as tmp:
+        runners = []
+        for i, c in enumerate(candidates):
+            log(f"export and time {c.name} ({i + 1}/{len(candidates)})")
+            file = Path(tmp) / f"candidate{i}.{fmt.suffix}"
+            fmt.export(c.model, c.quant, job.max_length, job.calibration, file)
+            c.size_bytes = _size(file)
+            try:
+                runner = fmt.runner(file, 0)
+            except RuntimeUnavailable as exc:  # e.g. Core ML on Linux: sizes only
+                if objective == "latency":
+                    raise EdgeKDError(f"the search times candidates on the target's runtime, and {exc}; "
+                                      f"use --objective size here, or search on that platform") from None
+                continue
+            for _ in range(5):
+                runner(ids, mask)
+            runners.append((c, runner, []))
+        with torch.no_grad():
+            for _ in range(TIMING_ITERATIONS):
+                for _, runner, samples in runners:
+                    start = time.perf_counter()
+                    runner(ids, mask)
+                    samples.append((time.perf_counter() - start) * 1e3)
+        for c, _, samples in runners:
+            c.latency_ms = {k: v for k, v in latency_stats(samples).items() if k != "samples"}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size

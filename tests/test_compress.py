@@ -1,0 +1,248 @@
+"""Compression: structured pruning, every QuantSpec evaluated in PyTorch, and the budget search."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+from edgekd.cli import main
+from edgekd.compress.prune import HEADS_FIELD, PruneSpec, importance, kept_neurons, prune
+from edgekd.compress.quant import SPECS, quantized_module
+from edgekd.errors import RecipeError
+from edgekd.manifest import verify_stage
+from edgekd.models import load_classifier
+from edgekd.targets.graph import ExportWrapper, run_graph
+
+
+def tiny_bert(layers: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def batches(n: int = 3, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 120, (8, 12), generator=g),
+             "attention_mask": torch.ones(8, 12, dtype=torch.long),
+             "labels": torch.randint(0, 3, (8,), generator=g)} for _ in range(n)]
+
+
+def graph_inputs(n: int = 12):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 120, (1, 12), generator=g, dtype=torch.int32), torch.ones(1, 12, dtype=torch.int32))
+            for _ in range(n)]
+
+
+def test_pruning_removes_units_physically_and_reloads_exactly(tmp_path):
+    model = tiny_bert()
+    pruned = prune(model, PruneSpec(heads=0.5, ffn=0.5, layers=1), importance(model, batches()))
+    layers = pruned.bert.encoder.layer
+    assert len(layers) == 2 and pruned.config.num_hidden_layers == 2
+    assert all(layer.attention.self.query.out_features == 2 * 16 for layer in layers)      # 2 of 4 heads
+    assert all(layer.intermediate.dense.out_features == 64 for layer in layers)             # half the FFN
+    assert getattr(pruned.config, HEADS_FIELD) == [2, 2]
+    assert sum(p.numel() for p in pruned.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+
+    pruned.save_pretrained(tmp_path)
+    reloaded = load_classifier(str(tmp_path))
+    inputs = graph_inputs()
+    assert torch.equal(run_graph(ExportWrapper(pruned), inputs), run_graph(ExportWrapper(reloaded), inputs))
+
+
+def test_ffn_and_layer_pruning_loads_with_the_auto_classes(tmp_path):
+    model = tiny_bert()
+    pruned = prune(model, PruneSpec(ffn=0.5, layers=1), importance(model, batches()))
+    pruned.save_pretrained(tmp_path)
+    auto = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    inputs = graph_inputs()
+    assert torch.allclose(run_graph(ExportWrapper(pruned), inputs), run_graph(ExportWrapper(auto), inputs))
+
+
+def test_importance_ranks_a_dead_head_and_a_useless_layer_first():
+    model = tiny_bert()
+    attention = model.bert.encoder.layer[1].attention.self
+    with torch.no_grad():  # head 2 of layer 1 outputs zeros: it cannot matter
+        attention.value.weight[32:48] = 0
+        attention.value.bias[32:48] = 0
+    scores = importance(model, batches())
+    assert scores.heads[1, 2] == 0 and scores.heads[1].argmin() == 2
+    pruned = prune(model, PruneSpec(heads=0.25), scores)
+    kept = pruned.bert.encoder.layer[1].attention.self
+    assert torch.equal(kept.value.weight, torch.cat([attention.value.weight[:32], attention.value.weight[48:]]))
+
+
+def test_pruning_amounts_that_cannot_work_are_refused():
+    with pytest.raises(RecipeError, match="would remove every head of a layer"):
+        PruneSpec(heads=1.0)
+    with pytest.raises(RecipeError, match="fraction"):
+        PruneSpec(ffn=-0.1)
+    model = tiny_bert(layers=2)
+    with pytest.raises(RecipeError, match="would remove every layer"):
+        prune(model, PruneSpec(layers=2), importance(model, batches(1)))
+    assert kept_neurons(1536, 0.5) == 768 and kept_neurons(1536, 0.3) % 32 == 0 and kept_neurons(100, 0.0) == 100
+
+
+@pytest.mark.parametrize("name", sorted(SPECS.names()))
+def test_every_quant_spec_is_evaluated_in_pytorch(name):
+    if name == "palettize4":
+        pytest.importorskip("coremltools")
+    model = tiny_bert(layers=2)
+    inputs = graph_inputs(16)
+    reference = run_graph(ExportWrapper(model), inputs)
+    spec = SPECS.get(name)
+    if spec.group_size and 64 % spec.group_size:
+        with pytest.raises(RecipeError, match="choose a group size"):
+            quantized_module(model, spec, 12, inputs)
+        return
+    out = run_graph(quantized_module(model, spec, 12, inputs), inputs)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    difference = (out - reference).abs().max().item()
+    assert difference == 0 if spec.is_float else 0 < difference < 0.1
+
+
+@pytest.fixture(scope="module")
+def distilled_run(tmp_path_factory, tiny_teacher_dir, small_data):
+    """finetune + distill of the tiny recipe, once for this module."""
+    root = tmp_path_factory.mktemp("compress-run")
+    recipe = {
+        "name": "tiny", "teacher": {"model": str(tiny_teacher_dir), "epochs": 2, "batch_size": 16,
+                                    "learning_rate": 1e-3},
+        "data": {k: str(v) for k, v in small_data.items()},
+        "student": {"layers": [1, 3], "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "augment": 0},
+        "compress": {"quant": ["int8"], "recovery_epochs": 1},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["finetune", "--recipe", str(path), "--out", str(root / "finetune")]) == 0
+    assert main(["distill", "--recipe", str(path), "--teacher", str(root / "finetune"),
+                 "--out", str(root / "distill")]) == 0
+    return root, path
+
+
+def test_compress_prunes_recovers_and_records_the_plan(distilled_run, capsys):
+    root, recipe = distilled_run
+    data = yaml.safe_load(recipe.read_text())
+    data["compress"]["prune"] = {"heads": 0.5, "ffn": 0.5}
+    pruned_recipe = root / "pruned.yaml"
+    pruned_recipe.write_text(yaml.safe_dump(data))
+    out = root / "compress-pruned"
+    assert main(["compress", "--recipe", str(pruned_recipe), "--student", str(root / "distill"),
+                 "--teacher", str(root / "finetune"), "--out", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["params"]["after"] < metrics["params"]["before"]
+    assert set(metrics["validation"]) == {"fp32", "int8"}
+    manifest = verify_stage(out, "compress")
+    assert manifest["plan"]["pruning"] == {"heads": 0.5, "ffn": 0.5, "layers": 0}
+    model = load_classifier(str(out))
+    assert getattr(model.config, HEADS_FIELD) == [2, 2]
+
+    # Pruning without a teacher to recover from: one line, nothing written.
+    assert main(["compress", "--recipe", str(pruned_recipe), "--student", str(root / "distill"),
+                 "--out", str(root / "no-teacher")]) == 1
+    assert "give --teacher" in capsys.readouterr().err
+    assert not (root / "no-teacher").exists()
+
+
+def test_budget_search_keeps_a_front_and_explains_its_choice(distilled_run, capsys, monkeypatch):
+    """The real search on the tiny student, cut to one pruning level and int8 so that CI stays fast."""
+    from edgekd.compress import search as search_module
+
+    monkeypatch.setattr(search_module, "AXES", ((PruneSpec(ffn=0.5),),))
+    root, recipe = distilled_run
+    data = yaml.safe_load(recipe.read_text())
+    data["compress"]["search_quant"] = ["int8"]
+    search_recipe = root / "search.yaml"
+    search_recipe.write_text(yaml.safe_dump(data))
+    out = root / "compress-search"
+    assert main(["compress", "--recipe", str(search_recipe), "--student", str(root / "distill"), "--teacher",
+                 str(root / "finetune"), "--budget", "100", "--objective", "size", "--out", str(out), "--json"]) == 0
+    search = json.loads(capsys.readouterr().out)["search"]
+    names = [c["name"] for c in search["candidates"]]
+    assert names == ["fp32", "int8", "prune-ffn50+fp32", "prune-ffn50+int8"]
+    measured = {c["name"]: c for c in search["measured"]}
+    assert all(c["size_bytes"] > 0 and c["latency_p50_ms"] > 0 for c in measured.values())
+    chosen = measured[search["chosen"]]
+    assert chosen["size_bytes"] == min(c["size_bytes"] for c in measured.values())
+    assert search["chosen"] in search["front"] and "within budget" in search["explanation"]
+    plan = verify_stage(out, "compress")["plan"]
+    assert plan["quant"][0]["name"] == chosen["quant"]
+
+
+class FakeModel:
+    def __init__(self, accuracy: float, size: int):
+        self.accuracy, self.size = accuracy, size
+
+
+class FakeJob:
+    """What the search sees of a compression job; accuracy falls as more is pruned or quantized."""
+    QUANT_COST = {"int8": 0.002, "int4": 0.02}
+    QUANT_SIZE = {"fp32": 1.0, "int8": 0.25, "int4": 0.15}
+
+    def __init__(self, workdir, student_accuracy=0.90, teacher_accuracy=0.904):
+        self.student = FakeModel(student_accuracy, 1000)
+        self.teacher, self.workdir, self.max_length, self.calibration = teacher_accuracy, workdir, 12, []
+        self.eval_inputs = [(torch.zeros(1, 12, dtype=torch.int32), torch.ones(1, 12, dtype=torch.int32))]
+        self.pruned_levels = []
+
+    def teacher_accuracy(self):
+        return self.teacher
+
+    def evaluate(self, model, specs):
+        return {"fp32": {"accuracy": model.accuracy}}
+
+    def accuracy_of(self, model, spec, reference=None):
+        return {"accuracy": model.accuracy - self.QUANT_COST[spec.name]}
+
+    def pruned(self, level):
+        self.pruned_levels.append(level.name)
+        removed = level.ffn / 2 + level.heads / 2 + 0.4 * level.layers
+        return FakeModel(self.student.accuracy - 0.02 * removed, int(1000 * (1 - removed)))
+
+
+class FakeFormat:
+    target, name, suffix, specs = "android", "fake", "bin", ("fp32", "int8", "int4")
+
+    @staticmethod
+    def export(model, spec, max_length, calibration, file):
+        file.write_bytes(b"x" * int(model.size * FakeJob.QUANT_SIZE[spec.name]))
+
+    @staticmethod
+    def runner(file, threads):
+        return lambda ids, mask: None
+
+
+def test_search_order_stops_each_axis_at_its_first_level_over_budget(tmp_path):
+    from edgekd.compress.search import search
+
+    job = FakeJob(tmp_path)
+    result = search(job, FakeFormat, budget=1.0, objective="size")
+    names = [c["name"] for c in result.summary["candidates"]]
+    # unpruned specs first (least aggressive first), then the FFN/heads axis until a level fails
+    assert names[:3] == ["fp32", "int8", "int4"]
+    assert job.pruned_levels == ["ffn25", "ffn50", "heads25-ffn50", "layers1"]
+    assert "prune-ffn50+int4" not in names  # int4 failed on the unpruned student: not retried after pruning
+    within = [c for c in result.summary["candidates"] if c["drop_points"] <= 1.0]
+    assert [c["name"] for c in within] == ["fp32", "int8", "prune-ffn25+fp32", "prune-ffn25+int8", "prune-ffn50+fp32"]
+    assert result.summary["chosen"] == "prune-ffn25+int8"  # 875 weights x 0.25: the smallest within budget
+    assert result.quant.name == "int8" and result.prune == PruneSpec(ffn=0.25)
+    assert set(result.summary["front"]) <= {c["name"] for c in result.summary["measured"]}
+
+
+def test_search_with_nothing_in_budget_reports_the_closest_and_fails(tmp_path, capsys):
+    from edgekd.compress.search import search
+    from edgekd.errors import EdgeKDError
+
+    with pytest.raises(EdgeKDError, match="no candidate stays within 0.5 points.*the closest, fp32, loses 3.00"):
+        search(FakeJob(tmp_path, student_accuracy=0.87, teacher_accuracy=0.90), FakeFormat, 0.5, "latency")
+    assert "best outside the budget: fp32" in capsys.readouterr().err
+
+
+def test_a_negative_budget_is_refused(distilled_run, capsys):
+    root, recipe = distilled_run
+    assert main(["compress", "--recipe", str(recipe), "--student", str(root / "distill"), "--teacher",
+                 str(root / "finetune"), "--budget", "-1", "--out", str(root / "neg")]) == 1
+    assert "must be >= 0" in capsys.readouterr().err and not (root / "neg").exists()
