@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from edgekd.errors import ModelError, RecipeError
+from edgekd.recipe import check_pruning
 
 HEADS_FIELD = "edgekd_heads"
 
@@ -35,15 +36,7 @@ class PruneSpec:
     layers: int = 0
 
     def __post_init__(self):
-        if self.heads >= 1.0:
-            raise RecipeError(f"pruning heads {self.heads} would remove every head of a layer, and a layer "
-                              f"without attention cannot be run; use a fraction below 1 (or prune layers)")
-        for name in ("heads", "ffn"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise RecipeError(f"pruning {name} must be a fraction in [0, 1), not {value}")
-        if self.layers < 0:
-            raise RecipeError(f"pruning layers must be >= 0, not {self.layers}")
+        check_pruning(self.heads, self.ffn, self.layers)
 
     @property
     def is_noop(self) -> bool:

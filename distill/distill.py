@@ -34,7 +34,8 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
     if teacher_manifest["labels"] != dataset.label_names:
         raise ModelError(f"the teacher's labels {teacher_manifest['labels']} differ from the data's "
                          f"{dataset.label_names}; fine-tune the teacher on this data first")
-    params = {"student": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "seed": recipe.seed,
+    params = {"student": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "allow_pickle"},
+              "seed": recipe.seed,
               "max_length": max_length}
     inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
     if cfg.model:

@@ -44,7 +44,9 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
     cfg = recipe.teacher
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
     max_length = recipe.data.max_length or choose_max_length(tokenizer, dataset.train.texts)
-    params = {"teacher": cfg.__dict__, "max_length": max_length, "seed": recipe.seed,
+    # allow_pickle only says how weights may be read, not what is trained: it is no part of the key.
+    params = {"teacher": {k: v for k, v in cfg.__dict__.items() if k != "allow_pickle"},
+              "max_length": max_length, "seed": recipe.seed,
               "labels": dataset.label_names}
     inputs = {"model": model_fingerprint(cfg.model, cfg.allow_pickle), "data": dataset.fingerprint()}
     # Checkpoints live beside the stage, keyed by it: a crash keeps them, a rerun resumes from them.

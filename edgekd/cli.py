@@ -80,7 +80,6 @@ def cmd_distill(args) -> str:
 def cmd_compress(args) -> str:
     from edgekd.compress.compress import compress
     from edgekd.data import load_dataset
-
     from edgekd.targets import get_format
 
     recipe = _recipe(args.recipe)
@@ -112,8 +111,10 @@ def cmd_export(args) -> str:
     stage = read_manifest(Path(args.model))["stage"]
     role = "teacher" if stage == "finetune" else ("student" if spec.is_float else "compressed")
     name = args.name or f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
+    # The options of the recipe's entry for this target format (e.g. ios deployment_target), if it has one.
+    options = next((t.options for t in recipe.targets if (t.target, t.format) == (fmt.target, fmt.name)), {})
     metrics = export_artifact(Path(args.model), stage, fmt, spec, load_dataset(recipe), Path(args.out), role,
-                              name, recipe.bench.threads)
+                              name, recipe.bench.threads, options)
     return _print_metrics(metrics, args)
 
 

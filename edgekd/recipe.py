@@ -129,13 +129,28 @@ class PruneConfig:
     ffn: float = 0.0            # fraction of FFN neurons removed in every layer
     layers: int = 0             # whole layers removed (the least important first)
 
+    def __post_init__(self):
+        check_pruning(self.heads, self.ffn, self.layers)
+
+
+def check_pruning(heads: float, ffn: float, layers: int) -> None:
+    """Pruning amounts that can work: checked when the recipe is read, not after hours of training."""
+    if heads >= 1.0:
+        raise RecipeError(f"pruning heads {heads} would remove every head of a layer, and a layer without "
+                          f"attention cannot be run; use a fraction below 1 (or prune layers)")
+    for name, value in (("heads", heads), ("ffn", ffn)):
+        if not 0.0 <= value < 1.0:
+            raise RecipeError(f"compress.prune.{name} must be a fraction in [0, 1), not {value}")
+    if layers < 0:
+        raise RecipeError(f"compress.prune.layers must be >= 0, not {layers}")
+
 
 @dataclass
 class CompressConfig:
     quant: list[str] = field(default_factory=lambda: ["int8"])  # QuantSpec names
     prune: PruneConfig = field(default_factory=PruneConfig)
     recovery_epochs: float = 2.0   # distillation from the teacher after pruning
-    budget: float | None = None    # search: validation accuracy points the compressed student may lose
+    budget: float | None = None    # search: validation accuracy points below the teacher it may lose
     objective: str = "latency"     # search: what to minimize within the budget (latency or size)
     search_quant: list[str] | None = None  # search: QuantSpecs to try (default: every one the target realizes)
 

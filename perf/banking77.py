@@ -38,6 +38,9 @@ PRUNED = {  # name -> (source student, student overrides for the recovery, compr
     "student-2L-trim-ffn50-hard-labels": ("student-2L-trim-hard-labels", {"layers": [2, 5], "alpha": 0.0},
                                           {"ffn": 0.5}),
 }
+ORDER = ["student-1L-trim", "student-1L-trim-hard-labels", "student-2L-trim", "student-2L-trim-hard-labels",
+         "student-2L-trim-ffn50", "student-2L-trim-ffn50-hard-labels", "student-1L-trim-augment2",
+         "student-1L-trim-intermediate", "student-3L-trim", "student-4L-trim", "student-2L-full-vocab"]
 
 
 def non_embedding_params(model) -> int:
@@ -79,9 +82,18 @@ def main() -> int:
              "size_bytes": (out / "finetune" / "model.safetensors").stat().st_size,
              "accuracy": teacher_metrics["test"]["accuracy"], "macro_f1": teacher_metrics["test"]["macro_f1"]}]
     record(rows, dataset, args)
-    for name, student in STUDENTS.items():
+    for name in ORDER:
         if args.only and name not in args.only:
             continue
+        if name in PRUNED:
+            source, student, pruning = PRUNED[name]
+            recipe = recipe_from_dict(base | {"student": {"epochs": args.student_epochs, "augment": 0, **student},
+                                              "compress": {"quant": [], "prune": pruning, "recovery_epochs": 2}})
+            compress(recipe, dataset, out / source, out / name, out / "finetune")
+            rows.append(pruned_row(name, out, source, dataset, teacher, pruning, student))
+            record(rows, dataset, args)
+            continue
+        student = STUDENTS[name]
         recipe = recipe_from_dict(base | {"student": {"epochs": args.student_epochs, "augment": 0,
                                                       "vocab_margin": 3000, **student}})
         metrics = distill(recipe, dataset, out / "finetune", out / name, out / ".cache")
@@ -92,14 +104,6 @@ def main() -> int:
                      "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
                      "agreement": metrics["test"]["agreement"], "vocabulary": metrics.get("vocabulary"),
                      "student": student})
-        record(rows, dataset, args)
-    for name, (source, student, pruning) in PRUNED.items():
-        if (args.only and name not in args.only) or not (out / source / "manifest.json").is_file():
-            continue
-        recipe = recipe_from_dict(base | {"student": {"epochs": args.student_epochs, "augment": 0, **student},
-                                          "compress": {"quant": [], "prune": pruning, "recovery_epochs": 2}})
-        compress(recipe, dataset, out / source, out / name, out / "finetune")
-        rows.append(pruned_row(name, out, source, dataset, teacher, pruning, student))
         record(rows, dataset, args)
     return 0
 

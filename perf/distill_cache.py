@@ -1,6 +1,6 @@
 """Throughput of one distillation epoch with the teacher-logit cache versus running the teacher.
 
-    python perf/distill_cache.py [--rounds 2]
+    python perf/distill_cache.py [--rounds 3]
 
 Built-in teacher (all-MiniLM-L6-v2 + head) and data; the demo recipe's student (2 layers cut from
 the teacher, vocabulary trimmed as the distill stage does).
@@ -21,7 +21,7 @@ RESULTS = Path(__file__).parent / "results" / "distill_cache.json"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     import torch

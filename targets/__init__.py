@@ -54,7 +54,7 @@ class RuntimeUnavailable(EdgeKDError):
 
 def get_format(target: str, fmt: str | None = None) -> Format:
     """Look up `target` (android, ios, embedded) and one of its formats (its first when None)."""
-    names = [n for n in FORMATS.names() if n.startswith(f"{target}/")]
+    names = [n for n in FORMATS.in_order() if n.startswith(f"{target}/")]  # a target's main format first
     if not names:
         targets = sorted({n.split("/")[0] for n in FORMATS.names()})
         raise RecipeError(f"unknown target '{target}'{did_you_mean(target, targets)}; known: {', '.join(targets)}")

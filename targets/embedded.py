@@ -26,6 +26,7 @@ import numpy as np
 from edgekd.compress.quant import QuantSpec
 from edgekd.errors import ExportError, RecipeError
 from edgekd.targets import FORMATS, Format
+from edgekd.targets.executorch import ExecuTorchRunner, lower_portable
 from edgekd.targets.litert import (LiteRTRunner, StaticInt8Wrapper, convert_float, dequantize, model_summary,
                                    quantize)
 
@@ -316,4 +317,11 @@ FORMATS.register("embedded/tflm")(Format(
     target="embedded", name="tflm", backend="tflm", suffix="tflite", specs=SPECS, export=export_tflm,
     runner=TFLMRunner, requires=("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "tflite_micro"),
     extra="embedded", options={"arena_margin": 0.25},
+))
+
+# ExecuTorch without a delegate, for any CPU ExecuTorch builds for; the manifest and
+# selected_operators.txt list the kernels a selective build of the runtime must keep.
+FORMATS.register("embedded/executorch-portable")(Format(
+    target="embedded", name="executorch-portable", backend="portable", suffix="pte", specs=("fp32",),
+    export=lower_portable, runner=ExecuTorchRunner, requires=("executorch",), extra="android",
 ))

@@ -25,6 +25,30 @@ def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file
     return delegation
 
 
+def lower_portable(model, spec: QuantSpec, max_length: int, calibration, out_file: Path) -> dict:
+    """A .pte with no delegate (ExecuTorch's portable kernels, for any CPU), and beside it
+    `selected_operators.txt`: the operators a selective build of the runtime must keep
+    (CMake: -DEXECUTORCH_SELECT_OPS_LIST="$(cat selected_operators.txt)")."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgekd.targets.graph import export_graph
+
+    edge = to_edge_transform_and_lower(export_graph(model, max_length))
+    program = edge.to_executorch()
+    operators = sorted({_out_variant(node.target) for node in program.exported_program().graph.nodes
+                        if node.op == "call_function" and hasattr(node.target, "_schema")})
+    out_file.write_bytes(program.buffer)
+    (out_file.parent / "selected_operators.txt").write_text(",".join(operators) + "\n")
+    return {"backend": "portable", "delegated_nodes": 0, "non_delegated_nodes": len(operators),
+            "selected_operators": operators}
+
+
+def _out_variant(target) -> str:
+    """`aten::mm.out` for an out-variant kernel: the names ExecuTorch's selective build takes."""
+    schema = target._schema
+    return f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
+
+
 def delegation_summary(graph_module) -> dict:
     """How many nodes XNNPACK took and which ops fall back to portable CPU kernels."""
     from executorch.devtools.backend_debug import get_delegation_info
