@@ -120,8 +120,9 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
                           f"raise compress.budget or distill a larger student")
     key = (lambda c: c.latency_ms["p50"]) if objective == "latency" else (lambda c: c.size_bytes)
     chosen = min(within, key=lambda c: (key(c), c.drop))
-    reference = next(c for c in measured if c.prune.is_noop and c.quant.is_float)
-    why = (f"{chosen.name}: {_cost(chosen, objective)}, {_cost(reference, objective)} for the fp32 student; "
+    reference = next((c for c in measured if c.prune.is_noop and c.quant.is_float), None)
+    versus = f", {_cost(reference, objective)} for the fp32 student" if reference else ""
+    why = (f"{chosen.name}: {_cost(chosen, objective)}{versus}; "
            f"loses {chosen.drop:.2f} of the {budget} points allowed; the {objective}-best of {len(within)} "
            f"candidates within budget ({len(tried)} evaluated)")
     log(f"chosen {why}")

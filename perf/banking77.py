@@ -40,7 +40,7 @@ PRUNED = {  # name -> (source student, student overrides for the recovery, compr
 }
 ORDER = ["student-1L-trim", "student-1L-trim-hard-labels", "student-2L-trim", "student-2L-trim-hard-labels",
          "student-2L-trim-ffn50", "student-2L-trim-ffn50-hard-labels", "student-1L-trim-augment2",
-         "student-1L-trim-intermediate", "student-3L-trim", "student-4L-trim", "student-2L-full-vocab"]
+         "student-3L-trim", "student-4L-trim", "student-2L-full-vocab", "student-1L-trim-intermediate"]
 
 
 def non_embedding_params(model) -> int:
