@@ -25,6 +25,7 @@ from edgekd.compress.prune import PruneSpec
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.errors import EdgeKDError, RecipeError
 from edgekd.targets import RuntimeUnavailable
+from edgekd.targets.export import artifact_size
 
 # Pruning levels along each axis, weakest first. A level over budget ends its axis.
 AXES = (
@@ -139,11 +140,11 @@ def _cost(candidate: Candidate, objective: str) -> str:
 
 
 def pareto_front(candidates: list[Candidate], objective: str) -> list[Candidate]:
-    """Candidates no other beats on both accuracy and the objective."""
+    """Candidates no other beats on both accuracy and the objective (the report's front, same rule)."""
+    from edgekd.report_render import pareto_front as front_of
+
     cost = (lambda c: c.latency_ms["p50"]) if objective == "latency" else (lambda c: c.size_bytes)
-    return [c for c in candidates
-            if not any(o is not c and o.accuracy >= c.accuracy and cost(o) <= cost(c)
-                       and (o.accuracy > c.accuracy or cost(o) < cost(c)) for o in candidates)]
+    return [candidates[i] for i in front_of([(cost(c), c.accuracy) for c in candidates])]
 
 
 def _measure(candidates: list[Candidate], fmt, job, objective: str) -> None:
@@ -155,7 +156,7 @@ def _measure(candidates: list[Candidate], fmt, job, objective: str) -> None:
             log(f"export and time {c.name} ({i + 1}/{len(candidates)})")
             file = Path(tmp) / f"candidate{i}.{fmt.suffix}"
             fmt.export(c.model, c.quant, job.max_length, job.calibration, file)
-            c.size_bytes = _size(file)
+            c.size_bytes = artifact_size(file)
             try:
                 runner = fmt.runner(file, 0)
             except RuntimeUnavailable as exc:  # e.g. Core ML on Linux: sizes only
@@ -174,7 +175,3 @@ def _measure(candidates: list[Candidate], fmt, job, objective: str) -> None:
                     samples.append((time.perf_counter() - start) * 1e3)
         for c, _, samples in runners:
             c.latency_ms = {k: v for k, v in latency_stats(samples).items() if k != "samples"}
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size

@@ -82,7 +82,7 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, stage.path / name)
         stage.extra.update({
-            "artifact": file.name, "size_bytes": _size(file), "role": role, "max_length": max_length,
+            "artifact": file.name, "size_bytes": artifact_size(file), "role": role, "max_length": max_length,
             "labels": label_names(model), "quant": spec.to_dict(), "delegation": delegation,
             "model_inputs": [{"name": n, "shape": [1, max_length], "dtype": "int32"} for n in INPUT_NAMES],
             "model_outputs": [{"name": "logits", "shape": [1, len(label_names(model))],
@@ -108,7 +108,7 @@ def _output_dtype(details: dict) -> str:
     return str(dtypes[0] if isinstance(dtypes, list) and dtypes else "float32")
 
 
-def _size(path: Path) -> int:
+def artifact_size(path: Path) -> int:
     """Bytes of the artifact: a file, or every file of a directory format (.mlpackage)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
