@@ -159,4 +159,4 @@ class Compression:
         DistillationTrainer(model=model, args=args, train_dataset=train, data_collator=collator(self.tokenizer),
                             teacher_logits=self._soft, temperature=cfg.temperature, alpha=cfg.alpha).train()
         shutil.rmtree(scratch, ignore_errors=True)
-        return model.eval()
+        return model.cpu().eval()  # quantization and export run on the CPU, wherever training ran

@@ -61,6 +61,10 @@ class DistillationTrainer(Trainer):
         self.temperature = temperature
         self.alpha = alpha
         self.intermediate = intermediate
+        if intermediate:  # the Trainer moved the student to its device (a GPU); its teacher goes along
+            intermediate.teacher.to(self.args.device)
+            if intermediate.projection is not None:
+                intermediate.projection.to(self.args.device)
         if intermediate and intermediate.value_weight > 0:
             self._hook_values(intermediate)
 

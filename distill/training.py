@@ -91,6 +91,7 @@ def drop_checkpoints(checkpoints: Path, out: Path | None = None) -> None:
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
     """Logits [n, num_labels] of a PyTorch classifier, batched with dynamic padding."""
     model.eval()
+    device = next(model.parameters()).device  # after Trainer.train() on a GPU the model is there
     data = Encoded(tokenizer, texts, None, max_length)
     pad = collator(tokenizer)
     out = []
@@ -98,5 +99,6 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
         rows = [{k: v for k, v in data[i].items() if k != "index"}
                 for i in range(start, min(start + batch_size, len(data)))]
         batch = pad(rows)
-        out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+        out.append(model(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device)).logits.float().cpu())
     return torch.cat(out).numpy()
