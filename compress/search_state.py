@@ -31,9 +31,13 @@ class SearchState:
         self.reused: set[str] = set()  # names answered from the folder: a resumed run did not redo them
         for file in sorted(folder.glob("results/*.json")) if folder is not None else []:
             try:
-                self.results[file.stem] = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # unreadable: evaluate that candidate again rather than fail the run
-                continue
+                record = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = None
+            if isinstance(record, dict) and (isinstance(record.get("accuracy"), float) or
+                                             isinstance(record.get("skipped"), str)):
+                self.results[file.stem] = record
+            # anything else (unreadable, edited): evaluate that candidate again rather than fail the run
 
     def remember(self, name: str, compute: Callable[[], dict]) -> dict:
         """The recorded result `name`, or compute it and record it as soon as it exists."""
