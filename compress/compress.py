@@ -19,8 +19,9 @@ import torch
 from edgekd.compress.prune import PruneSpec, importance, prune
 from edgekd.compress.quant import QuantSpec, get_spec, quantized_module
 from edgekd.data import Dataset, Encoded
+from edgekd.distill.training import drop_checkpoints
 from edgekd.errors import RecipeError
-from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
+from edgekd.manifest import is_done, read_manifest, stage_input, stage_key, write_stage
 from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, load_classifier, load_tokenizer
 from edgekd.recipe import Recipe
@@ -51,6 +52,9 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
         inputs["teacher"] = stage_input(teacher_dir, "finetune")[1]
     if is_done(out, "compress", params, inputs):
         return read_manifest(out)["metrics"]
+    # The search's results so far, kept beside the stage (as distill's checkpoints) and named by its key:
+    # a rerun of the same command resumes, a changed recipe or input starts afresh.
+    checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
     student = load_classifier(str(student_dir)).eval()
     tokenizer = load_tokenizer(str(student_dir))
     with write_stage(out, "compress", params, inputs) as stage:
@@ -58,7 +62,7 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
         if cfg.budget is not None:
             from edgekd.compress.search import search
 
-            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant)
+            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant, checkpoints)
             model, prune_spec, specs = result.model, result.prune, [result.quant]
             stage.metrics["search"] = result.summary
         else:
@@ -73,6 +77,7 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
         for name in ("LICENSE", "NOTICE"):
             if (student_dir / name).is_file():
                 shutil.copyfile(student_dir / name, stage.path / name)
+    drop_checkpoints(checkpoints, out)
     return stage.metrics
 
 
@@ -119,12 +124,16 @@ class Compression:
                                 texts, self.max_length)
         return classification_metrics(logits, self.eval_labels)["accuracy"]
 
-    def pruned(self, spec: PruneSpec):
-        """The student with `spec` removed, then recovered by distillation from the teacher."""
+    def pruned(self, spec: PruneSpec, checkpoints: Path | None = None):
+        """The student with `spec` removed, then recovered by distillation from the teacher.
+
+        With `checkpoints`, the recovery keeps a Trainer checkpoint there every epoch and resumes from
+        the newest one a killed run left.
+        """
         if self._scores is None:
             self._scores = importance(self.student, self._ranking_batches())
         model = prune(self.student, spec, self._scores)
-        return self._recover(model) if self.recipe.compress.recovery_epochs > 0 else model
+        return self._recover(model, checkpoints) if self.recipe.compress.recovery_epochs > 0 else model
 
     def _ranking_batches(self) -> list[dict]:
         from edgekd.distill.training import collator
@@ -136,11 +145,11 @@ class Compression:
         rows = [{k: v for k, v in data[i].items() if k != "index"} for i in range(len(data))]
         return [pad(rows[i:i + 32]) for i in range(0, len(rows), 32)]
 
-    def _recover(self, model):
+    def _recover(self, model, checkpoints: Path | None = None):
         """A short distillation from the cached teacher logits (the distill stage's loss and settings)."""
         from edgekd.distill.cache import teacher_logits
         from edgekd.distill.trainer import DistillationTrainer
-        from edgekd.distill.training import collator, training_args
+        from edgekd.distill.training import collator, last_checkpoint, training_args
         from edgekd.manifest import stage_input
 
         cfg, texts = self.recipe.student, self.dataset.train.texts
@@ -151,12 +160,17 @@ class Compression:
                                      teacher_input["sha256"], self.workdir.parent / ".cache")
             self._soft = torch.from_numpy(soft)
         train = Encoded(self.tokenizer, texts, self.dataset.label_ids(self.dataset.train), self.max_length)
-        scratch = self.workdir / ".recovery"
+        scratch = checkpoints or self.workdir / ".recovery"
+        # One checkpoint (the newest) is enough to resume; the caller deletes it once the model is saved.
+        saving = dict(save_strategy="epoch", save_total_limit=1) if checkpoints else dict(save_strategy="no")
         args = training_args(scratch, epochs=self.recipe.compress.recovery_epochs, learning_rate=cfg.learning_rate,
                              batch_size=cfg.batch_size, seed=self.recipe.seed, eval_strategy="no",
-                             save_strategy="no", load_best_model_at_end=False, disable_tqdm=True)
+                             load_best_model_at_end=False, disable_tqdm=True, **saving)
         torch.manual_seed(self.recipe.seed)
-        DistillationTrainer(model=model, args=args, train_dataset=train, data_collator=collator(self.tokenizer),
-                            teacher_logits=self._soft, temperature=cfg.temperature, alpha=cfg.alpha).train()
-        shutil.rmtree(scratch, ignore_errors=True)
-        return model.cpu().eval()  # quantization and export run on the CPU, wherever training ran
+        trainer = DistillationTrainer(model=model, args=args, train_dataset=train, temperature=cfg.temperature,
+                                      data_collator=collator(self.tokenizer), teacher_logits=self._soft,
+                                      alpha=cfg.alpha)
+        trainer.train(resume_from_checkpoint=last_checkpoint(scratch) if checkpoints else None)
+        if not checkpoints:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return trainer.model.cpu().eval()  # quantization and export run on the CPU, wherever training ran

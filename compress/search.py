@@ -9,6 +9,9 @@ Not the whole grid, but an order that stops early:
      runtime here, interleaved (A B A B) so the machine's drift hits all alike;
   4. the Pareto front (accuracy against latency or size) is kept, and the best candidate for the
      objective is chosen and explained.
+
+With a checkpoint folder (compress.py gives the stage's), every result is kept as it completes
+(compress/search_state.py), so a killed search, rerun with the same command, picks up where it stopped.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from edgekd.benchmarks.stats import latency_stats
 from edgekd.compress.prune import PruneSpec
 from edgekd.compress.quant import QuantSpec, get_spec
+from edgekd.compress.search_state import SearchState
 from edgekd.errors import EdgeKDError, RecipeError
 from edgekd.targets import RuntimeUnavailable
 from edgekd.targets.export import artifact_size
@@ -47,7 +51,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return f"prune-{self.prune.name}+{self.quant.name}" if not self.prune.is_noop else self.quant.name
+        return candidate_name(self.prune, self.quant)
 
     def row(self) -> dict:
         return {"name": self.name, "prune": self.prune.to_dict(), "quant": self.quant.name,
@@ -63,28 +67,51 @@ class SearchResult:
     summary: dict
 
 
+def candidate_name(prune: PruneSpec, quant: QuantSpec) -> str:
+    return f"prune-{prune.name}+{quant.name}" if not prune.is_noop else quant.name
+
+
 def log(message: str) -> None:
     print(f"[edgekd] search: {message}", file=sys.stderr, flush=True)
 
 
-def search(job, fmt, budget: float, objective: str, quant: list[str] | None = None) -> SearchResult:
+def search(job, fmt, budget: float, objective: str, quant: list[str] | None = None,
+           checkpoints: Path | None = None) -> SearchResult:
     """Run the search for `job` (a compress.Compression) on target format `fmt`.
 
     `quant`: the QuantSpecs to try (default: every one `fmt` realizes), least aggressive first.
+    `checkpoints`: the folder where results are kept as they complete, and read back on a rerun.
     """
     if fmt is None:
         raise EdgeKDError("the budget search measures latency on the target's runtime; name a target")
     names = [n for n in fmt.specs if not quant or n in quant]
     specs = [get_spec(name) for name in names if not get_spec(name).is_float]
-    base = job.teacher_accuracy()  # "I can lose at most 1 point" counts from the model the user has
+    state = SearchState(checkpoints)
+    done = sum("accuracy" in r for name, r in state.results.items() if name != "teacher")
+    if done:
+        most = (1 + len(specs)) * (1 + sum(len(axis) for axis in AXES))
+        log(f"resuming search: {done} of at most {most} candidates done (kept in {checkpoints})")
+    # "I can lose at most 1 point" counts from the model the user has
+    base = state.remember("teacher", lambda: {"accuracy": job.teacher_accuracy()})["accuracy"]
     tried: list[Candidate] = []
 
-    def consider(model, prune: PruneSpec, spec: QuantSpec, reference=None) -> Candidate:
-        accuracy = job.accuracy_of(model, spec, reference)["accuracy"] if not spec.is_float else \
-            job.evaluate(model, [])["fp32"]["accuracy"]
-        candidate = Candidate(prune, spec, accuracy, 100 * (base - accuracy), model)
+    def consider(model, prune: PruneSpec, spec: QuantSpec) -> Candidate:
+        name = candidate_name(prune, spec)
+
+        def evaluate() -> dict:
+            try:
+                return {"accuracy": job.accuracy_of(model, spec)["accuracy"] if not spec.is_float else
+                        job.evaluate(model, [])["fp32"]["accuracy"]}
+            except RecipeError as exc:  # recorded, so that a rerun skips it without trying again
+                return {"skipped": str(exc)}
+
+        record = state.remember(name, evaluate)
+        if "skipped" in record:
+            raise RecipeError(record["skipped"])
+        candidate = Candidate(prune, spec, record["accuracy"], 100 * (base - record["accuracy"]), model)
         tried.append(candidate)
-        log(f"{candidate.name}: accuracy {100 * accuracy:.2f} % ({-candidate.drop:+.2f} points)")
+        again = " (done before the rerun)" if name in state.reused else ""
+        log(f"{candidate.name}: accuracy {100 * candidate.accuracy:.2f} % ({-candidate.drop:+.2f} points){again}")
         return candidate
 
     def fits(model, prune: PruneSpec, spec: QuantSpec) -> bool:
@@ -101,7 +128,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
         quant_ok = passing
         for level in axis:
             try:
-                model = job.pruned(level)
+                model = state.pruned(level, job)
             except EdgeKDError as exc:  # e.g. a one-layer student cannot lose a layer
                 log(f"prune-{level.name}: skipped ({exc})")
                 break
@@ -110,7 +137,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
             quant_ok = [s for s in quant_ok if fits(model, level, s)]
     within = [c for c in tried if c.drop <= budget]
     measured = within or sorted(tried, key=lambda c: c.drop)[:3]
-    _measure(measured, fmt, job, objective)
+    _measure(measured, fmt, job, objective, state)
     front = pareto_front(measured, objective)
     table = [c.row() for c in tried]
     if not within:
@@ -147,8 +174,18 @@ def pareto_front(candidates: list[Candidate], objective: str) -> list[Candidate]
     return [candidates[i] for i in front_of([(cost(c), c.accuracy) for c in candidates])]
 
 
-def _measure(candidates: list[Candidate], fmt, job, objective: str) -> None:
-    """Export every candidate with the target's exporter and time them interleaved on its runtime."""
+def _measure(candidates: list[Candidate], fmt, job, objective: str, state: SearchState) -> None:
+    """Export every candidate with the target's exporter and time them interleaved on its runtime.
+
+    A timing round is one interleaved session, so a round the kill cut short is run again in full;
+    a complete one is kept, and reused by a rerun that measures the same candidates.
+    """
+    rows = state.measured([c.name for c in candidates])
+    if rows is not None:
+        log(f"reusing the sizes and timings of the {len(candidates)} candidates measured before the rerun")
+        for c in candidates:
+            c.size_bytes, c.latency_ms = rows[c.name]["size_bytes"], rows[c.name]["latency_ms"]
+        return
     ids, mask = job.eval_inputs[0]
     with tempfile.TemporaryDirectory(prefix=".search-", dir=job.workdir) as tmp:
         runners = []
@@ -175,3 +212,4 @@ def _measure(candidates: list[Candidate], fmt, job, objective: str) -> None:
                     samples.append((time.perf_counter() - start) * 1e3)
         for c, _, samples in runners:
             c.latency_ms = {k: v for k, v in latency_stats(samples).items() if k != "samples"}
+    state.save_measured({c.name: {"size_bytes": c.size_bytes, "latency_ms": c.latency_ms} for c in candidates})

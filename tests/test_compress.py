@@ -170,6 +170,7 @@ def test_budget_search_keeps_a_front_and_explains_its_choice(distilled_run, caps
     assert search["chosen"] in search["front"] and "within budget" in search["explanation"]
     plan = verify_stage(out, "compress")["plan"]
     assert plan["quant"][0]["name"] == chosen["quant"]
+    assert not list(root.glob(".compress-search.*"))  # the search's checkpoints are gone with the stage complete
 
 
 class FakeModel:
@@ -239,6 +240,51 @@ def test_search_with_nothing_in_budget_reports_the_closest_and_fails(tmp_path, c
     with pytest.raises(EdgeKDError, match="no candidate stays within 0.5 points.*the closest, fp32, loses 3.00"):
         search(FakeJob(tmp_path, student_accuracy=0.87, teacher_accuracy=0.90), FakeFormat, 0.5, "latency")
     assert "best outside the budget: fp32" in capsys.readouterr().err
+
+
+def test_a_rerun_reads_the_search_back_from_its_checkpoints(tmp_path, monkeypatch, capsys):
+    """Unpruned candidates only: every result, a skip and the timing round are read back by a rerun, which
+    evaluates again only the one result it cannot read, and exports and times nothing again.
+    (The SIGKILL test in tests/test_resume.py covers pruned levels and their recovery.)"""
+    from edgekd.compress import search as search_module
+
+    class CountingJob(FakeJob):
+        def accuracy_of(self, model, spec, reference=None):
+            self.evaluated.append(spec.name)
+            if spec.group_size == 128:
+                raise RecipeError("int4-g128: choose a group size that divides 64")
+            return super().accuracy_of(model, spec, reference)
+
+        def evaluate(self, model, specs):
+            self.evaluated.append("fp32")
+            return super().evaluate(model, specs)
+
+        def teacher_accuracy(self):
+            self.evaluated.append("teacher")
+            return super().teacher_accuracy()
+
+    exports = []
+    export = FakeFormat.export
+    monkeypatch.setattr(search_module, "AXES", ())
+    monkeypatch.setattr(FakeFormat, "specs", (*FakeFormat.specs, "int4-g128"))
+    monkeypatch.setattr(FakeFormat, "export", staticmethod(lambda *args: (exports.append(args[-1].name),
+                                                                           export(*args))))
+    folder = tmp_path / "checkpoints"
+    runs = []
+    for attempt in range(2):
+        job = CountingJob(tmp_path)
+        job.evaluated = []
+        runs.append((search_module.search(job, FakeFormat, 1.0, "latency", checkpoints=folder), job.evaluated,
+                     len(exports), capsys.readouterr().err))
+        if attempt == 0:
+            (folder / "results" / "int8.json").write_text("{")  # unreadable: evaluated again, not a failure
+    (first, evaluated, exported, _), (again, reevaluated, exported_again, err) = runs
+    assert evaluated == ["teacher", "fp32", "int8", "int4", "int4-g128"] and exported == 2
+    assert reevaluated == ["int8"] and exported_again == exported
+    assert "resuming search: 2 of at most 4 candidates done" in err
+    assert "int4-g128 after prune-none: skipped (int4-g128: choose a group size" in err
+    assert "reusing the sizes and timings of the 2 candidates" in err
+    assert again.summary == first.summary and again.summary["measured"][0]["latency_p50_ms"] is not None
 
 
 def test_a_negative_budget_is_refused(distilled_run, capsys):

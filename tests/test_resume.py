@@ -7,14 +7,17 @@ Tolerance, found on CPU: none needed. The Trainer restores model, optimizer, sch
 data order from the checkpoint, so the resumed run's weights are bit-identical to the reference's
 (same sha256 in the manifest) and its metrics are equal, not just close.
 
-The compression search (issue part 3) does not exist yet; `compress` trains nothing, so it has no
-checkpoint to resume from.
+The budget search (`compress --budget`) keeps each evaluated candidate, each recovered pruning level
+and the recovery's Trainer checkpoints; it is killed while recovering its second pruning level. Tolerance:
+accuracies, sizes, the front, the choice and the chosen weights are identical (exact, as above);
+latency is measured again by the rerun (timing noise), so it is checked to be there, not equal.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +174,104 @@ def test_distill_resumes_after_sigkill(setup):
     # The killed run had already cached the teacher's logits; the rerun reads them (the one expected difference).
     assert resumed[0]["teacher_cache_hit"] is True and reference[0]["teacher_cache_hit"] is False
     _check_resumed(reference, resumed, killed_at, out, root / "ref" / "distill", ignore=("teacher_cache_hit",))
+    setup["student"] = root / "ref" / "distill"
+
+
+# `edgekd compress` in its own process, with the search cut to one pruning level per axis and no
+# quantization, three candidates to export and time, so that a run takes well under a minute; otherwise
+# the real command (the quantized candidates are kept the same way, tests/test_compress.py).
+SEARCH = ("import sys; from edgekd.compress import search; from edgekd.compress.prune import PruneSpec; "
+          "search.AXES = ((PruneSpec(ffn=0.5),), (PruneSpec(layers=1),)); from edgekd.cli import main; "
+          "sys.exit(main(sys.argv[1:]))")
+
+
+def _search_command(recipe: Path, setup: dict, out: Path) -> list[str]:
+    return [sys.executable, "-c", SEARCH, "compress", "--recipe", str(recipe), "--student", str(setup["student"]),
+            "--teacher", str(setup["teacher"]), "--out", str(out), "--json"]
+
+
+def _evaluated(stderr: str) -> tuple[list[str], list[str]]:
+    """(candidates the run evaluated, candidates it read back from the killed run's checkpoints)."""
+    rows = re.findall(r"search: (\S+): accuracy .*?( \(done before the rerun\))?$", stderr, re.M)
+    return [name for name, again in rows if not again], [name for name, again in rows if again]
+
+
+def _kill_while_recovering(argv: list[str], out: Path) -> Path:
+    """Start the search, SIGKILL it once the second pruning level's recovery has a complete Trainer checkpoint
+    (two candidates and the first level are done by then); return the search's checkpoint folder."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    recovering = f".{out.name}.checkpoints-*/recovery/layers1/checkpoint-*/trainer_state.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.parent.glob(recovering)):
+            assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the second level's recovery did not start within 240 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    [folder] = out.parent.glob(f".{out.name}.checkpoints-*")
+    return folder
+
+
+def test_search_resumes_after_sigkill(setup):
+    root = setup["root"]
+    if "teacher" not in setup:  # run alone: fine-tune and distill first
+        setup["teacher"] = root / "ref" / "finetune"
+        _run(_command("finetune", setup["recipe"], setup["teacher"]))
+    if "student" not in setup:
+        setup["student"] = root / "ref" / "distill"
+        _run(_command("distill", setup["recipe"], setup["student"], setup["teacher"]))
+    recipe = yaml.safe_load(setup["recipe"].read_text())
+    # A budget every candidate meets, so that the choice is made among all of them; the size objective, so
+    # that the choice does not hang on timing noise; recovery epochs enough to be killed in the middle of one.
+    recipe["compress"] = {"search_quant": ["fp32"], "recovery_epochs": 8, "budget": 100, "objective": "size"}
+    (root / "search.yaml").write_text(yaml.safe_dump(recipe))
+    ref, out = root / "ref-search" / "compress", root / "killed-search" / "compress"
+    ref.parent.mkdir(), out.parent.mkdir()
+    # The uninterrupted reference runs beside the killed and resumed runs (they share no folder).
+    reference = subprocess.Popen(_search_command(root / "search.yaml", setup, ref), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        folder = _kill_while_recovering(_search_command(root / "search.yaml", setup, out), out)
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}.*/manifest.json"))
+        done = sorted(p.stem for p in folder.glob("results/*.json") if p.stem != "teacher")
+        assert done == ["fp32", "prune-ffn50+fp32"] and (folder / "models/ffn50").is_dir()
+        checkpoints = list(folder.glob("recovery/layers1/checkpoint-*"))
+        assert len(checkpoints) == 1, "the second level was saved before the kill landed: kill sooner"
+
+        # A search left by another recipe (another key) with poisoned results: the rerun must not read it.
+        stale = out.parent / f".{out.name}.checkpoints-{'0' * 16}"
+        shutil.copytree(folder, stale)
+        for file in stale.glob("results/*.json"):
+            file.write_text(json.dumps({"accuracy": 0.0}))
+
+        metrics, err = _run(_search_command(root / "search.yaml", setup, out))
+        ref_out, ref_err = reference.communicate(timeout=300)
+    finally:
+        reference.kill()  # still running only when something above failed
+        reference.wait()
+    assert reference.returncode == 0, ref_err[-3000:]
+    ref_metrics = json.loads(ref_out)
+
+    # It resumed: said so, read the two candidates back, continued the level's recovery where it stopped.
+    assert "resuming search: 2 of at most 3 candidates done" in err, err[-2000:]
+    assert re.search(r"resuming from %s\b" % re.escape(str(checkpoints[0])), err), err[-2000:]
+    fresh, reread = _evaluated(err)
+    assert reread == done and fresh == ["prune-layers1+fp32"]
+    assert _evaluated(ref_err) == (done + fresh, [])
+    assert len(_trained_epochs(err)) < 8 < len(_trained_epochs(ref_err)) == 16
+
+    # Same result. Tolerance: exact for all but latency, which the rerun measured again.
+    for run in (metrics, ref_metrics):
+        assert all(row["latency_p50_ms"] > 0 for row in run["search"]["measured"])
+        for row in run["search"]["candidates"] + run["search"]["measured"]:
+            row.pop("latency_p50_ms")
+    assert metrics == ref_metrics
+    assert _weights_sha(out) == _weights_sha(ref)
+    assert list(out.parent.glob(f".{out.name}.*")) == [stale]  # its own checkpoints are gone, not another's
 
 
 def test_a_checkpoint_cut_short_by_the_kill_is_passed_over(tmp_path, capsys):
