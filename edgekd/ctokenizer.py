@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ SUPPORTED = ("BERT WordPiece (BertNormalizer + BertPreTokenizer + WordPiece, [CL
 OP_DROP, OP_BREAK, OP_DELTA, OP_ALT, OP_SEQ, OP_PAD, OP_HANGUL = range(7)
 CLASS_SPACE, CLASS_PUNCT = 1, 2
 HANGUL = range(0xAC00, 0xD7A4)
+MAX_WORD_CHARS = 10_000  # the workspace stores byte offsets of a word as uint16: 4 bytes a character at most
 # Two marks that survive accent stripping and that NFD swaps (classes 226 then 216): a character
 # between them that keeps them swapped is transparent to canonical ordering, one that keeps them
 # apart ends the run of marks.
@@ -65,6 +67,9 @@ def describe(tokenizer) -> dict:
                                         f"lstrip/rstrip/single_word; the C tokenizer supports {SUPPORTED} with "
                                         f"its special tokens matched as written")
         added.append((token["content"], token["id"]))
+    if not 0 < int(model["max_input_chars_per_word"]) <= MAX_WORD_CHARS:
+        raise TokenizerNotSupported(f"max_input_chars_per_word {model['max_input_chars_per_word']} is outside "
+                                    f"1..{MAX_WORD_CHARS}, the word buffer the C tokenizer is built for")
     if model["unk_token"] not in vocab or tokenizer.pad_token_id is None:
         raise TokenizerNotSupported(f"the vocabulary lacks its unknown token {model['unk_token']!r} or a padding "
                                     f"token; the C tokenizer supports {SUPPORTED}")
@@ -342,8 +347,9 @@ class CTokenizer:
         self.lib.ekd_tokenize.restype = ctypes.c_int
         self.lib.ekd_tokenize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-        # sizeof(ekd_workspace) is about 11 bytes a word character; 64 KB covers any max_input_chars_per_word < 5000.
-        self.workspace = ctypes.create_string_buffer(1 << 16)
+        # sizeof(ekd_workspace): 15 bytes a word character at most (4 + 1 + 2 + 4 + 4), plus two size_t.
+        chars = int(re.search(r"EKD_MAX_WORD_CHARS (\d+)", (Path(sources) / CONFIG_H).read_text()).group(1))
+        self.workspace = ctypes.create_string_buffer(15 * (chars + 2) + 64)
         self.max_length = max_length
 
     def encode(self, text: str | bytes, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -144,10 +144,8 @@ def test_c_tokenizer_equals_hugging_face_on_10000_texts(which, request, tmp_path
     count, wrong = compare(tokenizer, built(tokenizer, tmp_path_factory, which), texts)
     assert count >= MIN_TEXTS
     assert not wrong, f"{len(wrong)} of {count} differ; first: {wrong[0]!r}"
-    unk = tokenizer.convert_tokens_to_ids(tokenizer.unk_token)
     REPORT_LINES.append(f"C tokenizer == HF ({which}, vocab {tokenizer.vocab_size}): {count} texts "
-                        f"(BANKING77 {'included' if BANKING77.is_dir() else 'absent'}), max_length {LENGTHS}; "
-                        f"{sum(unk in tokenizer(t)['input_ids'] for t in texts[-500:])} of the last 500 hold [UNK]")
+                        f"(BANKING77 {'included' if BANKING77.is_dir() else 'absent'}), max_length {LENGTHS}")
 
 
 @pytest.mark.parametrize("settings", [
