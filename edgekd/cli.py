@@ -25,6 +25,9 @@ EXAMPLES = {
     "bench": "edgekd bench runs/mine/export/* --out runs/mine/bench --iterations 200",
     "report": "edgekd report runs/mine\n  edgekd report runs/mine --json",
     "verify": "edgekd verify runs/mine/export/student-int8-android-executorch",
+    "bundle": "edgekd bundle runs/mine/export/student-int8-android-executorch --platform android "
+              "--recipe my-recipe.yaml --out runs/mine/bundle/android\n"
+              "  edgekd bundle --verify runs/mine/bundle/android.zip",
 }
 
 
@@ -147,6 +150,24 @@ def cmd_verify(args) -> str:
     return f"ok: {args.dir} ({manifest['stage']}, {len(manifest['files'])} files, checksums match)"
 
 
+def cmd_bundle(args) -> str:
+    from edgekd.bundle import make_bundle, verify_bundle
+
+    if args.verify:
+        if args.artifact_dir or args.out or args.platform:
+            raise EdgeKDError("--verify takes only the bundle folder or zip; drop ARTIFACT_DIR, --platform and --out")
+        result = verify_bundle(Path(args.verify))
+        if args.json:
+            return json.dumps(result, indent=2)
+        model = result.get("model") or (f"model labels agree with PyTorch on "
+                                        f"{result['pytorch_agreement']:.1%} of the texts")
+        return (f"ok: {args.verify} ({result['files']} files, checksums match; C tokenizer exact on "
+                f"{result['texts']} test texts; {model})")
+    if not (args.artifact_dir and args.platform and args.out):
+        raise EdgeKDError("edgekd bundle needs ARTIFACT_DIR, --platform and --out (or --verify BUNDLE)")
+    return _print_metrics(make_bundle(Path(args.artifact_dir), args.platform, Path(args.out), _recipe(args.recipe)), args)
+
+
 def _print_metrics(metrics: dict, args) -> str:
     return json.dumps(metrics, indent=2 if args.json else None, default=str)
 
@@ -234,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "re-check the checksums of a stage directory")
     p.add_argument("dir")
+
+    p = add("bundle", cmd_bundle, "bundle an exported model for an app (model, C tokenizer, calling code), "
+                                  "or --verify a bundle by simulating the app here")
+    p.add_argument("artifact_dir", nargs="?", help="an export stage directory")
+    p.add_argument("--platform", choices=("android", "ios", "embedded"), help="the app's platform")
+    recipe_opt(p)
+    p.add_argument("--out", help="bundle folder; a zip of it is written beside it (OUT.zip)")
+    p.add_argument("--verify", metavar="BUNDLE", help="check a bundle folder or zip instead of making one")
+    p.add_argument("--json", action="store_true")
     return parser
 
 

@@ -70,6 +70,60 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
             "test": write_csv(root / "test.csv", make_rows(30, 3))}
 
 
+STUDENT_LENGTH = 32  # max_length of relu_student
+
+
+@pytest.fixture(scope="session")
+def relu_student(tmp_path_factory, small_data):
+    """A briefly trained 2-layer ReLU student (TFLite Micro has no GELU) with its vocabulary trimmed to the
+    data, in a distill stage directory; and the dataset. Shared by the embedded and bundle tests."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from edgekd.data import load_dataset
+    from edgekd.distill.student import trim_vocabulary
+    from edgekd.manifest import write_stage
+    from edgekd.models import builtin_model_dir
+    from edgekd.recipe import recipe_from_dict
+
+    dataset = load_dataset(recipe_from_dict({"data": {k: str(v) for k, v in small_data.items()}}))
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
+    torch.manual_seed(0)
+    labels = dataset.label_names
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=len(labels), hidden_act="relu",
+                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    texts = dataset.train.texts + dataset.validation.texts + dataset.test.texts
+    model, tokenizer, _ = trim_vocabulary(BertForSequenceClassification(config), tokenizer, texts)
+    model = _train_briefly(model, tokenizer, dataset)
+    out = tmp_path_factory.mktemp("stage") / "student"
+    with write_stage(out, "distill", {"test": "embedded"}) as stage:
+        model.save_pretrained(stage.path)
+        tokenizer.save_pretrained(stage.path)
+        stage.extra["max_length"] = STUDENT_LENGTH
+    return out, dataset
+
+
+def _train_briefly(model, tokenizer, dataset, epochs: int = 6):
+    """A few epochs on the tiny training split: margins wide enough for int8 top-1 to be meaningful."""
+    import torch
+
+    enc = tokenizer(dataset.train.texts, truncation=True, max_length=STUDENT_LENGTH, padding="max_length",
+                    return_tensors="pt")
+    labels = torch.tensor(dataset.label_ids(dataset.train))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for start in range(0, len(labels), 16):
+            batch = slice(start, start + 16)
+            loss = model(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
+                         labels=labels[batch]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_recipe_dict(tiny_teacher_dir, small_data) -> dict:
     """A recipe that runs every stage in well under a minute."""
@@ -90,7 +144,15 @@ def tiny_recipe_dict(tiny_teacher_dir, small_data) -> dict:
 FUZZ_CASES: Counter = Counter()
 
 
+# Lines a test wants in the CI log (e.g. how many texts the C tokenizer was compared on).
+REPORT_LINES: list[str] = []
+
+
 def pytest_terminal_summary(terminalreporter):
+    if REPORT_LINES:
+        terminalreporter.section("edgekd checks")
+        for line in REPORT_LINES:
+            terminalreporter.write_line(line)
     if not FUZZ_CASES:
         return
     total = sum(FUZZ_CASES.values())

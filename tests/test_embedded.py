@@ -18,7 +18,7 @@ pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("tflite_micro")
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from edgekd.compress.quant import get_spec  # noqa: E402
 from edgekd.errors import ExportError  # noqa: E402
@@ -211,57 +211,12 @@ def test_c_sources_compile(exported, tmp_path):
 
 # --- export_artifact end to end -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model_stage(tmp_path_factory, small_data):
-    """A briefly trained ReLU student with its vocabulary trimmed to the data, in a stage directory."""
-    from edgekd.distill.student import trim_vocabulary
-
-    from edgekd.data import load_dataset
-    from edgekd.manifest import write_stage
-    from edgekd.models import builtin_model_dir
-    from edgekd.recipe import recipe_from_dict
-
-    dataset = load_dataset(recipe_from_dict({"data": {k: str(v) for k, v in small_data.items()}}))
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
-    torch.manual_seed(0)
-    labels = dataset.label_names
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=len(labels), hidden_act="relu",
-                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    texts = dataset.train.texts + dataset.validation.texts + dataset.test.texts
-    model, tokenizer, _ = trim_vocabulary(BertForSequenceClassification(config), tokenizer, texts)
-    model = train_briefly(model, tokenizer, dataset)
-    out = tmp_path_factory.mktemp("stage") / "student"
-    with write_stage(out, "distill", {"test": "embedded"}) as stage:
-        model.save_pretrained(stage.path)
-        tokenizer.save_pretrained(stage.path)
-        stage.extra["max_length"] = LENGTH
-    return out, dataset
-
-
-def train_briefly(model, tokenizer, dataset, epochs: int = 6):
-    """A few epochs on the tiny training split: margins wide enough for int8 top-1 to be meaningful."""
-    enc = tokenizer(dataset.train.texts, truncation=True, max_length=LENGTH, padding="max_length", return_tensors="pt")
-    labels = torch.tensor(dataset.label_ids(dataset.train))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for start in range(0, len(labels), 16):
-            batch = slice(start, start + 16)
-            loss = model(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
-                         labels=labels[batch]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-def test_export_artifact_end_to_end_int8(model_stage, tmp_path):
+def test_export_artifact_end_to_end_int8(relu_student, tmp_path):
     from edgekd.targets.export import export_artifact
 
     from edgekd.manifest import verify_stage
 
-    stage_dir, dataset = model_stage
+    stage_dir, dataset = relu_student
     out = tmp_path / "int8"
     metrics = export_artifact(stage_dir, "distill", get_format("embedded", "tflm"), get_spec("int8-static"),
                               dataset, out, role="compressed", model_name="student", options={"arena_margin": 0.5})
