@@ -16,6 +16,7 @@ Needs ../shared/data/banking77 (not part of the project); exits 0 with a note wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (the data split keeps 0)")
     parser.add_argument("--budget-minutes", type=float, help="start no student after this many minutes")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--labelled-fraction", type=float,
+                        help="keep labels on this fraction of the training texts (stratified); the rest become "
+                             "data.unlabeled, which distillation uses and hard-label training cannot")
     args = parser.parse_args()
     if not (args.data / "train.csv").is_file():
         print(f"skipped: {args.data} is absent (BANKING77 is not part of the project)")
@@ -115,6 +119,8 @@ def main() -> int:
                      "text_column": "text", "label_column": "category", "split_fractions": [0.1, 0.15]}}
     recipe = recipe_from_dict(base)
     dataset = load_dataset(recipe)  # one split (seed 0) for every row: seeds vary the students only
+    if args.labelled_fraction:
+        dataset = labelled_subset(dataset, args.labelled_fraction)
     teacher_metrics = finetune(recipe, dataset, out / "finetune")
     teacher = load_classifier(str(out / "finetune"))
     rows = [{"name": "teacher (MiniLM-L6, fine-tuned)", "wall_s": read_manifest(out / "finetune")["wall_s"],
@@ -139,11 +145,15 @@ def main() -> int:
                 compress(recipe, dataset, out / (source + suffix), out / (name + suffix), out / "finetune")
                 rows.append(pruned_row(name + suffix, out, source + suffix, dataset, teacher, pruning, student))
             else:
-                student = STUDENTS[name]
-                recipe = recipe_from_dict(base | {"seed": seed, "student": {"epochs": args.student_epochs,
-                                                                           "augment": 0, "vocab_margin": 3000,
-                                                                           **student}})
-                metrics = distill(recipe, dataset, out / "finetune", out / (name + suffix), out / ".cache")
+                student, data = STUDENTS[name], dataset
+                epochs = student.get("epochs", args.student_epochs)
+                if student.get("alpha") == 0.0 and dataset.unlabeled:
+                    # Hard labels cannot use unlabelled text: the labelled texts alone, for as many steps.
+                    data = dataclasses.replace(dataset, unlabeled=[])
+                    epochs *= (len(dataset.train) + len(dataset.unlabeled)) / len(dataset.train)
+                recipe = recipe_from_dict(base | {"seed": seed, "student": {"augment": 0, "vocab_margin": 3000,
+                                                                           **student, "epochs": epochs}})
+                metrics = distill(recipe, data, out / "finetune", out / (name + suffix), out / ".cache")
                 model = load_classifier(str(out / (name + suffix)))
                 rows.append({"name": name + suffix, "wall_s": read_manifest(out / (name + suffix))["wall_s"],
                              "params": metrics["params"], "non_embedding_params": non_embedding_params(model),
@@ -151,10 +161,26 @@ def main() -> int:
                              "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
                              "agreement": metrics["test"]["agreement"],
                              "validation_accuracy": metrics["validation"]["accuracy"],
-                             "vocabulary": metrics.get("vocabulary"), "student": student})
+                             "vocabulary": metrics.get("vocabulary"), "student": {**student, "epochs": epochs}})
             rows[-1]["seed"] = seed
             record(rows, dataset, args, device)
     return 0
+
+
+def labelled_subset(dataset, fraction: float):
+    """The dataset with labels kept on `fraction` of each class's training texts; the rest is unlabelled."""
+    import random
+
+    from edgekd.data import Split
+
+    rng, keep = random.Random(0), set()
+    for label in dataset.label_names:
+        rows = [i for i, y in enumerate(dataset.train.labels) if y == label]
+        keep.update(rng.sample(rows, max(1, round(fraction * len(rows)))))
+    train = Split([t for i, t in enumerate(dataset.train.texts) if i in keep],
+                  [y for i, y in enumerate(dataset.train.labels) if i in keep])
+    rest = [t for i, t in enumerate(dataset.train.texts) if i not in keep]
+    return dataclasses.replace(dataset, train=train, unlabeled=dataset.unlabeled + rest)
 
 
 def pruned_row(name: str, out: Path, source: str, dataset, teacher, pruning: dict, student: dict) -> dict:
@@ -192,7 +218,8 @@ def record(rows: list[dict], dataset, args, device: str) -> None:
         "data": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test),
                  "labels": len(dataset.label_names)},
         "settings": {"teacher_epochs": args.teacher_epochs, "teacher_lr": args.teacher_lr,
-                     "student_epochs": args.student_epochs, "seeds": args.seeds},
+                     "student_epochs": args.student_epochs, "seeds": args.seeds,
+                     "labelled_fraction": args.labelled_fraction, "unlabeled": len(dataset.unlabeled)},
         "rows": rows}, indent=2) + "\n")
 
 

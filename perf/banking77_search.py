@@ -1,0 +1,84 @@
+"""The budget search on BANKING77, end to end through `edgekd run`: the front and the choice.
+
+    python perf/banking77_search.py [--out runs/perf-banking77-search] [--budget 1.0] [--objective latency]
+
+Runs the whole pipeline on BANKING77 (teacher all-MiniLM-L6-v2 fine-tuned 8 epochs, the 2-layer
+trimmed student of perf/banking77.py, then `compress.budget`: the search over QuantSpecs and
+pruning levels, each candidate exported and timed interleaved in the ExecuTorch runtime here),
+then prints every candidate (validation accuracy, size, latency p50) with the front and the
+choice, the exported artifacts' test accuracy, and records perf/results/banking77_search.json.
+A finetune stage already in --out with the same parameters is reused (so is every other stage).
+Needs ../shared/data/banking77 (not part of the project); exits 0 with a note when it is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+RESULTS = Path(__file__).parent / "results" / "banking77_search.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/perf-banking77-search")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with train.csv and test.csv")
+    parser.add_argument("--teacher-model", default="builtin:all-MiniLM-L6-v2")
+    parser.add_argument("--budget", type=float, default=1.0, help="validation points below the teacher")
+    parser.add_argument("--objective", choices=("latency", "size"), default="latency")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not (args.data / "train.csv").is_file():
+        print(f"skipped: {args.data} is absent (BANKING77 is not part of the project)")
+        return 0
+
+    from edgekd.pipeline import run
+    from edgekd.manifest import read_manifest
+    from edgekd.recipe import recipe_from_dict
+
+    out = Path(args.out)
+    recipe = recipe_from_dict({
+        "name": "banking77",
+        "teacher": {"model": args.teacher_model, "epochs": 8, "batch_size": 32, "learning_rate": 2e-4},
+        "data": {"train": str(args.data / "train.csv"), "validation": None, "test": str(args.data / "test.csv"),
+                 "text_column": "text", "label_column": "category", "split_fractions": [0.1, 0.15]},
+        "student": {"layers": [2, 5], "augment": 0, "vocab_margin": 3000},
+        "compress": {"quant": [], "budget": args.budget, "objective": args.objective, "recovery_epochs": 2},
+        "targets": [{"target": "android", "format": "executorch"}],
+        "bench": {"iterations": 100, "warmup": 10},
+    })
+    summary = run(recipe, out)
+    search = read_manifest(out / "compress")["metrics"]["search"]
+    measured = {row["name"]: row for row in search["measured"]}
+    fp32 = measured.get("fp32", {}).get("latency_p50_ms")
+    print(f"\nteacher validation accuracy {100 * search['teacher_accuracy']:.2f} %, budget {search['budget_points']} "
+          f"points, objective {search['objective']}")
+    print(f"{'candidate':<34} {'val acc %':>9} {'drop':>6} {'size MB':>8} {'p50 ms':>7} {'vs fp32':>7}  front")
+    for row in search["candidates"]:
+        timed = measured.get(row["name"], {})
+        p50 = timed.get("latency_p50_ms")
+        print(f"{row['name']:<34} {100 * row['accuracy']:9.2f} {row['drop_points']:6.2f} "
+              f"{(timed.get('size_bytes') or 0) / 1e6:8.2f} {p50 or float('nan'):7.2f} "
+              f"{(fp32 / p50 if fp32 and p50 else float('nan')):6.2f}x  "
+              f"{'*' if row['name'] in search['front'] else ''}{' chosen' if row['name'] == search['chosen'] else ''}")
+    print(f"chosen: {search['explanation']}")
+    print(f"\n{'artifact':<48} {'size MB':>8} {'test acc %':>10} {'p50 ms':>7}")
+    for v in summary["variants"]:
+        print(f"{v['name']:<48} {v['size_bytes'] / 1e6:8.2f} {100 * (v['accuracy'] or 0):10.2f} "
+              f"{(v['latency_ms'] or {}).get('p50', float('nan')):7.2f}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
+        "command": "python perf/banking77_search.py " + " ".join(sys.argv[1:]),
+        "machine": summary["machine"], "search": search,
+        "artifacts": [{k: v.get(k) for k in ("name", "role", "quant", "size_bytes", "accuracy", "macro_f1")}
+                      | {"latency_p50_ms": (v["latency_ms"] or {}).get("p50")} for v in summary["variants"]],
+        "ratios": summary["ratios"], "stages": summary["stages"]}, indent=2) + "\n")
+    print(f"report: {out / 'report.html'}; recorded {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
