@@ -39,16 +39,22 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     prune_spec = PruneSpec(**vars(cfg.prune))
     if fmt is not None:
         _check_realizable(fmt, specs if cfg.budget is None else [get_spec(n) for n in cfg.search_quant or []])
-    if (not prune_spec.is_noop or cfg.budget is not None) and teacher_dir is None:
-        raise RecipeError("pruning and the budget search retrain the student from the teacher; give --teacher DIR")
+    if (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs) and teacher_dir is None:
+        raise RecipeError("pruning, quantization-aware training and the budget search retrain the student from "
+                          "the teacher; give --teacher DIR")
+    quantized = [s for s in specs if not s.is_float]
+    if cfg.qat_epochs and cfg.budget is None and len(quantized) != 1:
+        raise RecipeError(f"compress.qat_epochs trains the student for one QuantSpec, and compress.quant lists "
+                          f"{len(quantized)} quantized ones; list exactly one")
     manifest, source = stage_input(student_dir, "distill")
     max_length = manifest["max_length"]
     params = {"compress": {"quant": [s.to_dict() for s in specs], "prune": prune_spec.to_dict(),
                            "recovery_epochs": cfg.recovery_epochs, "budget": cfg.budget, "objective": cfg.objective,
-                           "search_quant": cfg.search_quant},
+                           "search_quant": cfg.search_quant,
+                           **({"qat_epochs": cfg.qat_epochs} if cfg.qat_epochs else {})},  # old keys stay valid
               "target": f"{fmt.target}/{fmt.name}" if fmt else None, "seed": recipe.seed}
     inputs = {"student": source, "data": dataset.fingerprint()}
-    if teacher_dir is not None and (not prune_spec.is_noop or cfg.budget is not None):
+    if teacher_dir is not None and (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs):
         inputs["teacher"] = stage_input(teacher_dir, "finetune")[1]
     if is_done(out, "compress", params, inputs):
         return read_manifest(out)["metrics"]
@@ -62,16 +68,22 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
         if cfg.budget is not None:
             from edgekd.compress.search import search
 
-            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant, checkpoints)
-            model, prune_spec, specs = result.model, result.prune, [result.quant]
+            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant, checkpoints, cfg.qat_epochs)
+            model, prune_spec, specs, qat = result.model, result.prune, [result.quant], result.qat
             stage.metrics["search"] = result.summary
         else:
             model = job.pruned(prune_spec) if not prune_spec.is_noop else student
+            qat = bool(cfg.qat_epochs)
+            if qat:
+                from edgekd.compress.qat import quantization_aware
+
+                model = quantization_aware(job, model, quantized[0], cfg.qat_epochs, checkpoints / "qat")
         stage.metrics["validation"] = job.evaluate(model, specs)
         stage.metrics["params"] = {"before": count_parameters(student), "after": count_parameters(model)}
         stage.extra.update({"max_length": max_length, "labels": manifest["labels"],
                             "plan": {"pruning": None if prune_spec.is_noop else prune_spec.to_dict(),
-                                     "quant": [s.to_dict() for s in specs]}})
+                                     "quant": [s.to_dict() for s in specs],
+                                     "qat_epochs": cfg.qat_epochs if qat else 0}})
         model.save_pretrained(stage.path)
         tokenizer.save_pretrained(stage.path)
         for name in ("LICENSE", "NOTICE"):
@@ -133,7 +145,8 @@ class Compression:
         if self._scores is None:
             self._scores = importance(self.student, self._ranking_batches())
         model = prune(self.student, spec, self._scores)
-        return self._recover(model, checkpoints) if self.recipe.compress.recovery_epochs > 0 else model
+        epochs = self.recipe.compress.recovery_epochs
+        return self.distill_from_teacher(model, epochs, checkpoints) if epochs > 0 else model
 
     def _ranking_batches(self) -> list[dict]:
         from edgekd.distill.training import collator
@@ -145,8 +158,9 @@ class Compression:
         rows = [{k: v for k, v in data[i].items() if k != "index"} for i in range(len(data))]
         return [pad(rows[i:i + 32]) for i in range(0, len(rows), 32)]
 
-    def _recover(self, model, checkpoints: Path | None = None):
-        """A short distillation from the cached teacher logits (the distill stage's loss and settings)."""
+    def distill_from_teacher(self, model, epochs: float, checkpoints: Path | None = None):
+        """A short distillation from the cached teacher logits (the distill stage's loss and settings):
+        recovery after pruning, quantization-aware training. With `checkpoints`, resumable."""
         from edgekd.distill.cache import teacher_logits
         from edgekd.distill.trainer import DistillationTrainer
         from edgekd.distill.training import collator, last_checkpoint, training_args
@@ -163,7 +177,7 @@ class Compression:
         scratch = checkpoints or self.workdir / ".recovery"
         # One checkpoint (the newest) is enough to resume; the caller deletes it once the model is saved.
         saving = dict(save_strategy="epoch", save_total_limit=1) if checkpoints else dict(save_strategy="no")
-        args = training_args(scratch, epochs=self.recipe.compress.recovery_epochs, learning_rate=cfg.learning_rate,
+        args = training_args(scratch, epochs=epochs, learning_rate=cfg.learning_rate,
                              batch_size=cfg.batch_size, seed=self.recipe.seed, eval_strategy="no",
                              load_best_model_at_end=False, disable_tqdm=True, **saving)
         torch.manual_seed(self.recipe.seed)

@@ -67,21 +67,27 @@ def get_spec(name: str) -> QuantSpec:
 
 def quantize_embeddings(model: torch.nn.Module, bits: str) -> None:
     """Weight-only, per-row quantization of every nn.Embedding with torchao (in place)."""
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization import quantize_
 
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             module.padding_idx = None  # torchao's embedding path ignores it; lowering needs it unset
-    dtype = {"int8": torch.int8, "int4": torch.int4}[bits]
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0)),
-              filter_fn=lambda module, fqn: isinstance(module, torch.nn.Embedding))
+    quantize_(model, embedding_config(bits), filter_fn=lambda module, fqn: isinstance(module, torch.nn.Embedding))
 
 
-def quantize_linears(model: torch.nn.Module, spec: QuantSpec) -> None:
-    """torchao quantization of every nn.Linear per `spec` (in place): int4 grouped / int8 per channel weights,
-    with dynamic int8 activations or weight-only. This is the form XNNPACK lowers (8da4w, 8da8w)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+def embedding_config(bits: str):
+    """The torchao config of weight-only, per-row embedding quantization (also QAT's base config)."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis
+
+    return IntxWeightOnlyConfig(weight_dtype={"int8": torch.int8, "int4": torch.int4}[bits], granularity=PerAxis(0))
+
+
+def linear_config(model: torch.nn.Module, spec: QuantSpec):
+    """The torchao config of `spec`'s Linear quantization: int4 grouped / int8 per channel weights, with
+    dynamic int8 activations or weight-only (also QAT's base config). A group size that does not divide
+    every Linear's input width is refused."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     dtype = {"int8": torch.int8, "int4": torch.int4}[spec.weights]
@@ -92,10 +98,15 @@ def quantize_linears(model: torch.nn.Module, spec: QuantSpec) -> None:
             raise RecipeError(f"QuantSpec {spec.name} groups {spec.group_size} input channels, but this model has "
                               f"Linear layers {widths} wide; choose a group size that divides them (int4: 32)")
     if spec.activations == "dynamic":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity)
-    else:
-        config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
-    quantize_(model, config, filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity)
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
+
+
+def quantize_linears(model: torch.nn.Module, spec: QuantSpec) -> None:
+    """torchao quantization of every nn.Linear per `spec` (in place): the form XNNPACK lowers (8da4w, 8da8w)."""
+    from torchao.quantization import quantize_
+
+    quantize_(model, linear_config(model, spec), filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
 
 
 def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()):

@@ -25,6 +25,7 @@ import torch
 
 from edgekd.benchmarks.stats import latency_stats
 from edgekd.compress.prune import PruneSpec
+from edgekd.compress.qat import qat_supported, quantization_aware
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.compress.search_state import SearchState
 from edgekd.errors import EdgeKDError, RecipeError
@@ -48,13 +49,14 @@ class Candidate:
     model: object = field(repr=False, default=None)
     size_bytes: int | None = None
     latency_ms: dict | None = None
+    qat: bool = False                # weights from quantization-aware distillation
 
     @property
     def name(self) -> str:
-        return candidate_name(self.prune, self.quant)
+        return candidate_name(self.prune, self.quant) + ("+qat" if self.qat else "")
 
     def row(self) -> dict:
-        return {"name": self.name, "prune": self.prune.to_dict(), "quant": self.quant.name,
+        return {"name": self.name, "prune": self.prune.to_dict(), "quant": self.quant.name, "qat": self.qat,
                 "accuracy": self.accuracy, "drop_points": round(self.drop, 3), "size_bytes": self.size_bytes,
                 "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None}
 
@@ -65,6 +67,7 @@ class SearchResult:
     prune: PruneSpec
     quant: QuantSpec
     summary: dict
+    qat: bool = False
 
 
 def candidate_name(prune: PruneSpec, quant: QuantSpec) -> str:
@@ -76,11 +79,13 @@ def log(message: str) -> None:
 
 
 def search(job, fmt, budget: float, objective: str, quant: list[str] | None = None,
-           checkpoints: Path | None = None) -> SearchResult:
+           checkpoints: Path | None = None, qat_epochs: float = 0.0) -> SearchResult:
     """Run the search for `job` (a compress.Compression) on target format `fmt`.
 
     `quant`: the QuantSpecs to try (default: every one `fmt` realizes), least aggressive first.
     `checkpoints`: the folder where results are kept as they complete, and read back on a rerun.
+    `qat_epochs`: a spec over budget after post-training quantization is tried once more after this
+    much quantization-aware distillation (0: never).
     """
     if fmt is None:
         raise EdgeKDError("the budget search measures latency on the target's runtime; name a target")
@@ -95,8 +100,8 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
     base = state.remember("teacher", lambda: {"accuracy": job.teacher_accuracy()})["accuracy"]
     tried: list[Candidate] = []
 
-    def consider(model, prune: PruneSpec, spec: QuantSpec) -> Candidate:
-        name = candidate_name(prune, spec)
+    def consider(model, prune: PruneSpec, spec: QuantSpec, qat: bool = False) -> Candidate:
+        name = candidate_name(prune, spec) + ("+qat" if qat else "")
 
         def evaluate() -> dict:
             try:
@@ -108,7 +113,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
         record = state.remember(name, evaluate)
         if "skipped" in record:
             raise RecipeError(record["skipped"])
-        candidate = Candidate(prune, spec, record["accuracy"], 100 * (base - record["accuracy"]), model)
+        candidate = Candidate(prune, spec, record["accuracy"], 100 * (base - record["accuracy"]), model, qat=qat)
         tried.append(candidate)
         again = " (done before the rerun)" if name in state.reused else ""
         log(f"{candidate.name}: accuracy {100 * candidate.accuracy:.2f} % ({-candidate.drop:+.2f} points){again}")
@@ -116,7 +121,14 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
 
     def fits(model, prune: PruneSpec, spec: QuantSpec) -> bool:
         try:
-            return consider(model, prune, spec).drop <= budget
+            if consider(model, prune, spec).drop <= budget:
+                return True
+            if not qat_epochs or not qat_supported(spec):
+                return False
+            name = f"{candidate_name(prune, spec)}+qat"
+            log(f"{name}: {qat_epochs:g} epochs of quantization-aware distillation")
+            trained = state.model(name, lambda resume: quantization_aware(job, model, spec, qat_epochs, resume))
+            return consider(trained, prune, spec, qat=True).drop <= budget
         except RecipeError as exc:  # e.g. int4 groups of 128 on a 64-wide student
             log(f"{spec.name} after prune-{prune.name}: skipped ({exc})")
             return False
@@ -128,7 +140,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
         quant_ok = passing
         for level in axis:
             try:
-                model = state.pruned(level, job)
+                model = state.model(f"prune-{level.name}", lambda resume: job.pruned(level, resume))
             except EdgeKDError as exc:  # e.g. a one-layer student cannot lose a layer
                 log(f"prune-{level.name}: skipped ({exc})")
                 break
@@ -157,7 +169,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
     summary = {"budget_points": budget, "objective": objective, "teacher_accuracy": base, "chosen": chosen.name,
                "explanation": why, "candidates": table, "front": [c.name for c in front],
                "measured": [c.row() for c in measured]}
-    return SearchResult(chosen.model, chosen.prune, chosen.quant, summary)
+    return SearchResult(chosen.model, chosen.prune, chosen.quant, summary, chosen.qat)
 
 
 def _cost(candidate: Candidate, objective: str) -> str:

@@ -5,8 +5,9 @@ The folder sits beside the stage directory and is named by the stage key
 a fresh search and never reads a stale one. It holds:
 
     results/NAME.json     one per evaluated candidate: its accuracy, or why it was skipped
-    models/LEVEL/         a pruning level's recovered student (save_pretrained: safetensors, never pickle)
-    recovery/LEVEL/       the Trainer checkpoints of the level being recovered, removed once it is saved
+    models/NAME/          a trained model: a pruning level's recovered student, a quantization-aware one
+                          (save_pretrained: safetensors, never pickle)
+    recovery/NAME/        the Trainer checkpoints of the model being trained, removed once it is saved
     measured.json         sizes and latencies of the final timing round, once it is complete
 
 Every file or folder is written under a temporary name and renamed into place, so a kill leaves
@@ -51,27 +52,27 @@ class SearchState:
             atomic_write_text(self.folder / "results" / f"{name}.json", json.dumps(result))
         return result
 
-    def pruned(self, level, job):
-        """The student pruned by `level` and recovered: loaded if an earlier run saved it, else made and saved.
+    def model(self, name: str, train: Callable[[Path | None], object]):
+        """The trained model `name`: loaded if an earlier run saved it, else `train(checkpoints)` and saved.
 
-        The recovery resumes from its own Trainer checkpoint when a killed run left one. A level that cannot
-        be pruned (EdgeKDError) is recorded too, so a rerun skips it with the same message.
+        Its training resumes from its own Trainer checkpoint when a killed run left one. A model that cannot
+        be made (EdgeKDError, e.g. a level that cannot be pruned) is recorded too, so a rerun skips it with the
+        same message.
         """
         from edgekd.models import load_classifier
 
-        name = f"prune-{level.name}"
         if "skipped" in self.results.get(name, {}):
             self.reused.add(name)
             raise EdgeKDError(self.results[name]["skipped"])
         if self.folder is None:
-            return job.pruned(level)
-        saved = self.folder / "models" / level.name
+            return train(None)
+        saved = self.folder / "models" / name
         if saved.is_dir():
             self.reused.add(name)
             return load_classifier(str(saved)).eval()
-        recovery = self.folder / "recovery" / level.name
+        recovery = self.folder / "recovery" / name
         try:
-            model = job.pruned(level, recovery)
+            model = train(recovery)
         except EdgeKDError as exc:
             self.remember(name, lambda: {"skipped": str(exc)})
             raise

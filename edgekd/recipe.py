@@ -153,8 +153,11 @@ class CompressConfig:
     budget: float | None = None    # search: validation accuracy points below the teacher it may lose
     objective: str = "latency"     # search: what to minimize within the budget (latency or size)
     search_quant: list[str] | None = None  # search: QuantSpecs to try (default: every one the target realizes)
+    qat_epochs: float = 0.0        # quantization-aware distillation (0 = off); in a search, for specs over budget
 
     def __post_init__(self):
+        if self.qat_epochs < 0:
+            raise RecipeError(f"compress.qat_epochs must be >= 0, not {self.qat_epochs}")
         if self.budget is not None and self.budget < 0:
             raise RecipeError(f"compress.budget must be >= 0 accuracy points, not {self.budget}")
         if self.objective not in ("latency", "size"):

@@ -198,7 +198,7 @@ class FakeJob:
     def accuracy_of(self, model, spec, reference=None):
         return {"accuracy": model.accuracy - self.QUANT_COST[spec.name]}
 
-    def pruned(self, level):
+    def pruned(self, level, checkpoints=None):
         self.pruned_levels.append(level.name)
         removed = level.ffn / 2 + level.heads / 2 + 0.4 * level.layers
         return FakeModel(self.student.accuracy - 0.02 * removed, int(1000 * (1 - removed)))
@@ -292,3 +292,58 @@ def test_a_negative_budget_is_refused(distilled_run, capsys):
     assert main(["compress", "--recipe", str(recipe), "--student", str(root / "distill"), "--teacher",
                  str(root / "finetune"), "--budget", "-1", "--out", str(root / "neg")]) == 1
     assert "must be >= 0" in capsys.readouterr().err and not (root / "neg").exists()
+
+
+def test_quantization_aware_distillation_trains_a_float_student_for_its_spec(distilled_run, capsys):
+    """compress.qat_epochs with int4: the student trains under torchao's fake int4 quantization and is saved
+    as a plain float model (no fake quantizers left) whose weights moved; the plan records it."""
+    root, recipe = distilled_run
+    data = yaml.safe_load(recipe.read_text())
+    data["compress"].update({"quant": ["int4"], "qat_epochs": 1})
+    qat_recipe = root / "qat.yaml"
+    qat_recipe.write_text(yaml.safe_dump(data))
+    out = root / "compress-qat"
+    assert main(["compress", "--recipe", str(qat_recipe), "--student", str(root / "distill"),
+                 "--teacher", str(root / "finetune"), "--out", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics["validation"]) == {"fp32", "int4"}
+    assert verify_stage(out, "compress")["plan"]["qat_epochs"] == 1
+    trained = AutoModelForSequenceClassification.from_pretrained(out)  # plain modules: the Auto classes load it
+    assert {type(m).__name__ for m in trained.modules()} & {"FakeQuantizedLinear", "FakeQuantizedEmbedding"} == set()
+    student = load_classifier(str(root / "distill"))
+    moved = [not torch.equal(a, b) for (_, a), (_, b) in zip(student.state_dict().items(), trained.state_dict().items())]
+    assert sum(moved) > len(moved) / 2
+    assert not list(root.glob(".compress-qat.*"))  # its training checkpoints are gone with the stage complete
+
+    # One spec only, and a teacher to learn from: each refused in one line, nothing written.
+    data["compress"]["quant"] = ["int8", "int4"]
+    qat_recipe.write_text(yaml.safe_dump(data))
+    assert main(["compress", "--recipe", str(qat_recipe), "--student", str(root / "distill"),
+                 "--teacher", str(root / "finetune"), "--out", str(root / "qat-two")]) == 1
+    assert "list exactly one" in capsys.readouterr().err and not (root / "qat-two").exists()
+    data["compress"]["quant"] = ["int8-static"]
+    qat_recipe.write_text(yaml.safe_dump(data))
+    assert main(["compress", "--recipe", str(qat_recipe), "--student", str(root / "distill"),
+                 "--teacher", str(root / "finetune"), "--out", str(root / "qat-static")]) == 1
+    assert "not int8-static" in capsys.readouterr().err and not (root / "qat-static").exists()
+
+
+def test_search_tries_quantization_aware_training_for_a_spec_over_budget(tmp_path, monkeypatch):
+    """int4 misses the budget after post-training quantization; with qat_epochs it is tried once more after
+    quantization-aware training (here a stand-in that wins back 80 % of the quantization loss) and can be chosen."""
+    from edgekd.compress import search as search_module
+
+    trained = []
+
+    def fake_qat(job, model, spec, epochs, checkpoints=None):
+        trained.append((spec.name, epochs))
+        return FakeModel(model.accuracy + 0.8 * FakeJob.QUANT_COST[spec.name], model.size)
+
+    monkeypatch.setattr(search_module, "quantization_aware", fake_qat)
+    monkeypatch.setattr(search_module, "AXES", ())
+    result = search_module.search(FakeJob(tmp_path), FakeFormat, budget=1.0, objective="size", qat_epochs=2)
+    names = [c["name"] for c in result.summary["candidates"]]
+    assert names == ["fp32", "int8", "int4", "int4+qat"] and trained == [("int4", 2)]
+    assert result.summary["chosen"] == "int4+qat" and result.qat and result.quant.name == "int4"
+    without = search_module.search(FakeJob(tmp_path), FakeFormat, budget=1.0, objective="size")
+    assert without.summary["chosen"] == "int8" and not without.qat and len(trained) == 1

@@ -200,7 +200,7 @@ def _kill_while_recovering(argv: list[str], out: Path) -> Path:
     """Start the search, SIGKILL it once the second pruning level's recovery has a complete Trainer checkpoint
     (two candidates and the first level are done by then); return the search's checkpoint folder."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    recovering = f".{out.name}.checkpoints-*/recovery/layers1/checkpoint-*/trainer_state.json"
+    recovering = f".{out.name}.checkpoints-*/recovery/prune-layers1/checkpoint-*/trainer_state.json"
     try:
         deadline = time.monotonic() + 240
         while not list(out.parent.glob(recovering)):
@@ -238,8 +238,8 @@ def test_search_resumes_after_sigkill(setup):
         folder = _kill_while_recovering(_search_command(root / "search.yaml", setup, out), out)
         assert not out.exists() and not list(out.parent.glob(f".{out.name}.*/manifest.json"))
         done = sorted(p.stem for p in folder.glob("results/*.json") if p.stem != "teacher")
-        assert done == ["fp32", "prune-ffn50+fp32"] and (folder / "models/ffn50").is_dir()
-        checkpoints = list(folder.glob("recovery/layers1/checkpoint-*"))
+        assert done == ["fp32", "prune-ffn50+fp32"] and (folder / "models/prune-ffn50").is_dir()
+        checkpoints = list(folder.glob("recovery/prune-layers1/checkpoint-*"))
         assert len(checkpoints) == 1, "the second level was saved before the kill landed: kill sooner"
 
         # A search left by another recipe (another key) with poisoned results: the rerun must not read it.
