@@ -311,10 +311,13 @@ class AndroidDevice:
                             adb.push(file, f"{DEVICE_DIR}/{file.name}")
                 for art in todo:  # warm-up: one untimed run each, so the first timed run finds caches as the rest
                     if settings.warmup and runners[art.name] == "executor_runner":
-                        self._run(adb, art, "executor_runner", settings, settings.warmup, warmup=True)
+                        warm = self._run(adb, art, "executor_runner", settings, settings.warmup)
+                        if warm.get("error"):
+                            rows[art.name]["error"] = warm["error"]
+                            error = error or warm["error"]
                 for round_ in range(settings.rounds):
                     for art in todo:
-                        if rows[art.name].get("error") and round_ == 0 or art.name not in parts:
+                        if rows[art.name].get("error"):  # crashed in an earlier round
                             continue
                         self.sleep(settings.cooldown)
                         before = adb.cpu_freqs_khz()
@@ -340,8 +343,7 @@ class AndroidDevice:
                 "size_bytes": art.manifest.get("size_bytes"), "runtime": runtime, "runner": runner,
                 "versions": versions, "runs_planned": settings.rounds}
 
-    def _run(self, adb: Adb, art: Artifact, runner: str, settings: Settings, iterations: int,
-             warmup: bool = False) -> dict:
+    def _run(self, adb: Adb, art: Artifact, runner: str, settings: Settings, iterations: int) -> dict:
         if runner == "executor_runner":
             inputs = ",".join(f"{DEVICE_DIR}/{art.name}.{n}.bin" for n in ("input_ids", "attention_mask"))
             adb("logcat", "-c")

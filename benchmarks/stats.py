@@ -25,6 +25,8 @@ def aggregate_stats(n: int, mean: float, std: float | None = None, low: float | 
 def pooled_stats(parts: list[dict]) -> dict:
     """Several runs of one variant (device rounds) as one: their samples pooled when every run kept
     samples, else the count-weighted mean of the aggregates."""
+    if len(parts) == 1:
+        return dict(parts[0])
     if parts and all(p["samples"] for p in parts):
         return latency_stats([s for p in parts for s in p["samples"]])
     n = sum(p["n"] for p in parts)
