@@ -1,8 +1,8 @@
 """iPhone (and Mac) through Xcode: `edgekd bench ART... --device ios[:UDID] --xctestrun FILE --out DIR`.
 
 ExecuTorch's Benchmark app (extension/benchmark/apple/Benchmark) turns every .pte in its
-Resources folder into XCTest performance tests, `test_load_<model>_...` and
-`test_forward_<model>_...`, measured with XCTClockMetric and XCTMemoryMetric. Build it once for
+Resources folder into XCTest performance tests, `test_load_<file>_...` and
+`test_forward_<file>_...` (file name with punctuation as '_'), measured with XCTClockMetric and XCTMemoryMetric. Build it once for
 testing with the artifacts copied into Resources (the README gives the commands), then edgekd runs
 
     xcodebuild test-without-building -xctestrun FILE -destination id=UDID
@@ -52,9 +52,10 @@ def parse_xcodebuild(text: str) -> dict[str, dict]:
     return tests
 
 
-def _token(name: str) -> str:
-    """A file stem as it appears in a dynamic test name (non-identifier characters become '_')."""
-    return re.sub(r"\W", "_", name)
+def _token(file_name: str) -> str:
+    """A resource file as it appears in a dynamic test name: ResourceTestCase.m joins the parts of the
+    file name split at punctuation with '_' (model-x.pte -> model_x_pte)."""
+    return re.sub(r"[^\w]|_", "_", file_name)
 
 
 class IOSDevice:
@@ -88,7 +89,7 @@ class IOSDevice:
         machine = {"device": f"ios:{self.udid}", "os": "iOS (from the test names)", "cpu": None, "threads": None}
         results = []
         for art in todo:
-            token = _token(art.file.stem)
+            token = _token(art.file.name)
             forward = next((t for name, t in tests.items() if name.startswith("test_forward_") and token in name), None)
             load = next((t for name, t in tests.items() if name.startswith("test_load_") and token in name), None)
             clock = (forward or {}).get("Clock Monotonic Time, s")
