@@ -211,7 +211,8 @@ def _plot_runtimes(runtimes):
     for art in (r for r in rows if r.get("kind") == "artifact"):
         groups.append((art, [r for r in rows if r.get("kind") == "baseline" and art["name"] in (r.get("of") or [])]))
     runtimes_seen = list(dict.fromkeys(f"{r.get('runtime')} {r.get('quant')}" for g in groups for r in [g[0], *g[1]]))
-    palette = ["#55A868", "#4C72B0", "#DD8452", "#8172B3", "#C44E52", "#937860"]
+    palette = ["#55A868", "#4C72B0", "#DD8452", "#8172B3", "#C44E52", "#937860", "#DA8BC3", "#8C8C8C",
+               "#CCB974", "#64B5CD"]  # one colour per runtime and precision (10 before any repeats)
     colors = {name: palette[i % len(palette)] for i, name in enumerate(runtimes_seen)}
     width = 0.8 / max(1 + max(len(b) for _, b in groups), 1)
     fig, ax = _figure(max(6.0, 2.2 * len(groups) + 2), 4.4)
@@ -230,7 +231,8 @@ def _plot_runtimes(runtimes):
     _set_xticks(ax, range(len(groups)), [_name(a) for a, _ in groups])
     ax.set_ylabel("Latency p50 (ms), whisker to p90")
     ax.set_title("Each artifact against the same model in other runtimes")
-    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    # Beside the axes: below them it collided with the rotated artifact names.
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="runtime")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
