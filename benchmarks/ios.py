@@ -2,7 +2,8 @@
 
 ExecuTorch's Benchmark app (extension/benchmark/apple/Benchmark) turns every .pte in its
 Resources folder into XCTest performance tests, `test_load_<file>_...` and
-`test_forward_<file>_...` (file name with punctuation as '_'), measured with XCTClockMetric and XCTMemoryMetric. Build it once for
+`test_forward_<file>_...` (file name with punctuation as '_'), measured with XCTClockMetric and
+XCTMemoryMetric. Build it once for
 testing with the artifacts copied into Resources (the README gives the commands), then edgekd runs
 
     xcodebuild test-without-building -xctestrun FILE -destination id=UDID

@@ -48,7 +48,8 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
         exports = [Path(entry["path"]) for entry in bench["inputs"].values()]
         root = run_dir.parent
     else:
-        exports = sorted(p for p in (run_dir / "export").glob("*") if p.is_dir()) if (run_dir / "export").is_dir() else []
+        export_dir = run_dir / "export"
+        exports = sorted(p for p in export_dir.glob("*") if p.is_dir()) if export_dir.is_dir() else []
         bench = verify_stage(run_dir / "bench", "bench") if (run_dir / "bench").is_dir() else None
         root = run_dir
     if not exports:

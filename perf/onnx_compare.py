@@ -170,10 +170,11 @@ def main() -> int:
             prof = json.loads(done.stdout.strip().splitlines()[-1])
 
     print(f"student: layers {LAYERS} of all-MiniLM-L6-v2, {facts['vocab_rows']} vocabulary rows, "
-          f"{facts['params'] / 1e6:.2f} M parameters, max_length {MAX_LENGTH}; .pte int8 {facts['pte_bytes'] / 1e6:.2f} "
-          f"MB, ONNX int8 {facts['onnx_int8_bytes'] / 1e6:.2f} MB; top-1 agreement with fp32 "
+          f"{facts['params'] / 1e6:.2f} M parameters, max_length {MAX_LENGTH}; "
+          f".pte int8 {facts['pte_bytes'] / 1e6:.2f} MB, ONNX int8 {facts['onnx_int8_bytes'] / 1e6:.2f} MB; top-1 agreement with fp32 "
           f"{facts['top1_agreement_with_fp32']}")
-    print(f"{'threads':>7} {'runtime':<18} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8} {'cpu ms':>8} {'vs ORT int8':>12}")
+    print(f"{'threads':>7} {'runtime':<18} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8} {'cpu ms':>8} "
+          f"{'vs ORT int8':>12}")
     for run in runs:
         ort = run["rows"]["onnxruntime_int8"]["latency_ms"]["p50"]
         for name, row in run["rows"].items():
