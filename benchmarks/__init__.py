@@ -1,1 +1,2 @@
-"""Runtime runners, statistics and the benchmark result schema."""
+"""The bench stage: devices (host, Android over adb, iOS through xcodebuild), baseline runtimes, statistics,
+and the versioned result (edgekd.bench/2)."""

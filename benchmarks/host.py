@@ -1,23 +1,27 @@
-"""Stage 5 on the host: every artifact measured by its own runtime, interleaved (A B A B ...).
+"""The host device: every artifact measured by its own runtime on this CPU, interleaved (A B A B ...).
 
 Interleaving spreads the machine's drift (other load, frequency changes) evenly over the
 variants, so ratios between them from one run are trustworthy even when absolute times are not.
+Baselines (PyTorch eager, ONNX Runtime: benchmarks/runtimes.py) join the same loop.
+
+Per variant it records: load time; p50/p90/p99/mean/std of wall time per call; CPU time per
+call (the process's CPU time, all threads, during that variant's calls: what an inference costs
+a server, not wall time x threads); the RSS added by loading it; and the process's RSS
+high-water mark after its load and warm-up (getrusage ru_maxrss: cumulative over the variants
+loaded before it, so it is an upper bound for one variant alone).
 """
 from __future__ import annotations
 
 import os
 import platform
+import resource
+import sys
 import time
 from pathlib import Path
 
-import torch
-
+from edgekd.benchmarks.devices import DEVICES, Artifact, Measurement, Settings
 from edgekd.benchmarks.stats import latency_stats
-from edgekd.errors import BenchError
-from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
-from edgekd.targets import RuntimeUnavailable, get_format
-
-RESULT_SCHEMA = "edgekd.bench/1"
+from edgekd.targets import RuntimeUnavailable
 
 
 def cpu_model() -> str:
@@ -30,55 +34,126 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
 
 
-def bench(artifact_dirs: list[Path], out: Path, iterations: int = 100, warmup: int = 10,
-          threads: int = 0) -> dict:
-    if not artifact_dirs:
-        raise BenchError("no artifacts to measure; give one or more export directories")
-    artifacts = []
-    for path in artifact_dirs:
-        manifest, source = stage_input(path, "export")
-        fmt = get_format(manifest["params"]["target"], manifest["params"]["format"])
-        artifacts.append((Path(path), manifest, source, fmt))
-    params = {"iterations": iterations, "warmup": warmup, "threads": threads, "device": "host"}
-    inputs = {manifest["params"]["model_name"] + "/" + manifest["quant"]["name"]: source
-              for _, manifest, source, _ in artifacts}
-    if is_done(out, "bench", params, inputs):
-        return read_manifest(out)["metrics"]
-    with write_stage(out, "bench", params, inputs) as stage:
-        runs, skipped = [], []
-        for path, manifest, _, fmt in artifacts:
-            rss = _rss_mb()
+def peak_rss_mb() -> float:
+    """The process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+class Variant:
+    """A loaded runner and what the timed loop records for it."""
+
+    def __init__(self, row: dict, runner, inputs):
+        self.row, self.runner, self.inputs = row, runner, inputs
+        self.samples: list[float] = []
+        self.cpu_s = 0.0
+
+    def call(self) -> None:
+        cpu, start = time.process_time(), time.perf_counter()
+        self.runner(*self.inputs)
+        self.samples.append((time.perf_counter() - start) * 1e3)
+        self.cpu_s += time.process_time() - cpu
+
+
+def measure_interleaved(variants: list[Variant], iterations: int, seconds: float | None = None) -> int:
+    """Call every variant once per round, A B A B ..., for `iterations` rounds or until `seconds` pass.
+
+    Returns the number of rounds. A variant whose runner raises leaves the loop; its error is
+    recorded in its row and the others go on.
+    """
+    rounds, started = 0, time.perf_counter()
+    while variants and (rounds < iterations if seconds is None else
+                        rounds == 0 or time.perf_counter() - started < seconds):
+        for variant in list(variants):
             try:
-                runner = fmt.runner(path / manifest["artifact"], threads)
+                variant.call()
+            except Exception as exc:  # a runtime that fails mid-run: keep the others, say which one
+                variant.row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                variants.remove(variant)
+        rounds += 1
+    return rounds
+
+
+def finish(variant: Variant) -> dict:
+    row = variant.row
+    row["latency_ms"] = latency_stats(variant.samples)
+    row["cpu_ms_per_inference"] = round(variant.cpu_s * 1e3 / len(variant.samples), 4)
+    return row
+
+
+def sample_inputs(manifest: dict):
+    import torch
+
+    sample = manifest["sample_input"]
+    return (torch.tensor([sample["input_ids"]], dtype=torch.int32),
+            torch.tensor([sample["attention_mask"]], dtype=torch.int32))
+
+
+class HostDevice:
+    """This machine."""
+
+    def __init__(self, ident: str | None = None):
+        if ident:
+            from edgekd.errors import BenchError
+            raise BenchError(f"--device host takes no id (got 'host:{ident}')")
+
+    def measure(self, artifacts: list[Artifact], settings: Settings, cache: Path) -> Measurement:
+        from edgekd.benchmarks.runtimes import BASELINES, baseline_quant, source_model
+
+        variants, skipped, built = [], [], {}
+
+        def load(row: dict, make, inputs) -> None:
+            before = rss_mb()
+            try:
+                runner = make()
             except RuntimeUnavailable as exc:  # e.g. Core ML off Apple hardware: measured on the device
-                skipped.append({"name": path.name, "reason": str(exc)})
-                continue
-            sample = manifest["sample_input"]
-            ids = torch.tensor([sample["input_ids"]], dtype=torch.int32)
-            mask = torch.tensor([sample["attention_mask"]], dtype=torch.int32)
-            for _ in range(warmup):
-                runner(ids, mask)
-            runs.append({"path": path, "manifest": manifest, "runner": runner, "inputs": (ids, mask),
-                         "samples": [], "load_ms": runner.load_ms, "rss_added_mb": _rss_mb() - rss})
-        for _ in range(iterations):
-            for run in runs:
-                start = time.perf_counter()
-                run["runner"](*run["inputs"])
-                run["samples"].append((time.perf_counter() - start) * 1e3)
-        results = [{
-            "name": run["path"].name, "artifact": str(run["path"] / run["manifest"]["artifact"]),
-            "runtime": type(run["runner"]).runtime, "versions": run["runner"].versions(),
-            "load_ms": run["load_ms"], "rss_added_mb": round(run["rss_added_mb"], 1),
-            "latency_ms": latency_stats(run["samples"]),
-        } for run in runs]
-        stage.metrics = {"schema": RESULT_SCHEMA, "results": results, "skipped": skipped, "complete": True}
-        stage.extra["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads or os.cpu_count(),
-                                  "os": platform.platform(), "device": "host"}
-    return stage.metrics
+                skipped.append({"name": row["name"], "reason": str(exc)})
+                return
+            row.update(runtime=type(runner).runtime, versions=runner.versions(), load_ms=round(runner.load_ms, 3),
+                       threads=settings.threads or os.cpu_count())
+            row.setdefault("quant", getattr(runner, "quant", None))
+            row.setdefault("size_bytes", getattr(runner, "size_bytes", None))
+            variant = Variant(row, runner, inputs)
+            for _ in range(settings.warmup):
+                runner(*inputs)
+            row["rss_added_mb"] = round(rss_mb() - before, 1)
+            row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            variants.append(variant)
+
+        for art in artifacts:
+            inputs = sample_inputs(art.manifest)
+            load({"name": art.name, "kind": "artifact", "artifact": str(art.file), "quant": art.quant,
+                  "size_bytes": art.manifest.get("size_bytes")},
+                 lambda art=art: art.fmt.runner(art.file, settings.threads), inputs)
+            for name in settings.baselines:
+                baseline = BASELINES.get(name)
+                quant = "fp32" if name == "torch" else baseline_quant(art.quant)
+                key = (name, art.manifest["inputs"]["model"]["sha256"], quant)
+                if key in built:  # one baseline serves every artifact of the same model and precision
+                    built[key]["of"].append(art.name)
+                    continue
+                source = source_model(art.manifest)
+                row = {"name": f"{art.manifest['params']['model_name']}-{quant}-{name}", "kind": "baseline",
+                       "of": [art.name], "artifact": str(source), "quant": quant, "describe": baseline.describe}
+                built[key] = row
+                load(row, lambda b=baseline, s=source, q=quant: b.build(
+                    s, q, art.manifest["max_length"], settings.threads, cache), inputs)
+
+        expected = [v.row["name"] for v in variants]
+        measure_interleaved(list(variants), settings.iterations, settings.seconds)
+        results = [finish(v) if "error" not in v.row else v.row for v in variants]
+        failed = [r for r in results if "error" in r]
+        machine = {"device": "host", "cpu": cpu_model(), "cores": os.cpu_count(),
+                   "threads": settings.threads or os.cpu_count(), "os": platform.platform()}
+        error = "; ".join(f"{r['name']} failed: {r['error']}" for r in failed) or None
+        return Measurement([r for r in results if "error" not in r], skipped, machine, error, expected)
+
+
+DEVICES.register("host")(HostDevice)

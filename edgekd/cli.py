@@ -22,8 +22,10 @@ EXAMPLES = {
                 "--teacher runs/mine/finetune --budget 1.0 --objective latency --out runs/mine/compress",
     "export": "edgekd export --recipe my-recipe.yaml --model runs/mine/compress --target android --quant int8 "
               "--out runs/mine/export/student-int8",
-    "bench": "edgekd bench runs/mine/export/* --out runs/mine/bench --iterations 200",
-    "report": "edgekd report runs/mine\n  edgekd report runs/mine --json",
+    "bench": "edgekd bench runs/mine/export/* --out runs/mine/bench --iterations 200 --baselines torch,onnxruntime"
+             "\n  edgekd bench runs/mine/export/*executorch* --device android --executor-runner "
+             "cmake-out-android/executor_runner --out runs/mine/bench-android",
+    "report": "edgekd report runs/mine\n  edgekd report runs/mine --json --price-per-core-hour 0.05",
     "verify": "edgekd verify runs/mine/export/student-int8-android-executorch",
     "bundle": "edgekd bundle runs/mine/export/student-int8-android-executorch --platform android "
               "--recipe my-recipe.yaml --out runs/mine/bundle/android\n"
@@ -122,25 +124,39 @@ def cmd_export(args) -> str:
 
 
 def cmd_bench(args) -> str:
-    from edgekd.benchmarks.host import bench
+    from edgekd.benchmarks.devices import Settings
+    from edgekd.benchmarks.runtimes import parse_baselines
+    from edgekd.benchmarks.stage import bench
 
-    if args.device != "host":
-        raise EdgeKDError(f"device '{args.device}' is not supported yet; use --device host")
-    metrics = bench([Path(p) for p in args.artifacts], Path(args.out), args.iterations, args.warmup, args.threads)
+    baselines = tuple(b.name for b in parse_baselines(args.baselines))
+    options = {"executor_runner": args.executor_runner, "benchmark_model": args.benchmark_model,
+               "android_runner": args.android_runner, "xctestrun": args.xctestrun}
+    settings = Settings(iterations=args.iterations, warmup=args.warmup, threads=args.threads, seconds=args.seconds,
+                        baselines=baselines, cooldown=args.cooldown, timeout=args.timeout, rounds=args.rounds,
+                        options={k: v for k, v in options.items() if v is not None})
+    metrics = bench([Path(p) for p in args.artifacts], Path(args.out), device=args.device, settings=settings)
     if args.json:
         return json.dumps(metrics, indent=2)
-    return "\n".join(f"{row['name']:<48} p50 {row['latency_ms']['p50']:8.3f} ms  "
-                     f"p90 {row['latency_ms']['p90']:8.3f} ms  load {row['load_ms']:7.1f} ms"
-                     for row in metrics["results"])
+    return "\n".join(_bench_line(row) for row in metrics["results"])
+
+
+def _bench_line(row: dict) -> str:
+    lat = row["latency_ms"]
+    p50 = f"p50 {lat['p50']:8.3f} ms  p90 {lat['p90']:8.3f} ms" if lat.get("p50") is not None else \
+        f"mean {lat['mean']:7.3f} ms (the tool keeps no per-run times)"
+    load = f"  load {row['load_ms']:7.1f} ms" if row.get("load_ms") is not None else ""
+    cpu = f"  cpu {row['cpu_ms_per_inference']:7.3f} ms/inference" if row.get("cpu_ms_per_inference") else ""
+    return f"{row['name']:<48} {p50}{load}{cpu}"
 
 
 def cmd_report(args) -> str:
-    from edgekd.report import machine_summary, write_report
+    from edgekd.report import machine_summary, report_dir, write_report
 
-    summary = write_report(Path(args.run_dir))
+    out = report_dir(Path(args.run_dir), Path(args.out) if args.out else None)
+    summary = write_report(Path(args.run_dir), price_per_core_hour=args.price_per_core_hour, out=out)
     if args.json:
         return json.dumps(machine_summary(summary), indent=2)
-    return (Path(args.run_dir) / "report.md").read_text(encoding="utf-8")
+    return (out / "report.md").read_text(encoding="utf-8")
 
 
 def cmd_verify(args) -> str:
@@ -240,17 +256,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
 
-    p = add("bench", cmd_bench, "measure latency of exported artifacts, interleaved")
+    p = add("bench", cmd_bench, "measure latency of exported artifacts on this machine or a device, interleaved")
     p.add_argument("artifacts", nargs="+", help="export stage directories")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="host", help="host (default)")
-    p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--threads", type=int, default=0, help="0: the runtime's default")
+    p.add_argument("--out", required=True, help="bench stage directory to write (edgekd.bench/2 result)")
+    p.add_argument("--device", default="host",
+                   help="host (default), android[:SERIAL] (adb), ios[:UDID] (macOS with Xcode)")
+    p.add_argument("--iterations", type=int, default=100, help="timed runs per variant (default: 100)")
+    p.add_argument("--seconds", type=float, help="host: a time budget for the timed loop instead of --iterations")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per variant first (default: 10)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0: the runtime's default")
+    p.add_argument("--baselines", help="host: also measure the artifacts' source model in these runtimes, "
+                                       "comma-separated: torch, onnxruntime")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="devices: runs per artifact, interleaved A B A B, iterations split between them")
+    p.add_argument("--cooldown", type=float, default=0.0, help="devices: idle seconds before each run (default: 0)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="devices: seconds any one device command may take (default: 600)")
+    p.add_argument("--executor-runner", help="android: ExecuTorch executor_runner built for Android (see README)")
+    p.add_argument("--benchmark-model", help="android: LiteRT benchmark_model built for Android (see README)")
+    p.add_argument("--android-runner", choices=("executor_runner", "minibench"),
+                   help="android: what runs .pte files (default: executor_runner)")
+    p.add_argument("--xctestrun", help="ios: the .xctestrun of ExecuTorch's Benchmark app (build-for-testing)")
     p.add_argument("--json", action="store_true")
 
-    p = add("report", cmd_report, "write report.md/.html/.json and plots for a run directory")
-    p.add_argument("run_dir")
+    p = add("report", cmd_report, "write report.md/.html/.json and plots for a run or bench directory")
+    p.add_argument("run_dir", help="a run directory (export/ and bench/), or a bench stage directory")
+    p.add_argument("--out", help="where to write the report (default: the run directory; for a bench "
+                                 "directory, its parent)")
+    p.add_argument("--price-per-core-hour", type=float, default=None,
+                   help="USD per CPU core-hour for the inference-cost row (default: 0.05)")
     p.add_argument("--json", action="store_true", help="print one JSON object with a `variants` list")
 
     p = add("verify", cmd_verify, "re-check the checksums of a stage directory")

@@ -47,7 +47,7 @@ def run(recipe: Recipe, out: Path) -> dict:
     plan = variant_plan(recipe)  # a bad spec or target fails here, before hours of training
     dataset = load_dataset(recipe)  # and bad data, before the heavy imports below
 
-    from edgekd.benchmarks.host import bench
+    from edgekd.benchmarks.stage import bench
     from edgekd.compress.compress import compress
     from edgekd.distill.distill import distill
     from edgekd.distill.finetune import finetune

@@ -6,11 +6,14 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgekd.errors import StageError
+from edgekd.errors import EdgeKDError, StageError
 from edgekd.manifest import atomic_write_text, read_manifest, verify_stage
 from edgekd.report_render import SCHEMA, render_report
 
 _TITLES = {"teacher": "Teacher (fine-tuned)", "student": "Student (distilled)"}
+# USD per CPU core-hour for the inference-cost row: about the on-demand price of one vCPU of a
+# general-purpose cloud VM (2026). `edgekd report --price-per-core-hour` sets your own.
+DEFAULT_PRICE_PER_CORE_HOUR = 0.05
 
 
 def _title(role: str, quant: str) -> str:
@@ -18,14 +21,42 @@ def _title(role: str, quant: str) -> str:
     return f"{base}, {quant}" if quant != "fp32" else base
 
 
-def collect(run_dir: Path) -> dict:
-    """The edgekd.report/1 summary of a run directory (every stage's manifest verified first)."""
+def _is_bench_dir(path: Path) -> bool:
+    try:
+        return read_manifest(path).get("stage") == "bench"
+    except StageError:
+        return False
+
+
+def report_dir(path: Path, out: Path | None = None) -> Path:
+    """Where the report goes: --out, else the run directory, else a bench directory's parent (a stage
+    directory holds only what its manifest lists)."""
+    if out is not None:
+        return Path(out)
+    return Path(path).parent if _is_bench_dir(Path(path)) else Path(path)
+
+
+def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
+    """The edgekd.report/1 summary of a run directory, or of a bench stage directory and the export
+    directories it measured (every stage's manifest verified first)."""
     run_dir = Path(run_dir)
-    exports = sorted(p for p in (run_dir / "export").glob("*") if p.is_dir()) if (run_dir / "export").is_dir() else []
+    price = DEFAULT_PRICE_PER_CORE_HOUR if price_per_core_hour is None else price_per_core_hour
+    if price < 0:
+        raise EdgeKDError("--price-per-core-hour must be 0 or more")
+    if _is_bench_dir(run_dir):
+        bench = verify_stage(run_dir, "bench")
+        exports = [Path(entry["path"]) for entry in bench["inputs"].values()]
+        root = run_dir.parent
+    else:
+        export_dir = run_dir / "export"
+        exports = sorted(p for p in export_dir.glob("*") if p.is_dir()) if export_dir.is_dir() else []
+        bench = verify_stage(run_dir / "bench", "bench") if (run_dir / "bench").is_dir() else None
+        root = run_dir
     if not exports:
         raise StageError(f"{run_dir} has no export/ stage directories; run `edgekd run` or `edgekd export` first")
-    bench = verify_stage(run_dir / "bench", "bench") if (run_dir / "bench").is_dir() else None
-    latency = {Path(r["artifact"]).parent.name: r for r in bench["metrics"]["results"]} if bench else {}
+    results = bench["metrics"]["results"] if bench else []
+    artifacts = [r for r in results if r.get("kind", "artifact") == "artifact"]
+    latency = {Path(r["artifact"]).parent.name: r for r in artifacts}
     variants = []
     for path in exports:
         manifest = verify_stage(path, "export")
@@ -34,12 +65,14 @@ def collect(run_dir: Path) -> dict:
         test = manifest["metrics"]["test"]
         variants.append({
             "name": path.name, "role": role, "title": _title(role, quant),
-            "artifact": str((path / manifest["artifact"]).relative_to(run_dir)),
+            "artifact": _relative(path / manifest["artifact"], root),
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"], "quant": quant,
             "accuracy": (test or {}).get("accuracy"), "macro_f1": (test or {}).get("macro_f1"),
             "ece": (test or {}).get("ece"),
             "predictions": manifest.get("test_predictions"),
             "latency_ms": measured.get("latency_ms"), "runtime": measured.get("runtime"),
+            "load_ms": measured.get("load_ms"), "peak_rss_mb": measured.get("peak_rss_mb"),
+            **_cost(measured.get("cpu_ms_per_inference"), price),
         })
     order = {"teacher": 0, "student": 1, "compressed": 2}
     variants.sort(key=lambda v: (order.get(v["role"], 3), v["name"]))
@@ -48,31 +81,77 @@ def collect(run_dir: Path) -> dict:
         predictions = v.pop("predictions")
         v["agreement"] = (sum(a == b for a, b in zip(predictions, reference)) / len(reference)
                           if reference and predictions and len(predictions) == len(reference) else None)
-    finetune = read_manifest(run_dir / "finetune", "finetune") if (run_dir / "finetune").is_dir() else None
+    finetune = read_manifest(root / "finetune", "finetune") if (root / "finetune").is_dir() else None
     teacher = next((v for v in variants if v["role"] == "teacher"), None)
     machine = dict(bench["machine"]) if bench else {"os": platform.platform()}
-    if bench and bench["metrics"]["results"]:
-        first = bench["metrics"]["results"][0]
-        machine["runtime"] = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
+    if artifacts:
+        machine["runtime"] = ", ".join(sorted({f"{k} {v}" for r in artifacts for k, v in r["versions"].items()}))
     return {
         "schema": SCHEMA,
-        "title": f"edgekd report: {run_dir.name}",
+        "title": f"edgekd report: {root.name if not _is_bench_dir(run_dir) else run_dir.name}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "dataset": {"name": _recipe_name(run_dir), "labels": finetune["labels"] if finetune else None,
+        "dataset": {"name": _recipe_name(root), "labels": finetune["labels"] if finetune else None,
                     "test_size": finetune["metrics"]["test"]["n"] if finetune else None,
                     "max_length": finetune["max_length"] if finetune else None},
         "variants": variants,
         "ratios": [_ratio(teacher, v) for v in variants if teacher and v["role"] != "teacher"],
+        "runtimes": _runtimes(results, bench, price) if bench else None,
+        "price_per_core_hour": price,
         "baseline": finetune["metrics"].get("baseline") if finetune else None,
-        "stages": _stage_times(run_dir),
-        "search": _search(run_dir),
-        "notes": ([f"Latency: {bench['params']['iterations']} interleaved iterations per variant after "
-                   f"{bench['params']['warmup']} warm-up, batch 1, fixed length; ratios are from this one run."]
-                  + [f"{s['name']}: not run here ({s['reason']}); accuracy and latency come from the device"
-                     for s in bench["metrics"].get("skipped", [])])
-                 if bench else ["No bench stage: latency not measured."],
+        "stages": _stage_times(root),
+        "search": _search(root),
+        "notes": _notes(bench, price),
     }
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _cost(cpu_ms: float | None, price: float) -> dict:
+    """CPU time per inference, and what a million of them cost at `price` USD per core-hour."""
+    if cpu_ms is None:
+        return {"cpu_ms_per_inference": None, "cost_per_million_usd": None}
+    # 1e6 inferences x cpu_ms / 3.6e6 ms per core-hour x price
+    return {"cpu_ms_per_inference": cpu_ms, "cost_per_million_usd": round(cpu_ms * price / 3.6, 4)}
+
+
+def _runtimes(results: list[dict], bench: dict, price: float) -> dict | None:
+    """Every measured row of the bench (artifacts and baselines) and the run's speed-ups, when it has
+    baselines or more than one runtime to compare."""
+    rows = [{"name": r["name"], "kind": r.get("kind", "artifact"), "runtime": r.get("runtime"),
+             "quant": r.get("quant"), "of": r.get("of"), "size_bytes": r.get("size_bytes"),
+             "latency_ms": r.get("latency_ms"), "load_ms": r.get("load_ms"), "peak_rss_mb": r.get("peak_rss_mb"),
+             **_cost(r.get("cpu_ms_per_inference"), price)} for r in results]
+    if not any(r["kind"] == "baseline" for r in rows):
+        return None
+    return {"rows": rows, "ratios": bench["metrics"].get("ratios", [])}
+
+
+def _notes(bench: dict | None, price: float) -> list[str]:
+    if not bench:
+        return ["No bench stage: latency not measured."]
+    params, metrics, machine = bench["params"], bench["metrics"], bench.get("machine", {})
+    runs = (f"{params['seconds']} s of interleaved runs" if params.get("seconds") else
+            f"{params['iterations']} interleaved iterations per variant")
+    notes = [f"Latency on {params.get('device', 'host')}: {runs} after {params['warmup']} warm-up, batch 1, "
+             f"fixed length; ratios are from this one run."]
+    if machine.get("device", "host") == "host":
+        notes.append(f"CPU time per inference: this process's CPU time (all threads) during a variant's calls, "
+                     f"divided by its calls; cost per million inferences at {price} USD per core-hour "
+                     f"(--price-per-core-hour).")
+    else:
+        notes.append("CPU time per inference: not measured on a device (the device tools report wall time only).")
+    if not metrics.get("complete", True):
+        notes.append(f"PARTIAL RUN: {len(metrics.get('finished', []))} of {len(metrics.get('expected', []))} "
+                     f"variants finished ({metrics.get('error')}).")
+    notes += [f"{s['name']}: not run here ({s['reason']}); accuracy and latency come from the device"
+              for s in metrics.get("skipped", [])]
+    return notes
 
 
 def _search(run_dir: Path) -> dict | None:
@@ -96,7 +175,11 @@ def _ratio(teacher: dict, variant: dict) -> dict:
     def div(a, b):
         return round(a / b, 2) if a is not None and b else None
 
-    t_lat, v_lat = (teacher.get("latency_ms") or {}).get("p50"), (variant.get("latency_ms") or {}).get("p50")
+    def typical(v):  # p50; a device tool that keeps no per-run times gives only the mean
+        lat = v.get("latency_ms") or {}
+        return lat.get("p50") if lat.get("p50") is not None else lat.get("mean")
+
+    t_lat, v_lat = typical(teacher), typical(variant)
     measured = variant["accuracy"] is not None and teacher["accuracy"] is not None
     return {"variant": variant["name"], "size_x": div(teacher["size_bytes"], variant["size_bytes"]),
             "latency_p50_x": div(t_lat, v_lat), "params_x": div(teacher["params"], variant["params"]),
@@ -116,23 +199,32 @@ def _stage_times(run_dir: Path) -> list[dict]:
     return rows
 
 
-def write_report(run_dir: Path) -> dict:
-    """Write report.md/.html/.json and plots into run_dir; return the summary."""
-    summary = collect(run_dir)
-    render_report(summary, Path(run_dir))
-    atomic_write_text(Path(run_dir) / "report.json", json.dumps(summary, indent=2) + "\n")
+def write_report(run_dir: Path, price_per_core_hour: float | None = None, out: Path | None = None) -> dict:
+    """Write report.md/.html/.json and plots into `out` (default: report_dir(run_dir)); return the summary."""
+    summary = collect(run_dir, price_per_core_hour)
+    out = report_dir(Path(run_dir), out)
+    out.mkdir(parents=True, exist_ok=True)
+    render_report(summary, out)
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def machine_summary(summary: dict) -> dict:
     """The `--json` view: one object with a `variants` list (samples left out)."""
     keep = ("name", "role", "artifact", "size_bytes", "accuracy", "macro_f1", "agreement", "ece", "params",
-            "quant", "runtime")
+            "quant", "runtime", "load_ms", "peak_rss_mb", "cpu_ms_per_inference", "cost_per_million_usd")
     variants = []
     for v in summary["variants"]:
         row = {k: v.get(k) for k in keep}
         lat = v.get("latency_ms") or {}
         row["latency_ms"] = {k: lat.get(k) for k in ("p50", "p90", "p99", "mean", "std")} if lat else None
         variants.append(row)
-    return {"schema": summary["schema"], "variants": variants, "ratios": summary["ratios"],
+    runtimes = summary.get("runtimes")
+    if runtimes:
+        runtimes = {"ratios": runtimes["ratios"], "rows": [
+            {**{k: v for k, v in r.items() if k != "latency_ms"},
+             "latency_ms": {k: (r["latency_ms"] or {}).get(k) for k in ("p50", "p90", "p99", "mean", "std")}}
+            for r in runtimes["rows"]]}
+    return {"schema": summary["schema"], "variants": variants, "ratios": summary["ratios"], "runtimes": runtimes,
+            "price_per_core_hour": summary.get("price_per_core_hour"),
             "baseline": summary["baseline"], "stages": summary["stages"], "machine": summary["machine"]}

@@ -202,6 +202,41 @@ def _plot_distribution(variants):
     return _png(fig)
 
 
+def _plot_runtimes(runtimes):
+    """p50 of every artifact and baseline of the bench, grouped by artifact, whisker to p90."""
+    rows = [r for r in (runtimes or {}).get("rows") or [] if _lat(r, "p50") is not None]
+    if not any(r.get("kind") == "baseline" for r in rows):
+        return None
+    groups = []  # (artifact row, [its baselines])
+    for art in (r for r in rows if r.get("kind") == "artifact"):
+        groups.append((art, [r for r in rows if r.get("kind") == "baseline" and art["name"] in (r.get("of") or [])]))
+    runtimes_seen = list(dict.fromkeys(f"{r.get('runtime')} {r.get('quant')}" for g in groups for r in [g[0], *g[1]]))
+    palette = ["#55A868", "#4C72B0", "#DD8452", "#8172B3", "#C44E52", "#937860", "#DA8BC3", "#8C8C8C",
+               "#CCB974", "#64B5CD"]  # one colour per runtime and precision (10 before any repeats)
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(runtimes_seen)}
+    width = 0.8 / max(1 + max(len(b) for _, b in groups), 1)
+    fig, ax = _figure(max(6.0, 2.2 * len(groups) + 2), 4.4)
+    top, labelled = 0.0, set()
+    for g, (art, bases) in enumerate(groups):
+        for k, r in enumerate([art, *bases]):
+            key = f"{r.get('runtime')} {r.get('quant')}"
+            p50, p90 = _lat(r, "p50"), _lat(r, "p90") or _lat(r, "p50")
+            x = g + (k - len(bases) / 2) * width
+            ax.bar(x, p50, width * 0.92, color=colors[key], yerr=[[0.0], [max(p90 - p50, 0.0)]], capsize=3,
+                   label=None if key in labelled else key)
+            labelled.add(key)
+            ax.text(x, p90 * 1.02, _fmt_ms(p50), ha="center", va="bottom", fontsize=8)
+            top = max(top, p90)
+    ax.set_ylim(0, top * 1.2 or 1.0)
+    _set_xticks(ax, range(len(groups)), [_name(a) for a, _ in groups])
+    ax.set_ylabel("Latency p50 (ms), whisker to p90")
+    ax.set_title("Each artifact against the same model in other runtimes")
+    # Beside the axes: below them it collided with the rotated artifact names.
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="runtime")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
 # ---------------------------------------------------------------- document model
 # One neutral list of blocks feeds both renderers so md and html can't drift apart.
 def _plot_search(search):
@@ -282,6 +317,10 @@ def _blocks(summary, plots):
         ["Parameters"] + [_fmt_params(v.get("params")) for v in variants],
         ["Agreement with the teacher (test, top-1)"] + [_fmt_pct(v.get("agreement")) for v in variants],
         ["Calibration error (ECE, test)"] + [_fmt(v.get("ece"), ".3f") for v in variants],
+        ["Load time (ms)"] + [_fmt_ms(v.get("load_ms")) for v in variants],
+        ["CPU time per inference (ms)"] + [_fmt_ms(v.get("cpu_ms_per_inference")) for v in variants],
+        [f"Cost per million inferences (USD at {_d(summary.get('price_per_core_hour'))}/core-hour)"]
+        + [_fmt(v.get("cost_per_million_usd"), ".4f") for v in variants],
     ]))
     ratios = summary.get("ratios") or []
     if ratios:
@@ -304,6 +343,8 @@ def _blocks(summary, plots):
         b.append(("table", ["Variant", "p50", "p90", "p99", "mean", "std", "n samples"], [
             [_name(v)] + [_fmt_ms(_lat(v, k)) for k in ("p50", "p90", "p99", "mean", "std")]
             + [str(len(_samples(v)) or DASH)] for v in variants]))
+    if summary.get("runtimes"):
+        b.extend(_runtime_blocks(summary["runtimes"]))
     stages = summary.get("stages") or []
     if stages:
         rows = [[s.get("stage") or DASH, DASH if s.get("wall_s") is None else f"{s['wall_s']:.1f}"]
@@ -323,6 +364,24 @@ def _blocks(summary, plots):
         b.append(("h2", "Plots"))
         b.extend(("img", alt, name, data) for name, alt, data in plots)
     return b
+
+
+def _runtime_blocks(runtimes):
+    """Each artifact beside the same model in the runtimes a user would otherwise ship (--baselines)."""
+    rows = []
+    for r in runtimes.get("rows") or []:
+        lat = r.get("latency_ms") or {}
+        rows.append([r["name"], f"{_d(r.get('runtime'))} {_d(r.get('quant'))}", _fmt_ms(lat.get("p50")),
+                     _fmt_ms(lat.get("p90")), _fmt_ms(lat.get("mean")), _fmt_ms(r.get("cpu_ms_per_inference")),
+                     _fmt_ms(r.get("load_ms")), _fmt_size(r.get("size_bytes"))])
+    lines = [f"{x['variant']} is {x['speedup_p50']:.2f}x as fast as {x['reference']} at p50"
+             + (" (slower)" if x["speedup_p50"] < 1 else "") for x in runtimes.get("ratios") or []]
+    blocks = [("h2", "Runtimes compared (same model, same run, interleaved)"),
+              ("table", ["Variant", "Runtime", "p50 (ms)", "p90 (ms)", "mean (ms)", "CPU ms / inference",
+                         "Load (ms)", "Size"], rows)]
+    if lines:
+        blocks.append(("ul", lines))
+    return blocks
 
 
 def _md_cell(s):
@@ -426,6 +485,8 @@ def render_report(summary: dict, out_dir: Path) -> list[Path]:
          lambda: _plot_distribution(variants)),
         ("search_front.png", "Compression search: accuracy against the objective, with the Pareto front",
          lambda: _plot_search(summary.get("search"))),
+        ("runtimes.png", "Each artifact against the same model in other runtimes (p50, whisker to p90)",
+         lambda: _plot_runtimes(summary.get("runtimes"))),
     ]
     written, plots = [], []
     for name, alt, make in specs:

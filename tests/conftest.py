@@ -161,3 +161,56 @@ def pytest_terminal_summary(terminalreporter):
                                 f"valid input (never a traceback, never a partial output)")
     for key, count in sorted(FUZZ_CASES.items()):
         terminalreporter.write_line(f"  {key:<44} {count:6d}")
+
+
+@pytest.fixture(scope="session")
+def bench_exports(tmp_path_factory, small_data) -> dict[str, Path]:
+    """A briefly trained 2-layer, 64-wide student in a distill stage directory and three real exports of it
+    (ExecuTorch fp32 and int8, LiteRT fp32): the artifacts the benchmark tests measure (about 40 s)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from edgekd.compress.quant import get_spec
+    from edgekd.data import load_dataset
+    from edgekd.manifest import write_stage
+    from edgekd.models import builtin_model_dir
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.targets import get_format
+    from edgekd.targets.export import export_artifact
+
+    length = 24
+    dataset = load_dataset(recipe_from_dict({"data": {k: str(v) for k, v in small_data.items()}}))
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
+    labels = dataset.label_names
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}))
+    # A few epochs so int8's top-1 parity gate compares clear decisions, not near-ties of random logits.
+    enc = tokenizer(dataset.train.texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+    targets = torch.tensor(dataset.label_ids(dataset.train))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(6):
+        for start in range(0, len(targets), 16):
+            batch = slice(start, start + 16)
+            loss = model(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
+                         labels=targets[batch]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    root = tmp_path_factory.mktemp("bench-run")
+    with write_stage(root / "distill", "distill", {"test": "bench"}) as stage:
+        model.eval().save_pretrained(stage.path)
+        tokenizer.save_pretrained(stage.path)
+        stage.extra["max_length"] = length
+    exports = {}
+    for key, (target, fmt, quant) in {"et-fp32": ("android", "executorch", "fp32"),
+                                      "et-int8": ("android", "executorch", "int8"),
+                                      "litert-fp32": ("android", "litert", "fp32")}.items():
+        out = root / "export" / f"student-{quant}-{target}-{fmt}"
+        export_artifact(root / "distill", "distill", get_format(target, fmt), get_spec(quant), dataset, out,
+                        role="student" if quant == "fp32" else "compressed", model_name="tiny-student")
+        exports[key] = out
+    return exports

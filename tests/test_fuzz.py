@@ -38,7 +38,7 @@ LABELS = ["negative", "neutral", "positive"]
 @pytest.fixture(scope="module", autouse=True)
 def _warm_imports():
     """Import what the commands import once, so no first-import chatter lands in a case's stderr."""
-    import edgekd.benchmarks.host  # noqa: F401
+    import edgekd.benchmarks.stage  # noqa: F401
     import edgekd.data  # noqa: F401
     import edgekd.distill.finetune  # noqa: F401
     run_cli(["verify", "/nonexistent-edgekd-dir"])
@@ -477,7 +477,7 @@ def test_damaged_manifests(golden_stage, op, at, xor, blob, seed, replacement, c
         if command == "verify":
             code, out, err = run_cli(["verify", stage])
         else:  # past its checks bench would load the artifact, not a real model here: stop it there
-            with mock.patch("edgekd.benchmarks.host.get_format", side_effect=Trained("passed the checks")):
+            with mock.patch("edgekd.benchmarks.stage.get_format", side_effect=Trained("passed the checks")):
                 try:
                     code, out, err = run_cli(["bench", stage, "--out", folder / "bench"])
                 except Trained:

@@ -1,0 +1,200 @@
+"""A fake `adb` for the wire tests of `edgekd bench --device android`: a phone that answers like the real
+tools (formats as in tests/fixtures/bench/README.md) without running any model.
+
+Installed as `adb` first on PATH by tests/test_bench_android.py. Its state lives in $FAKE_ADB_STATE:
+config.json ({"mode": ..., "serial": ..., "after": N}), the pushed files under device/, the logcat
+buffer, and commands.log (one line per call, for the tests to read). Modes:
+
+    ok            one phone attached, every tool succeeds
+    none          no device attached                 several       two phones attached
+    unauthorized  the phone did not accept the host  disconnect    the phone vanishes as runner call `after` + 1 starts
+    crash         executor_runner aborts             hang          executor_runner never returns
+    fallback      benchmark_model runs without the XNNPACK delegate
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STATE = Path(os.environ["FAKE_ADB_STATE"])
+CONFIG = json.loads((STATE / "config.json").read_text())
+SERIAL = CONFIG.get("serial", "emulator-5554")
+MODE = CONFIG.get("mode", "ok")
+DEVICE = STATE / "device"
+
+
+def out(text: str = "", err: str = "", code: int = 0):
+    sys.stdout.write(text)
+    sys.stderr.write(err)
+    sys.exit(code)
+
+
+def runs_so_far() -> int:
+    counter = STATE / "runs"
+    return int(counter.read_text()) if counter.exists() else 0
+
+
+def count_run() -> int:
+    if MODE == "disconnect" and runs_so_far() >= CONFIG["after"]:  # the phone goes away as this run starts
+        (STATE / "gone").write_text("")
+        out(err=f"adb: device '{SERIAL}' not found\n", code=1)
+    n = runs_so_far() + 1
+    (STATE / "runs").write_text(str(n))
+    return n
+
+
+def iteration_ms(run: int, i: int) -> float:
+    """Deterministic per-iteration times, so a test can check what the harness parsed."""
+    return 2.0 + run * 0.1 + i * 0.001
+
+
+def executor_runner(args: dict) -> None:
+    model = DEVICE / args["--model_path"].lstrip("/")
+    if not (DEVICE / "data/local/tmp/edgekd/executor_runner").is_file() or not model.is_file():
+        out(err=f"/system/bin/sh: {args['--model_path']}: inaccessible or not found\n", code=127)
+    for path in args.get("--inputs", "").split(","):
+        if not (DEVICE / path.lstrip("/")).is_file():
+            out(err="", code=1)
+    run = count_run()
+    if MODE == "hang":
+        time.sleep(60)
+    n = int(args["--num_executions"])
+    threads = int(args.get("--cpu_threads", "-1"))
+    lines = [f"Resetting threadpool with num threads = {threads if threads > 0 else 4}",
+             f"Model file {args['--model_path']} is loaded.", "Using method forward",
+             "Setting up CPU planned buffer 0, size 331776.", f"Model loaded in {15 + run:f} ms."]
+    if MODE == "crash":
+        lines.append("Execution of method forward failed with status 0x12")
+        append_logcat(lines, level="E")
+        out(err="Aborted \n", code=134)
+    times = [iteration_ms(run, i) for i in range(n)]
+    lines += [f"Iteration {i + 1} of {n}: {t:f} ms" for i, t in enumerate(times)]
+    lines += [f"Model executed successfully {n} time(s) in {sum(times):f} ms.", "1 outputs: "]
+    append_logcat(lines)
+    out("OutputX 0: tensor(sizes=[1, 3], [-1.23306, 0.0713825, 1.18466])\n")
+
+
+def append_logcat(messages: list[str], level: str = "I") -> None:
+    with open(STATE / "logcat", "a") as handle:
+        for k, message in enumerate(messages):
+            handle.write(f"11-29 10:41:07.{100 + k:03d} 21034 21034 {level} ExecuTorch: {message}\n")
+
+
+def benchmark_model(args: dict) -> None:
+    if not (DEVICE / args["--graph"].lstrip("/")).is_file():
+        out(err=f"Failed to mmap model {args['--graph']}\n", code=1)
+    run = count_run()
+    n, warm = int(args["--num_runs"]), int(args["--warmup_runs"])
+    avg = 1800 + run * 10
+    delegate = "" if MODE == "fallback" else \
+        "INFO: Replacing 131 out of 137 node(s) with delegate (TfLiteXNNPackDelegate) node, yielding 4 partitions " \
+        "for the whole graph.\n"
+    out("INFO: STARTING!\nINFO: Log parameter values verbosely: [0]\n"
+        f"INFO: Min num runs: [{n}]\nINFO: Num threads: [{args['--num_threads']}]\n"
+        f"INFO: Graph: [{args['--graph']}]\nINFO: #threads used for CPU inference: [{args['--num_threads']}]\n"
+        f"INFO: Loaded model {args['--graph']}\nINFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n{delegate}"
+        "INFO: The input model file size (MB): 0.937\nINFO: Initialized session in 4.101ms.\n"
+        "INFO: Running benchmark for at least 1 iterations and at least 0.5 seconds but terminate if exceeding "
+        "150 seconds.\n"
+        f"INFO: count={warm} first=2400 curr=1900 min=1850 max=2400 avg=1990.5 std=120\n\n"
+        f"INFO: Running benchmark for at least {n} iterations and at least 1 seconds but terminate if exceeding "
+        "150 seconds.\n"
+        f"INFO: count={n} first=1850 curr={avg} min=1700 max=2100 avg={avg} std=40\n\n"
+        f"INFO: Inference timings in us: Init: 4101, First inference: 2400, Warmup (avg): 1990.5, Inference (avg): "
+        f"{avg}\nINFO: Note: as the benchmark tool itself affects memory footprint, the following is only "
+        "APPROXIMATE to the actual memory footprint of the model at runtime. Take the information at your "
+        "discretion.\nINFO: Peak memory footprint (MB): init=3.25 overall=9.5\n")
+
+
+def minibench_start(extras: dict) -> None:
+    model_dir = DEVICE / extras["model_dir"].lstrip("/")
+    models = sorted(p.name for p in model_dir.glob("*.pte"))
+    run = count_run()
+    name = models[0][:-4] if models else "none"
+    rows = [("avg_inference_latency(ms)", 2.0 + run * 0.1), ("trimmean_inference_latency(ms)", 1.9 + run * 0.1),
+            ("model_load_time(ms)", 20.0 + run), ("load_status", 0.0), ("ram_pss_usage(mb)", 14.5)]
+    results = [{"benchmarkModel": {"name": name, "backend": "", "quantization": ""}, "metric": metric,
+                "actualValue": value, "targetValue": 0.0,
+                "deviceInfo": {"device": "google", "arch": "Pixel 7", "os": "Android 14", "totalMem": 0,
+                               "availMem": 0}} for metric, value in rows]
+    (STATE / "minibench.json").write_text(json.dumps(results, separators=(",", ":")))
+    out("Starting: Intent { cmp=org.pytorch.minibench/.BenchmarkActivity (has extras) }\nStatus: ok\n"
+        "LaunchState: COLD\nActivity: org.pytorch.minibench/.BenchmarkActivity\nTotalTime: 412\nWaitTime: 415\n"
+        "Complete\n")
+
+
+def shell(command: str) -> None:
+    words = shlex.split(command)
+    if words[0] == "getprop":
+        props = {"ro.product.model": "Pixel 7", "ro.product.manufacturer": "Google", "ro.build.version.release": "14",
+                 "ro.product.cpu.abi": "arm64-v8a", "ro.soc.model": "GS201"}
+        out(props.get(words[1], "") + "\n")
+    if words[0] == "cat" and "scaling_cur_freq" in command:
+        out("1803000\n1803000\n1803000\n1803000\n2348000\n2348000\n2850000\n2850000\n")
+    if words[0] in ("mkdir", "chmod", "rm"):
+        if words[0] == "rm" and "&&" in words:  # rm -rf DIR && mkdir -p DIR
+            shutil.rmtree(DEVICE / words[2].lstrip("/"), ignore_errors=True)
+            (DEVICE / words[-1].lstrip("/")).mkdir(parents=True, exist_ok=True)
+        elif words[0] == "mkdir":
+            (DEVICE / words[-1].lstrip("/")).mkdir(parents=True, exist_ok=True)
+        out()
+    if words[0] == "pm":
+        out("package:/data/app/~~x==/org.pytorch.minibench-y==/base.apk\n")
+    if words[0] == "am":
+        (STATE / "am_start").write_text(command)
+        minibench_start({words[i + 1]: words[i + 2] for i, w in enumerate(words) if w in ("--es", "--ei")})
+    if words[0] == "run-as":
+        if words[2] == "rm":
+            (STATE / "minibench.json").unlink(missing_ok=True)
+            out()
+        result = STATE / "minibench.json"
+        out(result.read_text() if result.exists() else "",
+            "" if result.exists() else "cat: files/benchmark_results.json: No such file or directory\n",
+            0 if result.exists() else 1)
+    binary = Path(words[0]).name
+    args = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    if binary == "executor_runner":
+        executor_runner(args)
+    if binary == "benchmark_model":
+        benchmark_model(args)
+    out(err=f"/system/bin/sh: {words[0]}: not found\n", code=127)
+
+
+def main(argv: list[str]) -> None:
+    with open(STATE / "commands.log", "a") as log:
+        log.write(" ".join(argv) + "\n")
+    serial = None
+    if argv[:1] == ["-s"]:
+        serial, argv = argv[1], argv[2:]
+    if argv == ["devices"]:
+        listed = {"none": "", "several": f"{SERIAL}\tdevice\nR58M0002\tdevice\n",
+                  "unauthorized": f"{SERIAL}\tunauthorized\n"}.get(MODE, f"{SERIAL}\tdevice\n")
+        out(f"List of devices attached\n{listed}\n")
+    if serial not in (None, SERIAL) or MODE == "none":
+        out(err=f"adb: device '{serial}' not found\n" if serial else "adb: no devices/emulators found\n", code=1)
+    if (STATE / "gone").exists():
+        out(err=f"adb: device '{SERIAL}' not found\n", code=1)
+    if argv[0] == "push":
+        target = DEVICE / argv[2].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(argv[1], target)
+        size = Path(argv[1]).stat().st_size
+        out(f"{argv[1]}: 1 file pushed, 0 skipped. 37.3 MB/s ({size} bytes in 0.001s)\n")
+    if argv[:2] == ["logcat", "-c"]:
+        (STATE / "logcat").write_text("")
+        out()
+    if argv[0] == "logcat":
+        log = STATE / "logcat"
+        out("--------- beginning of main\n" + (log.read_text() if log.exists() else ""))
+    if argv[0] == "shell":
+        shell(" ".join(argv[1:]))
+    out(err=f"adb: unknown command {argv[0]}\n", code=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
