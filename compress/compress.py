@@ -51,7 +51,9 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     params = {"compress": {"quant": [s.to_dict() for s in specs], "prune": prune_spec.to_dict(),
                            "recovery_epochs": cfg.recovery_epochs, "budget": cfg.budget, "objective": cfg.objective,
                            "search_quant": cfg.search_quant,
-                           **({"qat_epochs": cfg.qat_epochs} if cfg.qat_epochs else {})},  # old keys stay valid
+                           # fields added later enter the key only when set, so older runs keep their keys
+                           **({"qat_epochs": cfg.qat_epochs} if cfg.qat_epochs else {}),
+                           **({"budget_from": cfg.budget_from} if cfg.budget_from != "teacher" else {})},
               "target": f"{fmt.target}/{fmt.name}" if fmt else None, "seed": recipe.seed}
     inputs = {"student": source, "data": dataset.fingerprint()}
     if teacher_dir is not None and (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs):
@@ -68,7 +70,8 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
         if cfg.budget is not None:
             from edgekd.compress.search import search
 
-            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant, checkpoints, cfg.qat_epochs)
+            result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant, checkpoints, cfg.qat_epochs,
+                            cfg.budget_from)
             model, prune_spec, specs, qat = result.model, result.prune, [result.quant], result.qat
             stage.metrics["search"] = result.summary
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd.compress.quant import QuantSpec, embedding_config, linear_config
+from edgekd.compress.quant import QuantSpec, embedding_config, embedding_widths, linear_config
 from edgekd.errors import RecipeError
 
 
@@ -39,9 +39,8 @@ def quantization_aware(job, model: torch.nn.Module, spec: QuantSpec, epochs: flo
     model = copy.deepcopy(model)
     is_linear = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
     quantize_(model, QATConfig(linear_config(model, spec), step="prepare"), filter_fn=is_linear)
-    if spec.embeddings:
-        quantize_(model, QATConfig(embedding_config(spec.embeddings), step="prepare"),
-                  filter_fn=lambda module, fqn: isinstance(module, torch.nn.Embedding))
+    for width, only in embedding_widths(model) if spec.embeddings else ():
+        quantize_(model, QATConfig(embedding_config(spec.embeddings, width), step="prepare"), filter_fn=only)
     model = job.distill_from_teacher(model, epochs, checkpoints)
     # No base config: the convert step only swaps the fake-quantized modules back, keeping the trained weights.
     quantize_(model, QATConfig(step="convert"),

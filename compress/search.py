@@ -1,4 +1,5 @@
-"""The budget search: the smallest or fastest student within N points of the teacher's validation accuracy.
+"""The budget search: the smallest or fastest student within N points of the teacher's (or the uncompressed
+student's) validation accuracy.
 
 Not the whole grid, but an order that stops early:
   1. every QuantSpec the target realizes, on the unpruned student, least aggressive first;
@@ -79,25 +80,28 @@ def log(message: str) -> None:
 
 
 def search(job, fmt, budget: float, objective: str, quant: list[str] | None = None,
-           checkpoints: Path | None = None, qat_epochs: float = 0.0) -> SearchResult:
+           checkpoints: Path | None = None, qat_epochs: float = 0.0, budget_from: str = "teacher") -> SearchResult:
     """Run the search for `job` (a compress.Compression) on target format `fmt`.
 
     `quant`: the QuantSpecs to try (default: every one `fmt` realizes), least aggressive first.
     `checkpoints`: the folder where results are kept as they complete, and read back on a rerun.
     `qat_epochs`: a spec over budget after post-training quantization is tried once more after this
     much quantization-aware distillation (0: never).
+    `budget_from`: what the budget counts from, the teacher's validation accuracy or the uncompressed student's.
     """
     if fmt is None:
         raise EdgeKDError("the budget search measures latency on the target's runtime; name a target")
     names = [n for n in fmt.specs if not quant or n in quant]
     specs = [get_spec(name) for name in names if not get_spec(name).is_float]
     state = SearchState(checkpoints)
-    done = sum("accuracy" in r for name, r in state.results.items() if name != "teacher")
+    done = sum("accuracy" in r for name, r in state.results.items() if name not in ("teacher", "student"))
     if done:
         most = (1 + len(specs)) * (1 + sum(len(axis) for axis in AXES))
         log(f"resuming search: {done} of at most {most} candidates done (kept in {checkpoints})")
-    # "I can lose at most 1 point" counts from the model the user has
-    base = state.remember("teacher", lambda: {"accuracy": job.teacher_accuracy()})["accuracy"]
+    # "I can lose at most 1 point" counts from the model the user has: the teacher, or the student distilled
+    teacher = state.remember("teacher", lambda: {"accuracy": job.teacher_accuracy()})["accuracy"]
+    base = teacher if budget_from == "teacher" else state.remember(
+        "student", lambda: {"accuracy": job.evaluate(job.student, [])["fp32"]["accuracy"]})["accuracy"]
     tried: list[Candidate] = []
 
     def consider(model, prune: PruneSpec, spec: QuantSpec, qat: bool = False) -> Candidate:
@@ -155,7 +159,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
     if not within:
         for c in measured:
             log(f"best outside the budget: {c.name} {-c.drop:+.2f} points, {_cost(c, objective)}")
-        raise EdgeKDError(f"no candidate stays within {budget} points of the teacher's validation accuracy "
+        raise EdgeKDError(f"no candidate stays within {budget} points of the {budget_from}'s validation accuracy "
                           f"({100 * base:.2f} %); the closest, {measured[0].name}, loses {measured[0].drop:.2f}: "
                           f"raise compress.budget or distill a larger student")
     key = (lambda c: c.latency_ms["p50"]) if objective == "latency" else (lambda c: c.size_bytes)
@@ -166,7 +170,8 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
            f"loses {chosen.drop:.2f} of the {budget} points allowed; the {objective}-best of {len(within)} "
            f"candidates within budget ({len(tried)} evaluated)")
     log(f"chosen {why}")
-    summary = {"budget_points": budget, "objective": objective, "teacher_accuracy": base, "chosen": chosen.name,
+    summary = {"budget_points": budget, "budget_from": budget_from, "reference_accuracy": base,
+               "teacher_accuracy": teacher, "objective": objective, "chosen": chosen.name,
                "explanation": why, "candidates": table, "front": [c.name for c in front],
                "measured": [c.row() for c in measured]}
     return SearchResult(chosen.model, chosen.prune, chosen.quant, summary, chosen.qat)

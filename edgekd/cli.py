@@ -95,6 +95,8 @@ def cmd_compress(args) -> str:
         cfg.budget = args.budget
     if args.objective:
         cfg.objective = args.objective
+    if args.budget_from:
+        cfg.budget_from = args.budget_from
     cfg.__post_init__()  # the flags obey the recipe's rules
     target = recipe.targets[0]
     fmt = get_format(args.target or target.target, args.format or (None if args.target else target.format))
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", action="append", help="QuantSpec name, repeatable (default: the recipe's)")
     p.add_argument("--budget", type=float, help="search: validation accuracy points the student may lose")
     p.add_argument("--objective", choices=("latency", "size"), help="search: what to minimize (default: latency)")
+    p.add_argument("--budget-from", choices=("teacher", "student"),
+                   help="search: count the budget from the teacher's accuracy (default) or the student's")
     p.add_argument("--target", help="target whose runtime the search measures (default: the recipe's first)")
     p.add_argument("--format", help="format of that target (default: its first)")
     p.add_argument("--out", required=True)

@@ -154,12 +154,16 @@ class CompressConfig:
     objective: str = "latency"     # search: what to minimize within the budget (latency or size)
     search_quant: list[str] | None = None  # search: QuantSpecs to try (default: every one the target realizes)
     qat_epochs: float = 0.0        # quantization-aware distillation (0 = off); in a search, for specs over budget
+    budget_from: str = "teacher"   # search: the budget counts from the teacher's accuracy, or the student's
 
     def __post_init__(self):
         if self.qat_epochs < 0:
             raise RecipeError(f"compress.qat_epochs must be >= 0, not {self.qat_epochs}")
         if self.budget is not None and self.budget < 0:
             raise RecipeError(f"compress.budget must be >= 0 accuracy points, not {self.budget}")
+        if self.budget_from not in ("teacher", "student"):
+            raise RecipeError(f"compress.budget_from must be teacher or student, not '{self.budget_from}'"
+                              f"{did_you_mean(self.budget_from, ['teacher', 'student'])}")
         if self.objective not in ("latency", "size"):
             raise RecipeError(f"compress.objective must be latency or size, not '{self.objective}'"
                               f"{did_you_mean(self.objective, ['latency', 'size'])}")

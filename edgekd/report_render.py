@@ -259,9 +259,10 @@ def _plot_search(search):
     if len(front) > 1:
         ax.plot([x[i] for i in front], [y[i] for i in front], drawstyle="steps-post", color="grey", lw=1.2,
                 zorder=2, label="Pareto front")
-    if search.get("teacher_accuracy") is not None and search.get("budget_points") is not None:
-        ax.axhline(search["teacher_accuracy"] * 100 - search["budget_points"], ls="--", color="#C44E52", lw=1.0,
-                   label=f"budget: teacher - {search['budget_points']} points")
+    reference = search.get("reference_accuracy", search.get("teacher_accuracy"))
+    if reference is not None and search.get("budget_points") is not None:
+        ax.axhline(reference * 100 - search["budget_points"], ls="--", color="#C44E52", lw=1.0,
+                   label=f"budget: {search.get('budget_from', 'teacher')} - {search['budget_points']} points")
     ax.margins(x=0.15, y=0.2)
     ax.set_xlabel("artifact size (MB)" if by_size else "p50 latency on this machine (ms)")
     ax.set_ylabel("Validation accuracy (%)")
@@ -277,11 +278,14 @@ def _search_blocks(search):
             for c in search.get("measured") or []]
     tried = len(search.get("candidates") or [])
     return [("h2", "Compression search"),
-            ("p", f"Budget: {search['budget_points']} points of validation accuracy below the teacher "
-                  f"({_fmt_pct(search.get('teacher_accuracy'))}); objective: {search['objective']}; "
+            ("p", f"Budget: {search['budget_points']} points of validation accuracy below the "
+                  f"{search.get('budget_from', 'teacher')} "
+                  f"({_fmt_pct(search.get('reference_accuracy', search.get('teacher_accuracy')))}); "
+                  f"objective: {search['objective']}; "
                   f"{tried} candidates evaluated, {len(rows)} exported and timed."),
             ("p", f"Chosen: {search.get('explanation') or search.get('chosen')}"),
-            ("table", ["Candidate", "Accuracy (val)", "Points vs teacher", "Size", "p50 (ms)"], rows)]
+            ("table", ["Candidate", "Accuracy (val)", f"Points vs {search.get('budget_from', 'teacher')}", "Size",
+                       "p50 (ms)"], rows)]
 
 
 def _blocks(summary, plots):

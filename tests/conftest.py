@@ -104,14 +104,14 @@ def relu_student(tmp_path_factory, small_data):
     return out, dataset
 
 
-def _train_briefly(model, tokenizer, dataset, epochs: int = 6):
-    """A few epochs on the tiny training split: margins wide enough for int8 top-1 to be meaningful."""
+def _train_briefly(model, tokenizer, dataset, epochs: int = 6, length: int = STUDENT_LENGTH, lr: float = 3e-3):
+    """A few epochs on the training split: margins wide enough for int8 top-1 to be meaningful."""
     import torch
 
-    enc = tokenizer(dataset.train.texts, truncation=True, max_length=STUDENT_LENGTH, padding="max_length",
+    enc = tokenizer(dataset.train.texts, truncation=True, max_length=length, padding="max_length",
                     return_tensors="pt")
     labels = torch.tensor(dataset.label_ids(dataset.train))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         for start in range(0, len(labels), 16):
@@ -188,18 +188,7 @@ def bench_exports(tmp_path_factory, small_data) -> dict[str, Path]:
         intermediate_size=128, max_position_embeddings=64, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}))
     # A few epochs so int8's top-1 parity gate compares clear decisions, not near-ties of random logits.
-    enc = tokenizer(dataset.train.texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
-    targets = torch.tensor(dataset.label_ids(dataset.train))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(6):
-        for start in range(0, len(targets), 16):
-            batch = slice(start, start + 16)
-            loss = model(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
-                         labels=targets[batch]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    model = _train_briefly(model, tokenizer, dataset, length=length)
     root = tmp_path_factory.mktemp("bench-run")
     with write_stage(root / "distill", "distill", {"test": "bench"}) as stage:
         model.eval().save_pretrained(stage.path)

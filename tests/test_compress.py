@@ -347,3 +347,19 @@ def test_search_tries_quantization_aware_training_for_a_spec_over_budget(tmp_pat
     assert result.summary["chosen"] == "int4+qat" and result.qat and result.quant.name == "int4"
     without = search_module.search(FakeJob(tmp_path), FakeFormat, budget=1.0, objective="size")
     assert without.summary["chosen"] == "int8" and not without.qat and len(trained) == 1
+
+
+def test_the_budget_can_count_from_the_uncompressed_student(tmp_path):
+    """A student already 2 points below the teacher: nothing is within 1 point of the teacher, but counted
+    from the student (`budget_from: student`) its own fp32 loses nothing and int8 fits."""
+    from edgekd.compress.search import search
+    from edgekd.errors import EdgeKDError
+
+    with pytest.raises(EdgeKDError, match="within 1.0 points of the teacher's"):
+        search(FakeJob(tmp_path, student_accuracy=0.88, teacher_accuracy=0.90), FakeFormat, 1.0, "size")
+    result = search(FakeJob(tmp_path, student_accuracy=0.88, teacher_accuracy=0.90), FakeFormat, 1.0, "size",
+                    budget_from="student")
+    drops = {c["name"]: c["drop_points"] for c in result.summary["candidates"]}
+    assert drops["fp32"] == 0 and drops["int8"] == pytest.approx(0.2)
+    assert result.summary["reference_accuracy"] == 0.88 and result.summary["teacher_accuracy"] == 0.90
+    assert result.summary["budget_from"] == "student" and result.summary["chosen"].endswith("int8")

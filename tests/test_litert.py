@@ -17,6 +17,7 @@ pytest.importorskip("ai_edge_quantizer")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
+from conftest import _train_briefly  # noqa: E402
 from edgekd.compress.quant import get_spec  # noqa: E402
 from edgekd.errors import ExportError  # noqa: E402
 from edgekd.targets import get_format, litert  # noqa: E402
@@ -161,7 +162,7 @@ def model_stage(tmp_path_factory, small_data):
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64, num_labels=len(labels),
                         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    model = train_briefly(BertForSequenceClassification(config), tokenizer, dataset)
+    model = _train_briefly(BertForSequenceClassification(config), tokenizer, dataset, length=LENGTH)
     out = tmp_path_factory.mktemp("stage") / "student"
     with write_stage(out, "distill", {"test": "litert"}) as stage:
         model.save_pretrained(stage.path)
@@ -170,21 +171,6 @@ def model_stage(tmp_path_factory, small_data):
     return out, dataset
 
 
-def train_briefly(model, tokenizer, dataset, epochs: int = 6):
-    """A few epochs on the tiny training split: margins wide enough for int8 top-1 to be meaningful."""
-    enc = tokenizer(dataset.train.texts, truncation=True, max_length=LENGTH, padding="max_length", return_tensors="pt")
-    labels = torch.tensor(dataset.label_ids(dataset.train))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for start in range(0, len(labels), 16):
-            batch = slice(start, start + 16)
-            loss = model(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
-                         labels=labels[batch]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
