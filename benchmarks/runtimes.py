@@ -87,7 +87,7 @@ class TorchEagerRunner:
 
 
 def export_onnx(source_dir: Path, max_length: int, out_file: Path) -> Path:
-    """The export wrapper of the source model as ONNX (opset 17, int32 ids and mask [1, L])."""
+    """The export wrapper of the source model as ONNX (opset 17, int32 ids and mask [1, seq])."""
     import torch
 
     from edgekd.models import load_classifier
@@ -97,8 +97,11 @@ def export_onnx(source_dir: Path, max_length: int, out_file: Path) -> Path:
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     with torch.no_grad():
         # dynamo=False: the TorchScript exporter needs no onnxscript and handles the eager BERT graph.
+        # A dynamic sequence axis: the baseline takes the same input as the artifact it is compared
+        # with, padded to max_length or, for a dynamic-length artifact, at the text's own length.
         torch.onnx.export(wrapper, example_inputs(max_length), str(tmp), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], opset_version=17, dynamo=False)
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}})
     tmp.replace(out_file)
     return out_file
 
@@ -116,7 +119,7 @@ def onnx_model(source_dir: Path, quant: str, max_length: int, cache: Path) -> Pa
     """The cached ONNX file of (source model, precision, length), built on first use."""
     from edgekd.manifest import inputs_digest, read_manifest
 
-    key = hashlib.sha256(f"{inputs_digest(read_manifest(source_dir))}:{max_length}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{inputs_digest(read_manifest(source_dir))}:{max_length}:seq".encode()).hexdigest()[:16]
     folder = Path(cache) / key
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = folder / "model_fp32.onnx"

@@ -124,16 +124,18 @@ def quantize_linears(model: torch.nn.Module, spec: QuantSpec) -> None:
     quantize_(model, linear_config(model, spec), filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
 
 
-def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()):
+def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=(), dynamic: bool = False):
     """The exported program of `model` quantized by `spec`, in the form the XNNPACK delegate lowers.
 
     int8 (dynamic or static activations): PT2E with the XNNPACK quantizer; `calibration` is a list
-    of encode_fixed() inputs for static activations. int4: torchao 8-bit dynamic activations with
-    4-bit grouped weights. Embeddings: torchao weight-only rows. Returns a torch.export ExportedProgram.
+    of encode_fixed() inputs for static activations (encode_unpadded() ones for a dynamic graph).
+    int4: torchao 8-bit dynamic activations with 4-bit grouped weights. Embeddings: torchao
+    weight-only rows. `dynamic`: the sequence length may be 1..max_length (both exports say so).
+    Returns a torch.export ExportedProgram.
     """
     import copy
 
-    from edgekd.targets.graph import ExportWrapper, example_inputs
+    from edgekd.targets.graph import ExportWrapper, dynamic_shapes, example_inputs
 
     wrapper = ExportWrapper(copy.deepcopy(model).eval()).eval()
     if spec.embeddings:
@@ -141,7 +143,8 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
     if spec.weights == "int4":
         quantize_linears(wrapper, spec)
     example = example_inputs(max_length)
-    program = torch.export.export(wrapper, example, strict=False)
+    shapes = dynamic_shapes(max_length) if dynamic else None
+    program = torch.export.export(wrapper, example, strict=False, dynamic_shapes=shapes)
     if spec.weights == "int8":
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer, get_symmetric_quantization_config)
@@ -154,7 +157,7 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
             samples = list(calibration)[: spec.calibration_samples] if spec.activations == "static" else []
             for ids, mask in samples or [example]:
                 prepared(ids, mask)
-        program = torch.export.export(convert_pt2e(prepared), example, strict=False)
+        program = torch.export.export(convert_pt2e(prepared), example, strict=False, dynamic_shapes=shapes)
     return program
 
 

@@ -31,6 +31,9 @@ class Format:
                 known = ", ".join(self.options) or "none"
                 raise RecipeError(f"{self.target}/{self.name} has no option '{name}'"
                                   f"{did_you_mean(name, list(self.options))}; its options: {known}")
+            if isinstance(self.options[name], bool) and not isinstance(given[name], bool):
+                raise RecipeError(f"{self.target}/{self.name} option '{name}' takes true or false, "
+                                  f"not {given[name]!r}")
         return {**self.options, **given}
 
     def check_installed(self) -> None:

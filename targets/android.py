@@ -6,7 +6,7 @@ from edgekd.targets.litert import SPECS as LITERT_SPECS, LiteRTRunner, export_li
 FORMATS.register("android/executorch")(Format(
     target="android", name="executorch", backend="xnnpack", suffix="pte",
     specs=("fp32", "int8", "int8-static", "int4", "int4-g64", "int4-g128"), export=lower_xnnpack, runner=ExecuTorchRunner,
-    requires=("executorch", "torchao"), extra="android",
+    requires=("executorch", "torchao"), extra="android", options={"dynamic_length": False},
 ))
 
 FORMATS.register("android/litert")(Format(

@@ -10,12 +10,15 @@ import torch
 from edgekd.compress.quant import QuantSpec, quantize_for_xnnpack
 
 
-def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file: Path) -> dict:
-    """Quantize per `spec` (PT2E/torchao), lower to XNNPACK, write `out_file`; return the delegation summary."""
+def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file: Path,
+                  dynamic_length: bool = False) -> dict:
+    """Quantize per `spec` (PT2E/torchao), lower to XNNPACK, write `out_file`; return the delegation summary.
+
+    `dynamic_length`: the input length may be 1..max_length; memory is planned for max_length."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    program = quantize_for_xnnpack(model, spec, max_length, calibration)
+    program = quantize_for_xnnpack(model, spec, max_length, calibration, dynamic=dynamic_length)
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     delegation = delegation_summary(edge.exported_program().graph_module)
     # Constant propagation folds torchao's dequantize of quantized embeddings into

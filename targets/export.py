@@ -20,11 +20,12 @@ from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
 from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, label_names, load_classifier, load_tokenizer
 from edgekd.targets import Format, RuntimeUnavailable
-from edgekd.targets.graph import INPUT_NAMES, encode_fixed, run_graph, ExportWrapper
+from edgekd.targets.graph import INPUT_NAMES, MIN_LENGTH, ExportWrapper, encode_fixed, encode_unpadded, run_graph
 
 FP32_TOLERANCE = 1e-4          # max |logit difference| of a float artifact vs PyTorch
 MIN_AGREEMENT = {"fp16": 0.99, "int8": 0.99, "int4": 0.97, "lut4": 0.97}
 PARITY_TEXTS = 200
+PADDED_TEXTS = 20              # a dynamic-length artifact is also checked at its upper bound on these
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -48,9 +49,13 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
         return read_manifest(out)["metrics"]
     model = load_classifier(str(model_dir)).eval()
     tokenizer = load_tokenizer(str(model_dir))
+    # A dynamic-length artifact takes each text at its own token length: it is calibrated, checked and
+    # measured that way, as an app would run it (truncated at max_length, never padded).
+    dynamic = bool(options.get("dynamic_length"))
+    encode = encode_unpadded if dynamic else encode_fixed
     with write_stage(out, "export", params, inputs) as stage:
         file = stage.path / artifact_name(model_name, fmt, spec)
-        calibration = encode_fixed(tokenizer, dataset.train.texts[: spec.calibration_samples], max_length)
+        calibration = encode(tokenizer, dataset.train.texts[: spec.calibration_samples], max_length)
         delegation = fmt.export(model, spec, max_length, calibration, file, **options)
         try:
             runner, unavailable = fmt.runner(file, threads), None
@@ -58,20 +63,20 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
             runner, unavailable = None, str(exc)
 
         val_texts = dataset.validation.texts[:PARITY_TEXTS]
-        val_inputs = encode_fixed(tokenizer, val_texts, max_length)
+        val_inputs = encode(tokenizer, val_texts, max_length)
         if runner is None:
             # Nothing here can run the artifact: the exporter's structural check (it raises on a
             # mismatch) stands in for parity, and no test metrics are claimed without a runtime.
             parity = {"checked": "structural", "reason": unavailable, "checks": delegation.get("checks", [])}
             test, test_logits = None, None
         else:
-            reference = run_graph(ExportWrapper(model), val_inputs).numpy()
-            produced = np.concatenate([runner(ids, mask) for ids, mask in val_inputs])
-            parity = {"checked": "numerical", "texts": len(val_texts),
-                      "max_abs_diff": float(np.abs(produced - reference).max()),
-                      "top1_agreement": float((produced.argmax(-1) == reference.argmax(-1)).mean())}
+            parity = {"checked": "numerical", **_compare(model, runner, val_inputs)}
+            if dynamic:  # the upper bound too: a few texts padded to max_length, gated with the rest
+                padded = _compare(model, runner, encode_fixed(tokenizer, val_texts[:PADDED_TEXTS], max_length))
+                parity = {"checked": "numerical", **_pool(parity, padded), "own_length": _figures(parity),
+                          "padded_to_max_length": padded}
             _check_parity(parity, spec, file.name)
-            test_inputs = encode_fixed(tokenizer, dataset.test.texts, max_length)
+            test_inputs = encode(tokenizer, dataset.test.texts, max_length)
             test_logits = np.concatenate([runner(ids, mask) for ids, mask in test_inputs])
             test = classification_metrics(test_logits, dataset.label_ids(dataset.test))
         stage.metrics = {"test": test, "parity": parity, "params": count_parameters(model),
@@ -84,13 +89,15 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
         stage.extra.update({
             "artifact": file.name, "size_bytes": artifact_size(file), "role": role, "max_length": max_length,
             "labels": label_names(model), "quant": spec.to_dict(), "delegation": delegation,
-            "model_inputs": [{"name": n, "shape": [1, max_length], "dtype": "int32"} for n in INPUT_NAMES],
+            "model_inputs": [_input_spec(n, max_length, dynamic) for n in INPUT_NAMES],
+            "dynamic_length": dynamic,
             "model_outputs": [{"name": "logits", "shape": [1, len(label_names(model))],
                                "dtype": _output_dtype(delegation)}],
             "tokenizer": [n for n in TOKENIZER_FILES if (model_dir / n).is_file()],
             # Per-text test predictions: the report compares every variant with the teacher's.
             "test_predictions": None if test_logits is None else test_logits.argmax(-1).tolist(),
-            # A real validation text as the graph takes it: benchmarks feed this input.
+            # A real validation text as the graph takes it (unpadded for a dynamic-length artifact, so a
+            # benchmark times its real length): benchmarks feed this input.
             "sample_input": {"text": val_texts[0], "input_ids": val_inputs[0][0][0].tolist(),
                              "attention_mask": val_inputs[0][1][0].tolist()},
             "runtime": fmt.runner.versions(),
@@ -100,6 +107,33 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
                                        f"{delegation['non_delegated_nodes']} nodes run on portable kernels "
                                        f"({', '.join(list(delegation['non_delegated_ops'])[:5])})"]
     return stage.metrics
+
+
+def _compare(model, runner, inputs) -> dict:
+    """The runtime's logits against PyTorch's on the same inputs."""
+    reference = run_graph(ExportWrapper(model), inputs).numpy()
+    produced = np.concatenate([runner(ids, mask) for ids, mask in inputs])
+    return {"texts": len(inputs), "max_abs_diff": float(np.abs(produced - reference).max()),
+            "top1_agreement": float((produced.argmax(-1) == reference.argmax(-1)).mean())}
+
+
+def _figures(parity: dict) -> dict:
+    return {k: parity[k] for k in ("texts", "max_abs_diff", "top1_agreement")}
+
+
+def _pool(a: dict, b: dict) -> dict:
+    """Two comparisons as one: the figures the parity gate judges."""
+    texts = a["texts"] + b["texts"]
+    agreement = (a["top1_agreement"] * a["texts"] + b["top1_agreement"] * b["texts"]) / texts
+    return {"texts": texts, "max_abs_diff": max(a["max_abs_diff"], b["max_abs_diff"]), "top1_agreement": agreement}
+
+
+def _input_spec(name: str, max_length: int, dynamic: bool) -> dict:
+    """One model input in the manifest: a dynamic length is named "seq", with its bounds."""
+    if not dynamic:
+        return {"name": name, "shape": [1, max_length], "dtype": "int32"}
+    return {"name": name, "shape": [1, "seq"], "min_shape": [1, MIN_LENGTH], "max_shape": [1, max_length],
+            "dtype": "int32"}
 
 
 def _output_dtype(details: dict) -> str:

@@ -1,4 +1,4 @@
-"""The graph every exporter starts from: fixed-shape int32 ids and mask in, logits out."""
+"""The graph every exporter starts from: int32 ids and mask [1, L] in, logits out; L fixed, or dynamic up to max_length."""
 from __future__ import annotations
 
 import torch
@@ -42,6 +42,28 @@ def example_inputs(max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+# The shortest sequence a dynamic-length graph takes. torch.export (2.13) and the XNNPACK delegate accept a
+# length of 1 here (no 0/1 specialization once the bound is declared); a tokenized text has >= 2 anyway.
+MIN_LENGTH = 1
+
+
+def dynamic_shapes(max_length: int) -> tuple[dict, dict]:
+    """torch.export's dynamic_shapes for (ids, mask): one sequence dimension shared by both, <= max_length.
+
+    ExecuTorch plans memory for the upper bound, and the runtime refuses a longer input."""
+    seq = torch.export.Dim("seq", min=MIN_LENGTH, max=max_length)
+    return {1: seq}, {1: seq}
+
+
+def encode_unpadded(tokenizer, texts: list[str], max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each text as a dynamic-length graph takes it: its own token length (truncated at max_length), int32."""
+    encoded = []
+    for text in texts:
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        encoded.append((enc["input_ids"].to(torch.int32), enc["attention_mask"].to(torch.int32)))
+    return encoded
+
+
 def encode_fixed(tokenizer, texts: list[str], max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each text as the exported graph takes it: padded to max_length, int32, batch of one."""
     if not texts:
@@ -51,14 +73,15 @@ def encode_fixed(tokenizer, texts: list[str], max_length: int) -> list[tuple[tor
     return [(ids[i:i + 1], mask[i:i + 1]) for i in range(len(texts))]
 
 
-def export_graph(model, max_length: int):
-    """torch.export of the wrapped model at the fixed shape [1, max_length]."""
+def export_graph(model, max_length: int, dynamic: bool = False):
+    """torch.export of the wrapped model at the fixed shape [1, max_length], or [1, 1..max_length] if `dynamic`."""
     wrapper = ExportWrapper(model.eval()).eval()
     with torch.no_grad():
-        return torch.export.export(wrapper, example_inputs(max_length), strict=False)
+        return torch.export.export(wrapper, example_inputs(max_length), strict=False,
+                                   dynamic_shapes=dynamic_shapes(max_length) if dynamic else None)
 
 
 @torch.no_grad()
 def run_graph(module, inputs) -> "torch.Tensor":
-    """Logits [n, C] of an eager or exported module over encode_fixed() inputs."""
+    """Logits [n, C] of an eager or exported module over encode_fixed() or encode_unpadded() inputs."""
     return torch.cat([module(ids, mask) for ids, mask in inputs]).float()
