@@ -1,4 +1,4 @@
-"""A dynamic-length ExecuTorch XNNPACK .pte on a text at its own length against the fixed-length .pte padded to max_length.
+"""A dynamic-length ExecuTorch .pte on a text at its own length against the fixed-length one padded to max_length.
 
     OMP_NUM_THREADS=1 python perf/dynamic_length.py [--iterations 300] [--quant fp32 int8]
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quant", nargs="+", default=["fp32", "int8"])
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     student, tokenizer, dataset, max_length = build_student()
@@ -88,10 +90,12 @@ def main(argv=None) -> int:
     ratios = {}
     for quant in args.quant:
         p50 = {(r["dynamic"], r["tokens"]): r["latency_ms"]["p50"] for r in rows if r["quant"] == quant}
-        # The two artifacts answer the same on the text (fp32: to float precision): equal work is timed.
-        ratios[quant] = {"max_abs_logit_diff": float(np.abs(logits[quant, True] - logits[quant, False]).max()),"fixed_padded_over_dynamic_own_length": round(p50[False, max_length] / p50[True, median], 2),
-                         "dynamic_padded_over_fixed_padded": round(p50[True, max_length] / p50[False, max_length], 2)}
-    record = {"command": "OMP_NUM_THREADS=1 python perf/dynamic_length.py " + " ".join(argv or []),
+        ratios[quant] = {
+            "fixed_padded_over_dynamic_own_length": round(p50[False, max_length] / p50[True, median], 2),
+            "dynamic_padded_over_fixed_padded": round(p50[True, max_length] / p50[False, max_length], 2),
+            # The dynamic .pte at own length against the fixed one padded: the same answer, so equal work is timed.
+            "max_abs_logit_diff": float(np.abs(logits[quant, True] - logits[quant, False]).max())}
+    record = {"command": " ".join(["OMP_NUM_THREADS=1 python perf/dynamic_length.py", *argv]),
               "machine": {"cpu": cpu_model(), "os": platform.platform(), "threads": 1},
               "student": {"layers": LAYERS, "vocab_margin": MARGIN, "max_length": max_length},
               "text": {"tokens": median, "validation_token_lengths": {

@@ -1,4 +1,4 @@
-"""The graph every exporter starts from: int32 ids and mask [1, L] in, logits out; L fixed, or dynamic up to max_length."""
+"""The graph every exporter starts from: int32 ids and mask [1, L] in, logits out (L fixed, or 1..max_length)."""
 from __future__ import annotations
 
 import torch

@@ -97,7 +97,8 @@ def test_dynamic_pte_runs_every_length_up_to_the_bound_and_refuses_longer(dynami
 
 def test_dynamic_length_is_an_executorch_option_and_a_boolean():
     assert get_format("android", "executorch").resolve_options(None) == {"dynamic_length": False}
-    with pytest.raises(RecipeError, match=r"^android/executorch option 'dynamic_length' takes true or false, not 'yes'$"):
+    expected = r"^android/executorch option 'dynamic_length' takes true or false, not 'yes'$"
+    with pytest.raises(RecipeError, match=expected):
         get_format("android", "executorch").resolve_options({"dynamic_length": "yes"})
     pytest.importorskip("litert_torch")
     with pytest.raises(RecipeError, match=r"^android/litert has no option 'dynamic_length'"):
