@@ -135,9 +135,10 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
     """
     import copy
 
-    from edgekd.targets.graph import ExportWrapper, dynamic_shapes, example_inputs
+    from edgekd.targets.graph import ExportWrapper, StaticInt8Wrapper, dynamic_shapes, example_inputs
 
-    wrapper = ExportWrapper(copy.deepcopy(model).eval()).eval()
+    wrap = StaticInt8Wrapper if spec.activations == "static" else ExportWrapper
+    wrapper = wrap(copy.deepcopy(model).eval()).eval()
     if spec.embeddings:
         quantize_embeddings(wrapper, spec.embeddings)
     if spec.weights == "int4":

@@ -19,26 +19,12 @@ import torch
 
 from edgekd.compress.quant import QuantSpec
 from edgekd.errors import ExportError
-from edgekd.targets.graph import ExportWrapper, example_inputs
+from edgekd.targets.graph import ExportWrapper, StaticInt8Wrapper, example_inputs
 
 # Which QuantSpecs ai-edge-quantizer realizes, and how (see quantization_recipe). Not int4-weights:
 # its policy skips blockwise weight-only int4 and would return the float model unchanged.
 SPECS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4", "int4-g64", "int4-g128")
 SIGNATURE = "serving_default"   # litert-torch's default signature; inputs keep the wrapper's names
-STATIC_MASK = -30.0             # additive mask for full-int8 graphs (see StaticInt8Wrapper)
-
-
-class StaticInt8Wrapper(ExportWrapper):
-    """ExportWrapper whose additive mask is -30 instead of float32's minimum, for full-int8 graphs.
-
-    With float32's minimum, calibration gives the mask an int8 scale that rounds -3.4e38 to 0
-    (measured: scale 3.9e-12), so the int8 model attends to padding. -30 keeps the mask inside
-    the int8 range of the attention scores and still gives a padded key a weight of e^-30.
-    """
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        additive = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * STATIC_MASK
-        return self.model(input_ids=input_ids.long(), attention_mask=additive).logits
 
 
 def convert_float(model, max_length: int, wrapper=ExportWrapper) -> bytes:

@@ -7,6 +7,8 @@ runs the artifact in its runtime on 200 validation texts and refuses it on a par
 structural checks on Linux). TFLite Micro is not here: the default student (GELU, 7 MB at int8) is no
 microcontroller model, and its ReLU twin, trained as briefly, kept only 93 % top-1 agreement under full
 int8; tests/test_embedded.py exports and checks the small ReLU student that TFLite Micro is for.
+ExecuTorch int8-static is not listed: on this briefly trained student it agrees with fp32 on 97.0 % of
+the validation texts, and the parity gate (99 %) refuses it, as it should.
 """
 from __future__ import annotations
 
