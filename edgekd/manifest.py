@@ -173,7 +173,7 @@ def read_manifest(path: Path, stage: str | None = None) -> dict:
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or "files" not in manifest:
         raise StageError(f"{file} is not an edgekd manifest (schema {SCHEMA}); rerun the stage that wrote it")
     problem = _shape_problem(manifest)
-    if problem is None and DIGEST in manifest and manifest[DIGEST] != manifest_digest(manifest):
+    if problem is None and manifest.get(DIGEST) != manifest_digest(manifest):  # absent: edited out
         problem = "its own checksum does not match: it was edited or damaged after the stage wrote it"
     if problem:
         raise StageError(f"{file} is damaged: {problem}; rerun the stage that wrote it")

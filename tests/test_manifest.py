@@ -159,6 +159,21 @@ def test_manifest_that_is_not_an_edgekd_manifest(stage_dir, manifest):
         verify_stage(stage_dir)
 
 
+@pytest.mark.parametrize("edit", ["drop", "rename", "other stage"])
+def test_an_edited_manifest_fails_its_own_checksum(stage_dir, edit):
+    """Found by tests/test_fuzz.py: a manifest whose own checksum was removed used to pass as intact."""
+    manifest = json.loads((stage_dir / MANIFEST).read_text())
+    if edit == "drop":
+        manifest.pop("manifest_sha256")
+    elif edit == "rename":
+        manifest["manifest_sha256x"] = manifest.pop("manifest_sha256")
+    else:
+        manifest["stage"] = "export"
+    (stage_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StageError, match="its own checksum does not match"):
+        verify_stage(stage_dir)
+
+
 def test_no_manifest(tmp_path):
     with pytest.raises(StageError, match="no manifest.json"):
         verify_stage(tmp_path)

@@ -70,7 +70,8 @@ def test_cut_student_saves_and_reloads(teacher, tokenizer, tmp_path):
     assert reloaded.config.num_hidden_layers == 2
     inputs = tokenizer(["Kestrel Mining shares slumped."], return_tensors="pt")
     with torch.no_grad():
-        assert torch.equal(student(**inputs).logits, reloaded(**inputs).logits)
+        # Equal up to float rounding: BLAS may sum in another order for differently aligned buffers.
+        torch.testing.assert_close(student(**inputs).logits, reloaded(**inputs).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("keep", [[0, 4], [-1, 2], [3, 1], [1, 1], [7]])
