@@ -249,7 +249,8 @@ def _plot_search(search):
         return None
     x = [c["size_bytes"] / 1e6 if by_size else c["latency_p50_ms"] for c in rows]
     y = [c["accuracy"] * 100 for c in rows]
-    fig, ax = _figure(7.0, 4.2)
+    # The legend names every candidate: beside the axes, with the figure as tall as the list needs.
+    fig, ax = _figure(10.0, max(4.2, 1.2 + 0.27 * (len(rows) + 2)))
     for k, c in enumerate(rows):
         chosen = c["name"] == search.get("chosen")
         ax.scatter(x[k], y[k], s=90 if chosen else 50, zorder=3, color="#C44E52" if chosen else "#4C72B0",
@@ -268,7 +269,7 @@ def _plot_search(search):
     ax.set_ylabel("Validation accuracy (%)")
     ax.set_title("Compression search (up and left is better)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=1, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, ncol=1, frameon=False)
     return _png(fig)
 
 
