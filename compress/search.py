@@ -94,14 +94,16 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
     names = [n for n in fmt.specs if not quant or n in quant]
     specs = [get_spec(name) for name in names if not get_spec(name).is_float]
     state = SearchState(checkpoints)
-    done = sum("accuracy" in r for name, r in state.results.items() if name not in ("teacher", "student"))
+    done = sum("accuracy" in r for name, r in state.results.items() if name != "teacher")
     if done:
         most = (1 + len(specs)) * (1 + sum(len(axis) for axis in AXES))
         log(f"resuming search: {done} of at most {most} candidates done (kept in {checkpoints})")
     # "I can lose at most 1 point" counts from the model the user has: the teacher, or the student distilled
     teacher = state.remember("teacher", lambda: {"accuracy": job.teacher_accuracy()})["accuracy"]
-    base = teacher if budget_from == "teacher" else state.remember(
-        "student", lambda: {"accuracy": job.evaluate(job.student, [])["fp32"]["accuracy"]})["accuracy"]
+    fp32 = get_spec("fp32")
+    base = teacher if budget_from == "teacher" else state.remember(  # the fp32 candidate's own record
+        candidate_name(PruneSpec(), fp32), lambda: {"accuracy": job.evaluate(job.student, [])["fp32"]["accuracy"]}
+    )["accuracy"]
     tried: list[Candidate] = []
 
     def consider(model, prune: PruneSpec, spec: QuantSpec, qat: bool = False) -> Candidate:
@@ -137,7 +139,6 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
             log(f"{spec.name} after prune-{prune.name}: skipped ({exc})")
             return False
 
-    fp32 = get_spec("fp32")
     consider(job.student, PruneSpec(), fp32)
     passing = [s for s in specs if fits(job.student, PruneSpec(), s)]
     for axis in AXES:

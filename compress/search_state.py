@@ -39,11 +39,13 @@ class SearchState:
                                              isinstance(record.get("skipped"), str)):
                 self.results[file.stem] = record
             # anything else (unreadable, edited): evaluate that candidate again rather than fail the run
+        self.loaded = set(self.results)  # what an earlier run left
 
     def remember(self, name: str, compute: Callable[[], dict]) -> dict:
         """The recorded result `name`, or compute it and record it as soon as it exists."""
         if name in self.results:
-            self.reused.add(name)
+            if name in self.loaded:
+                self.reused.add(name)
             return self.results[name]
         result = compute()
         self.results[name] = result
