@@ -40,16 +40,13 @@ def main() -> int:
         print(f"skipped: {args.data} is absent (BANKING77 is not part of the project)")
         return 0
 
-    from edgekd.pipeline import run
+    from banking77 import base_recipe  # perf/banking77.py, beside this script
     from edgekd.manifest import read_manifest
+    from edgekd.pipeline import run
     from edgekd.recipe import recipe_from_dict
 
     out = Path(args.out)
-    recipe = recipe_from_dict({
-        "name": "banking77",
-        "teacher": {"model": args.teacher_model, "epochs": 8, "batch_size": 32, "learning_rate": 2e-4},
-        "data": {"train": str(args.data / "train.csv"), "validation": None, "test": str(args.data / "test.csv"),
-                 "text_column": "text", "label_column": "category", "split_fractions": [0.1, 0.15]},
+    recipe = recipe_from_dict(base_recipe(args.data, args.teacher_model) | {
         "student": {"layers": [2, 5], "augment": 0, "vocab_margin": 3000},
         "compress": {"quant": [], "budget": args.budget, "objective": args.objective, "recovery_epochs": 2,
                      "search_quant": args.search_quant, "qat_epochs": args.qat_epochs, "budget_from": args.budget_from},
