@@ -63,7 +63,8 @@ def default_export(default_student, tmp_path_factory):
 
     def export(target: str, fmt: str, quant: str):
         if (target, fmt, quant) not in made:
-            pytest.importorskip({"executorch": "executorch", "litert": "litert_torch", "coreml": "coremltools"}[fmt])
+            pytest.importorskip({"executorch": "executorch", "executorch-portable": "executorch",
+                                 "litert": "litert_torch", "coreml": "coremltools"}[fmt])
             spec = get_spec(quant)
             out = root / f"{target}-{fmt}-{quant}"
             export_artifact(student, "distill", get_format(target, fmt), spec, dataset, out,
@@ -105,3 +106,22 @@ def test_default_student_pte_shrinks_with_int8_and_int4(default_export):
                         f"({sizes['fp32'] / sizes['int4']:.2f}x smaller)")
     assert sizes["fp32"] / sizes["int8"] >= 3.5
     assert sizes["fp32"] / sizes["int4"] >= 5.0
+
+
+@pytest.mark.parametrize("platform,fmt,quant", [("android", "executorch", "int8"),
+                                                ("embedded", "executorch-portable", "fp32")])
+def test_bundles_of_the_default_student_pass_verify(default_export, platform, fmt, quant, tmp_path, capsys):
+    """The app simulated here (C tokenizer through ctypes, the host runtime, argmax) gives the PyTorch
+    student's labels on the built-in test split. Embedded: the portable .pte (TFLite Micro needs a ReLU
+    student; tests/test_bundle.py bundles one)."""
+    from edgekd.cli import main
+    from edgekd.ctokenizer import compiler
+
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    bundle = tmp_path / "bundle"
+    assert main(["bundle", str(default_export(platform, fmt, quant)), "--platform", platform,
+                 "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["bundle", "--verify", str(bundle)]) == 0
+    assert "error" not in capsys.readouterr().err
