@@ -163,22 +163,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"  {key:<44} {count:6d}")
 
 
-@pytest.fixture(scope="session")
-def bench_exports(tmp_path_factory, small_data) -> dict[str, Path]:
-    """A briefly trained 2-layer, 64-wide student in a distill stage directory and three real exports of it
-    (ExecuTorch fp32 and int8, LiteRT fp32): the artifacts the benchmark tests measure (about 40 s)."""
+def tiny_student_stage(root: Path, small_data, length: int, name: str):
+    """A briefly trained 2-layer, 64-wide student with the built-in WordPiece tokenizer, in the distill stage
+    directory root/distill; returns (stage dir, model, tokenizer, dataset)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from edgekd.compress.quant import get_spec
     from edgekd.data import load_dataset
     from edgekd.manifest import write_stage
     from edgekd.models import builtin_model_dir
     from edgekd.recipe import recipe_from_dict
-    from edgekd.targets import get_format
-    from edgekd.targets.export import export_artifact
 
-    length = 24
     dataset = load_dataset(recipe_from_dict({"data": {k: str(v) for k, v in small_data.items()}}))
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
     labels = dataset.label_names
@@ -189,17 +184,29 @@ def bench_exports(tmp_path_factory, small_data) -> dict[str, Path]:
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}))
     # A few epochs so int8's top-1 parity gate compares clear decisions, not near-ties of random logits.
     model = _train_briefly(model, tokenizer, dataset, length=length)
-    root = tmp_path_factory.mktemp("bench-run")
-    with write_stage(root / "distill", "distill", {"test": "bench"}) as stage:
-        model.eval().save_pretrained(stage.path)
+    with write_stage(root / "distill", "distill", {"test": name}) as stage:
+        model.save_pretrained(stage.path)
         tokenizer.save_pretrained(stage.path)
         stage.extra["max_length"] = length
+    return root / "distill", model, tokenizer, dataset
+
+
+@pytest.fixture(scope="session")
+def bench_exports(tmp_path_factory, small_data) -> dict[str, Path]:
+    """A briefly trained 2-layer, 64-wide student in a distill stage directory and three real exports of it
+    (ExecuTorch fp32 and int8, LiteRT fp32): the artifacts the benchmark tests measure (about 40 s)."""
+    from edgekd.compress.quant import get_spec
+    from edgekd.targets import get_format
+    from edgekd.targets.export import export_artifact
+
+    root = tmp_path_factory.mktemp("bench-run")
+    stage_dir, _, _, dataset = tiny_student_stage(root, small_data, length=24, name="bench")
     exports = {}
     for key, (target, fmt, quant) in {"et-fp32": ("android", "executorch", "fp32"),
                                       "et-int8": ("android", "executorch", "int8"),
                                       "litert-fp32": ("android", "litert", "fp32")}.items():
         out = root / "export" / f"student-{quant}-{target}-{fmt}"
-        export_artifact(root / "distill", "distill", get_format(target, fmt), get_spec(quant), dataset, out,
+        export_artifact(stage_dir, "distill", get_format(target, fmt), get_spec(quant), dataset, out,
                         role="student" if quant == "fp32" else "compressed", model_name="tiny-student")
         exports[key] = out
     return exports

@@ -16,35 +16,17 @@ LENGTH = 24
 @pytest.fixture(scope="module")
 def dynamic_exports(tmp_path_factory, small_data):
     """A briefly trained 2-layer, 64-wide student and its dynamic-length .pte exports (fp32, int8)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from conftest import _train_briefly
+    from conftest import tiny_student_stage
     from edgekd.compress.quant import get_spec
-    from edgekd.data import load_dataset
-    from edgekd.manifest import write_stage
-    from edgekd.models import builtin_model_dir
-    from edgekd.recipe import recipe_from_dict
     from edgekd.targets.export import export_artifact
 
-    dataset = load_dataset(recipe_from_dict({"data": {k: str(v) for k, v in small_data.items()}}))
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
-    labels = dataset.label_names
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}))
-    model = _train_briefly(model, tokenizer, dataset, length=LENGTH)
     root = tmp_path_factory.mktemp("dynamic")
-    with write_stage(root / "distill", "distill", {"test": "dynamic"}) as stage:
-        model.eval().save_pretrained(stage.path)
-        tokenizer.save_pretrained(stage.path)
-        stage.extra["max_length"] = LENGTH
+    stage_dir, model, tokenizer, dataset = tiny_student_stage(root, small_data, length=LENGTH, name="dynamic")
     fmt = get_format("android", "executorch")
     exports = {}
     for quant in ("fp32", "int8"):
         exports[quant] = root / f"student-{quant}"
-        export_artifact(root / "distill", "distill", fmt, get_spec(quant), dataset, exports[quant],
+        export_artifact(stage_dir, "distill", fmt, get_spec(quant), dataset, exports[quant],
                         role="student", model_name="tiny", options={"dynamic_length": True})
     return model, tokenizer, dataset, exports
 

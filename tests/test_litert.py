@@ -15,9 +15,9 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("ai_edge_quantizer")
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from conftest import _train_briefly  # noqa: E402
+from conftest import tiny_student_stage  # noqa: E402
 from edgekd.compress.quant import get_spec  # noqa: E402
 from edgekd.errors import ExportError  # noqa: E402
 from edgekd.targets import get_format, litert  # noqa: E402
@@ -150,25 +150,8 @@ def test_android_litert_format_is_registered():
 @pytest.fixture(scope="module")
 def model_stage(tmp_path_factory, small_data):
     """A briefly trained 2-layer student in a stage directory, with the built-in WordPiece tokenizer."""
-    from edgekd.data import load_dataset
-    from edgekd.manifest import write_stage
-    from edgekd.models import builtin_model_dir
-    from edgekd.recipe import recipe_from_dict
-
-    dataset = load_dataset(recipe_from_dict({"data": {k: str(v) for k, v in small_data.items()}}))
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
-    torch.manual_seed(0)
-    labels = dataset.label_names
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=len(labels),
-                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    model = _train_briefly(BertForSequenceClassification(config), tokenizer, dataset, length=LENGTH)
-    out = tmp_path_factory.mktemp("stage") / "student"
-    with write_stage(out, "distill", {"test": "litert"}) as stage:
-        model.save_pretrained(stage.path)
-        tokenizer.save_pretrained(stage.path)
-        stage.extra["max_length"] = LENGTH
-    return out, dataset
+    stage_dir, _, _, dataset = tiny_student_stage(tmp_path_factory.mktemp("stage"), small_data, LENGTH, "litert")
+    return stage_dir, dataset
 
 
 
