@@ -98,22 +98,26 @@ def _complete_checkpoints(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.checkpoints-*/checkpoint-*/trainer_state.json"))
 
 
-def _kill_after_first_checkpoint(argv: list[str], out: Path) -> int:
-    """Start the command, SIGKILL it once a checkpoint is complete; return the checkpoint's step."""
+def _kill_when(argv: list[str], ready, waiting_for: str) -> None:
+    """Start the command and SIGKILL it as soon as `ready()` is true (within 240 s, before it finishes)."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     try:
         deadline = time.monotonic() + 240
-        while not _complete_checkpoints(out):
-            assert proc.poll() is None, f"finished before any checkpoint: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
+        while not ready():
+            assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, f"no {waiting_for} within 240 s"
+            time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    steps = [int(p.parent.name.split("-")[1]) for p in _complete_checkpoints(out)]
-    return max(steps)
+
+
+def _kill_after_first_checkpoint(argv: list[str], out: Path) -> int:
+    """Start the command, SIGKILL it once a checkpoint is complete; return the checkpoint's step."""
+    _kill_when(argv, lambda: _complete_checkpoints(out), "checkpoint")
+    return max(int(p.parent.name.split("-")[1]) for p in _complete_checkpoints(out))
 
 
 def _assert_nothing_looks_complete(out: Path) -> None:
@@ -199,19 +203,8 @@ def _evaluated(stderr: str) -> tuple[list[str], list[str]]:
 def _kill_while_recovering(argv: list[str], out: Path) -> Path:
     """Start the search, SIGKILL it once the second pruning level's recovery has a complete Trainer checkpoint
     (two candidates and the first level are done by then); return the search's checkpoint folder."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     recovering = f".{out.name}.checkpoints-*/recovery/prune-layers1/checkpoint-*/trainer_state.json"
-    try:
-        deadline = time.monotonic() + 240
-        while not list(out.parent.glob(recovering)):
-            assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "the second level's recovery did not start within 240 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    _kill_when(argv, lambda: list(out.parent.glob(recovering)), "recovery checkpoint of the second level")
     [folder] = out.parent.glob(f".{out.name}.checkpoints-*")
     return folder
 
