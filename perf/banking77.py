@@ -47,6 +47,16 @@ STUDENTS = {  # name -> student recipe overrides
     "student-2L-trim-hard-labels-10ep": {"layers": [2, 5], "alpha": 0.0, "epochs": 10},
     "student-1L-trim-T4-10ep": {"layers": [5], **T4, "epochs": 10},
     "student-1L-trim-hard-labels-10ep": {"layers": [5], "alpha": 0.0, "epochs": 10},
+    # Teacher-labelled augmented copies (Tang et al., 2019): inputs hard labels cannot use.
+    "student-1L-trim-T4-augment2": {"layers": [5], **T4, "augment": 2},
+    "student-2L-trim-T4-augment2": {"layers": [2, 5], **T4, "augment": 2},
+    # The same 1- and 2-layer students cut from the *pretrained* model instead of the fine-tuned teacher
+    # (Sun et al., 2019, "Patient KD": BERT-k fine-tuned vs distilled, both from the pretrained layers):
+    # hard labels here are what one gets without a teacher; with soft labels, what the teacher adds.
+    "pretrained-1L-trim-hard-labels-10ep": {"pretrained_layers": [5], "alpha": 0.0, "epochs": 10},
+    "pretrained-1L-trim-T4-10ep": {"pretrained_layers": [5], **T4, "epochs": 10},
+    "pretrained-2L-trim-hard-labels-10ep": {"pretrained_layers": [2, 5], "alpha": 0.0, "epochs": 10},
+    "pretrained-2L-trim-T4-10ep": {"pretrained_layers": [2, 5], **T4, "epochs": 10},
     # A student not initialized from the teacher's layers (2 fresh 384-wide layers, FFN 768): where
     # soft targets are expected to matter most.
     "student-fresh-2x384-T4": {"config": {"num_hidden_layers": 2, "intermediate_size": 768}, **T4, "epochs": 10},
@@ -94,7 +104,7 @@ def main() -> int:
     parser.add_argument("--teacher-epochs", type=float, default=8)
     parser.add_argument("--teacher-lr", type=float, default=2e-4)
     parser.add_argument("--student-epochs", type=float, default=4)
-    parser.add_argument("--only", nargs="*", help="student names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="student names to run, in this order (default: ORDER, or SWEEP with --sweep)")
     parser.add_argument("--sweep", action="store_true", help="run the distillation sweep (SWEEP) instead of ORDER")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (the data split keeps 0)")
     parser.add_argument("--budget-minutes", type=float, help="start no student after this many minutes")
@@ -135,7 +145,10 @@ def main() -> int:
              "validation_accuracy": teacher_metrics["validation"]["accuracy"]}]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record(rows, dataset, args, device)
-    names = [n for n in (SWEEP if args.sweep else ORDER) if not args.only or n in args.only]
+    names = args.only or (SWEEP if args.sweep else ORDER)
+    unknown = [n for n in names if n not in STUDENTS and n not in PRUNED]
+    if unknown:
+        parser.error(f"unknown student {unknown[0]}; the names are those of STUDENTS and PRUNED")
     for seed in args.seeds:  # every row once before any row again: a spent budget still covers them all
         for name in names:
             if args.budget_minutes and time.monotonic() - started > 60 * args.budget_minutes:
@@ -156,8 +169,11 @@ def main() -> int:
                     # Hard labels cannot use unlabelled text: the labelled texts alone, for as many steps.
                     data = dataclasses.replace(dataset, unlabeled=[])
                     epochs *= (len(dataset.train) + len(dataset.unlabeled)) / len(dataset.train)
-                recipe = recipe_from_dict(base | {"seed": seed, "student": {"augment": 0, "vocab_margin": 3000,
-                                                                           **student, "epochs": epochs}})
+                overrides = {"augment": 0, "vocab_margin": 3000, **student, "epochs": epochs}
+                if "pretrained_layers" in overrides:
+                    overrides["model"] = str(pretrained_cut(args.teacher_model, overrides.pop("pretrained_layers"),
+                                                            dataset.label_names, out))
+                recipe = recipe_from_dict(base | {"seed": seed, "student": overrides})
                 metrics = distill(recipe, data, out / "finetune", out / (name + suffix), out / ".cache")
                 model = load_classifier(str(out / (name + suffix)))
                 rows.append({"name": name + suffix, "wall_s": read_manifest(out / (name + suffix))["wall_s"],
@@ -170,6 +186,22 @@ def main() -> int:
             rows[-1]["seed"] = seed
             record(rows, dataset, args, device)
     return 0
+
+
+def pretrained_cut(model: str, layers: list[int], label_names: list[str], out: Path) -> Path:
+    """The pretrained `model` (not the fine-tuned teacher) cut to `layers`, with a fresh head, as a folder
+    for student.model: the student one would fine-tune without a teacher."""
+    from edgekd.distill.student import cut_layers
+    from edgekd.models import load_classifier, load_tokenizer
+
+    folder = out / f"pretrained-cut-{'-'.join(map(str, layers))}"
+    if not (folder / "model.safetensors").is_file():
+        import torch
+
+        torch.manual_seed(0)  # the fresh head
+        cut_layers(load_classifier(model, label_names), layers).save_pretrained(folder)
+        load_tokenizer(model).save_pretrained(folder)
+    return folder
 
 
 def labelled_subset(dataset, fraction: float):
