@@ -2,12 +2,14 @@
 
     python perf/banking77_search.py [--out runs/perf-banking77-search] [--budget 1.0] [--objective latency]
                                     [--search-quant int8 int4] [--qat-epochs 0] [--budget-from student]
+    python perf/banking77_search.py --layers 1 3 5 --quant int8 --results perf/results/banking77_3L.json
 
 Runs the whole pipeline on BANKING77 (teacher all-MiniLM-L6-v2 fine-tuned 8 epochs, the 2-layer
 trimmed student of perf/banking77.py, then `compress.budget`: the search over QuantSpecs and
 pruning levels, each candidate exported and timed interleaved in the ExecuTorch runtime here),
 then prints every candidate (validation accuracy, size, latency p50) with the front and the
 choice, the exported artifacts' test accuracy, and records perf/results/banking77_search.json.
+`--quant` skips the search: the student is exported in those QuantSpecs (and fp32) and measured.
 A finetune stage already in --out with the same parameters is reused (so is every other stage).
 Needs ../shared/data/banking77 (not part of the project); exits 0 with a note when it is absent.
 """
@@ -34,6 +36,8 @@ def main() -> int:
     parser.add_argument("--objective", choices=("latency", "size"), default="latency")
     parser.add_argument("--search-quant", nargs="+", default=["int8", "int4"], help="QuantSpecs the search tries")
     parser.add_argument("--qat-epochs", type=float, default=0.0, help="quantization-aware training for specs over budget")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 5], help="teacher layers the student keeps")
+    parser.add_argument("--quant", nargs="+", help="no search: export these QuantSpecs of the student")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.data / "train.csv").is_file():
@@ -47,14 +51,33 @@ def main() -> int:
 
     out = Path(args.out)
     recipe = recipe_from_dict(base_recipe(args.data, args.teacher_model) | {
-        "student": {"layers": [2, 5], "augment": 0, "vocab_margin": 3000},
-        "compress": {"quant": [], "budget": args.budget, "objective": args.objective, "recovery_epochs": 2,
-                     "search_quant": args.search_quant, "qat_epochs": args.qat_epochs, "budget_from": args.budget_from},
+        "student": {"layers": args.layers, "augment": 0, "vocab_margin": 3000},
+        "compress": {"quant": args.quant} if args.quant else {
+            "quant": [], "budget": args.budget, "objective": args.objective, "recovery_epochs": 2,
+            "search_quant": args.search_quant, "qat_epochs": args.qat_epochs, "budget_from": args.budget_from},
         "targets": [{"target": "android", "format": "executorch"}],
         "bench": {"iterations": 100, "warmup": 10},
     })
     summary = run(recipe, out)
-    search = read_manifest(out / "compress")["metrics"]["search"]
+    search = read_manifest(out / "compress")["metrics"].get("search") or {}
+    if search:
+        print_search(search)
+    print(f"\n{'artifact':<48} {'size MB':>8} {'test acc %':>10} {'p50 ms':>7}")
+    for v in summary["variants"]:
+        print(f"{v['name']:<48} {v['size_bytes'] / 1e6:8.2f} {100 * (v['accuracy'] or 0):10.2f} "
+              f"{(v['latency_ms'] or {}).get('p50', float('nan')):7.2f}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
+        "command": "python perf/banking77_search.py " + " ".join(sys.argv[1:]),
+        "machine": summary["machine"], "search": search or None,
+        "artifacts": [{k: v.get(k) for k in ("name", "role", "quant", "size_bytes", "accuracy", "macro_f1")}
+                      | {"latency_p50_ms": (v["latency_ms"] or {}).get("p50")} for v in summary["variants"]],
+        "ratios": summary["ratios"], "stages": summary["stages"]}, indent=2) + "\n")
+    print(f"report: {out / 'report.html'}; recorded {args.results}")
+    return 0
+
+
+def print_search(search: dict) -> None:
     measured = {row["name"]: row for row in search["measured"]}
     fp32 = measured.get("fp32", {}).get("latency_p50_ms")
     print(f"\nteacher validation accuracy {100 * search['teacher_accuracy']:.2f} %, budget {search['budget_points']} "
@@ -69,19 +92,6 @@ def main() -> int:
               f"{(fp32 / p50 if fp32 and p50 else float('nan')):6.2f}x  "
               f"{'*' if row['name'] in search['front'] else ''}{' chosen' if row['name'] == search['chosen'] else ''}")
     print(f"chosen: {search['explanation']}")
-    print(f"\n{'artifact':<48} {'size MB':>8} {'test acc %':>10} {'p50 ms':>7}")
-    for v in summary["variants"]:
-        print(f"{v['name']:<48} {v['size_bytes'] / 1e6:8.2f} {100 * (v['accuracy'] or 0):10.2f} "
-              f"{(v['latency_ms'] or {}).get('p50', float('nan')):7.2f}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "command": "python perf/banking77_search.py " + " ".join(sys.argv[1:]),
-        "machine": summary["machine"], "search": search,
-        "artifacts": [{k: v.get(k) for k in ("name", "role", "quant", "size_bytes", "accuracy", "macro_f1")}
-                      | {"latency_p50_ms": (v["latency_ms"] or {}).get("p50")} for v in summary["variants"]],
-        "ratios": summary["ratios"], "stages": summary["stages"]}, indent=2) + "\n")
-    print(f"report: {out / 'report.html'}; recorded {args.results}")
-    return 0
 
 
 if __name__ == "__main__":
