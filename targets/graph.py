@@ -18,7 +18,7 @@ class ExportWrapper(torch.nn.Module):
     and that break PT2E quantization; transformers passes a prepared 4D mask through as is.
     Eager attention, because SDPA's decomposition adds a "safe softmax" (eq/any/where/
     logical_not per layer) that XNNPACK does not delegate: measured 4.4 -> 3.5 ms on the
-    2-layer demo student.
+    2-layer MiniLM student.
     """
 
     def __init__(self, model):

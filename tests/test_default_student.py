@@ -1,14 +1,14 @@
 """Every exporter on the default student: the shape `edgekd demo` ships, not a tiny test model.
 
-The demo's student (layers 2 and 5 of all-MiniLM-L6-v2: 2 x 384 wide, 12 heads, vocabulary trimmed to
+The demo's student (layers 1, 3 and 5 of all-MiniLM-L6-v2: 3 x 384 wide, 12 heads, vocabulary trimmed to
 the training texts plus a margin, at the data's p99 length), trained briefly on the built-in data so
 that its decisions have margins. Each format and QuantSpec is exported with the real exporter, which
 runs the artifact in its runtime on 200 validation texts and refuses it on a parity failure (Core ML:
-structural checks on Linux). TFLite Micro is not here: the default student (GELU, 7 MB at int8) is no
-microcontroller model, and its ReLU twin, trained as briefly, kept only 93 % top-1 agreement under full
+structural checks on Linux). TFLite Micro is not here: the default student (GELU, 9 MB at int8) is no
+microcontroller model, and the 2-layer ReLU twin, trained as briefly, kept only 93 % top-1 agreement under full
 int8; tests/test_embedded.py exports and checks the small ReLU student that TFLite Micro is for.
-ExecuTorch int8-static is not listed: on this briefly trained student it agrees with fp32 on 97.0 % of
-the validation texts, and the parity gate (99 %) refuses it, as it should.
+ExecuTorch int8-static is not listed: on the briefly trained 2-layer student it agreed with fp32 on 97.0 %
+of the validation texts, and the parity gate (99 %) refuses it, as it should.
 """
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def default_student(tmp_path_factory):
     student = cut_layers(load_classifier(str(builtin_model_dir()), dataset.label_names), recipe.student.layers)
     student, student_tok, _ = trim_vocabulary(student, tokenizer, dataset.train.texts + dataset.unlabeled,
                                               recipe.student.vocab_margin)
-    student = _train_briefly(student, student_tok, dataset, epochs=3, length=length, lr=2e-4)
+    # 5 epochs: after 3, the 3-layer student's margins were so thin that its int4 .pte agreed with it on only
+    # 95.5 % of the texts (gate 97 %); the demo's distilled student agrees 99.0 % at int4.
+    student = _train_briefly(student, student_tok, dataset, epochs=5, length=length, lr=2e-4)
     out = tmp_path_factory.mktemp("default-student") / "distill"
     with write_stage(out, "distill", {"test": "default student"}) as stage:
         student.save_pretrained(stage.path)
