@@ -113,6 +113,10 @@ def main() -> int:
                         help="keep labels on this fraction of the training texts (stratified); the rest become "
                              "data.unlabeled, which distillation uses and hard-label training cannot")
     args = parser.parse_args()
+    names = args.only or (SWEEP if args.sweep else ORDER)
+    unknown = [n for n in names if n not in STUDENTS and n not in PRUNED]
+    if unknown:  # before the teacher's fine-tuning, not after it
+        parser.error(f"unknown student {unknown[0]}; the names are those of STUDENTS and PRUNED")
     if not (args.data / "train.csv").is_file():
         print(f"skipped: {args.data} is absent (BANKING77 is not part of the project)")
         return 0
@@ -145,10 +149,6 @@ def main() -> int:
              "validation_accuracy": teacher_metrics["validation"]["accuracy"]}]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record(rows, dataset, args, device)
-    names = args.only or (SWEEP if args.sweep else ORDER)
-    unknown = [n for n in names if n not in STUDENTS and n not in PRUNED]
-    if unknown:
-        parser.error(f"unknown student {unknown[0]}; the names are those of STUDENTS and PRUNED")
     for seed in args.seeds:  # every row once before any row again: a spent budget still covers them all
         for name in names:
             if args.budget_minutes and time.monotonic() - started > 60 * args.budget_minutes:
