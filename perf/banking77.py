@@ -49,14 +49,11 @@ STUDENTS = {  # name -> student recipe overrides
     "student-1L-trim-hard-labels-10ep": {"layers": [5], "alpha": 0.0, "epochs": 10},
     # Teacher-labelled augmented copies (Tang et al., 2019): inputs hard labels cannot use.
     "student-1L-trim-T4-augment2": {"layers": [5], **T4, "augment": 2},
-    "student-2L-trim-T4-augment2": {"layers": [2, 5], **T4, "augment": 2},
-    # The same 1- and 2-layer students cut from the *pretrained* model instead of the fine-tuned teacher
+    # The same 1-layer student cut from the *pretrained* model instead of the fine-tuned teacher
     # (Sun et al., 2019, "Patient KD": BERT-k fine-tuned vs distilled, both from the pretrained layers):
     # hard labels here are what one gets without a teacher; with soft labels, what the teacher adds.
     "pretrained-1L-trim-hard-labels-10ep": {"pretrained_layers": [5], "alpha": 0.0, "epochs": 10},
     "pretrained-1L-trim-T4-10ep": {"pretrained_layers": [5], **T4, "epochs": 10},
-    "pretrained-2L-trim-hard-labels-10ep": {"pretrained_layers": [2, 5], "alpha": 0.0, "epochs": 10},
-    "pretrained-2L-trim-T4-10ep": {"pretrained_layers": [2, 5], **T4, "epochs": 10},
     # A student not initialized from the teacher's layers (2 fresh 384-wide layers, FFN 768): where
     # soft targets are expected to matter most.
     "student-fresh-2x384-T4": {"config": {"num_hidden_layers": 2, "intermediate_size": 768}, **T4, "epochs": 10},

@@ -2,11 +2,12 @@
 
     python perf/banking77_search.py [--out runs/perf-banking77-search] [--budget 1.0] [--objective latency]
                                     [--search-quant int8 int4] [--qat-epochs 0] [--budget-from student]
-    python perf/banking77_search.py --layers 1 3 5 --quant int8 --results perf/results/banking77_3L.json
+    python perf/banking77_search.py --layers 1 3 5 --quant int8 int4 --results perf/results/banking77_3L.json
 
-Runs the whole pipeline on BANKING77 (teacher all-MiniLM-L6-v2 fine-tuned 8 epochs, the 2-layer
-trimmed student of perf/banking77.py, then `compress.budget`: the search over QuantSpecs and
-pruning levels, each candidate exported and timed interleaved in the ExecuTorch runtime here),
+Runs the whole pipeline on BANKING77 (teacher all-MiniLM-L6-v2 fine-tuned 8 epochs, the trimmed student
+keeping the teacher's `--layers` (default 2 and 5, as in perf/banking77.py), then `compress.budget`: the
+search over QuantSpecs and pruning levels, each candidate exported and timed interleaved in the ExecuTorch
+runtime here),
 then prints every candidate (validation accuracy, size, latency p50) with the front and the
 choice, the exported artifacts' test accuracy, and records perf/results/banking77_search.json.
 `--quant` skips the search: the student is exported in those QuantSpecs (and fp32) and measured.
@@ -59,7 +60,7 @@ def main() -> int:
         "bench": {"iterations": 100, "warmup": 10},
     })
     summary = run(recipe, out)
-    search = read_manifest(out / "compress")["metrics"].get("search") or {}
+    search = read_manifest(out / "compress")["metrics"].get("search")
     if search:
         print_search(search)
     print(f"\n{'artifact':<48} {'size MB':>8} {'test acc %':>10} {'p50 ms':>7}")
@@ -69,7 +70,7 @@ def main() -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({
         "command": "python perf/banking77_search.py " + " ".join(sys.argv[1:]),
-        "machine": summary["machine"], "search": search or None,
+        "machine": summary["machine"], "search": search,
         "artifacts": [{k: v.get(k) for k in ("name", "role", "quant", "size_bytes", "accuracy", "macro_f1")}
                       | {"latency_p50_ms": (v["latency_ms"] or {}).get("p50")} for v in summary["variants"]],
         "ratios": summary["ratios"], "stages": summary["stages"]}, indent=2) + "\n")
