@@ -106,6 +106,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (the data split keeps 0)")
     parser.add_argument("--budget-minutes", type=float, help="start no student after this many minutes")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the 'runs' list of --results instead of replacing the file (one file "
+                             "gathers runs made apart, e.g. one seed per core, each with its own command)")
     parser.add_argument("--labelled-fraction", type=float,
                         help="keep labels on this fraction of the training texts (stratified); the rest become "
                              "data.unlabeled, which distillation uses and hard-label training cannot")
@@ -246,15 +249,19 @@ def record(rows: list[dict], dataset, args, device: str) -> None:
               f"{row['non_embedding_params'] / 1e6:10.2f} {100 * row['validation_accuracy']:6.2f} "
               f"{100 * row['accuracy']:6.2f} {row['macro_f1']:6.3f} "
               f"{100 * row['accuracy'] / teacher['accuracy']:9.1f}% {row['wall_s']:7.0f}", flush=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
+    run = {
         "command": "python perf/banking77.py " + " ".join(sys.argv[1:]), "device": device,
         "data": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test),
                  "labels": len(dataset.label_names)},
         "settings": {"teacher_epochs": args.teacher_epochs, "teacher_lr": args.teacher_lr,
                      "student_epochs": args.student_epochs, "seeds": args.seeds,
                      "labelled_fraction": args.labelled_fraction, "unlabeled": len(dataset.unlabeled)},
-        "rows": rows}, indent=2) + "\n")
+        "rows": rows}
+    if args.append:
+        previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
+        run = {**previous, "runs": previous.get("runs", []) + [run]}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(run, indent=2) + "\n")
 
 
 if __name__ == "__main__":
