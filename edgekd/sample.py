@@ -64,6 +64,6 @@ class Samples:
         seed = self.dataset.seed
         indices = stratified_sample(source.labels, n, seed, purpose)
         self.records[purpose] = {"split": name, "rows": len(indices), "of": len(source), "seed": seed,
-                                 "scheme": SCHEME, "labels": len(set(source.labels[i] for i in indices)),
+                                 "scheme": SCHEME, "labels": len({source.labels[i] for i in indices}),
                                  "indices_sha256": checksum(indices)}
         return Split([source.texts[i] for i in indices], [source.labels[i] for i in indices])

@@ -117,7 +117,7 @@ def test_export_calibrates_and_checks_parity_on_every_label(sorted_dataset, tiny
     from edgekd.targets.export import PARITY_TEXTS, export_artifact
     from edgekd.targets.graph import ExportWrapper
 
-    stage_dir, model, tokenizer = tiny_model_stage
+    stage_dir, _, tokenizer = tiny_model_stage
     seen = {}
     by_ids = {tuple(tokenizer(t, padding="max_length", max_length=16, truncation=True)["input_ids"]): label
               for split in (sorted_dataset.train, sorted_dataset.validation, sorted_dataset.test)
