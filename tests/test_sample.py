@@ -97,7 +97,7 @@ def tiny_model_stage(tmp_path_factory):
     with write_stage(root / "distill", "distill", {"test": "samples"}) as stage:
         model.save_pretrained(stage.path)
         tokenizer.save_pretrained(stage.path)
-        stage.extra["max_length"] = 16
+        stage.extra.update({"max_length": 16, "labels": LABELS})
     return root / "distill", model, tokenizer
 
 
@@ -171,3 +171,19 @@ def test_compress_samples_every_label_and_calibrates_as_the_export_does(sorted_d
     batches = job._ranking_batches()                      # pruning importance: every label too
     ranked = [LABELS[int(i)] for b in batches for i in b["labels"]]
     _assert_proportional(ranked, sorted_dataset.validation, len(ranked))
+
+
+def test_the_compress_manifest_records_its_samples(sorted_dataset, tiny_model_stage, tmp_path):
+    from edgekd.compress.compress import EVAL_TEXTS, compress
+    from edgekd.recipe import recipe_from_dict
+
+    stage_dir, _, _ = tiny_model_stage
+    recipe = recipe_from_dict({"seed": 7, "compress": {"quant": ["fp32"]}})
+    compress(recipe, sorted_dataset, stage_dir, tmp_path / "compress")
+    samples = json.loads((tmp_path / "compress" / "manifest.json").read_text())["samples"]
+    assert set(samples) == {"evaluation", "calibration"}              # no pruning asked: no ranking sample
+    evaluation = samples["evaluation"]
+    assert (evaluation["split"], evaluation["rows"], evaluation["of"], evaluation["labels"]) == \
+        ("validation", EVAL_TEXTS, 1200, 12)
+    indices = stratified_sample(sorted_dataset.validation.labels, EVAL_TEXTS, 7, "evaluation")
+    assert evaluation["indices_sha256"] == checksum(indices) and evaluation["seed"] == 7
