@@ -25,6 +25,7 @@ from edgekd.manifest import is_done, read_manifest, stage_input, stage_key, writ
 from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, load_classifier, load_tokenizer
 from edgekd.recipe import Recipe
+from edgekd.sample import Samples
 from edgekd.targets.graph import ExportWrapper, encode_fixed, run_graph
 
 EVAL_TEXTS = 1000       # validation texts each variant is scored on
@@ -83,7 +84,7 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
                 model = quantization_aware(job, model, quantized[0], cfg.qat_epochs, checkpoints / "qat")
         stage.metrics["validation"] = job.evaluate(model, specs)
         stage.metrics["params"] = {"before": count_parameters(student), "after": count_parameters(model)}
-        stage.extra.update({"max_length": max_length, "labels": manifest["labels"],
+        stage.extra.update({"max_length": max_length, "labels": manifest["labels"], "samples": job.samples.records,
                             "plan": {"pruning": None if prune_spec.is_noop else prune_spec.to_dict(),
                                      "quant": [s.to_dict() for s in specs],
                                      "qat_epochs": cfg.qat_epochs if qat else 0}})
@@ -110,10 +111,13 @@ class Compression:
                  teacher_dir: Path | None, workdir: Path):
         self.recipe, self.dataset, self.student, self.tokenizer = recipe, dataset, student, tokenizer
         self.max_length, self.teacher_dir, self.workdir = max_length, teacher_dir, workdir
-        val = dataset.validation
-        self.eval_inputs = encode_fixed(tokenizer, val.texts[:EVAL_TEXTS], max_length)
-        self.eval_labels = dataset.label_ids(val)[:EVAL_TEXTS]
-        self.calibration = encode_fixed(tokenizer, dataset.train.texts[:200], max_length)
+        # Stratified, seeded samples (edgekd.sample), recorded in the manifest: files are often sorted by label.
+        self.samples = Samples(dataset)
+        self.eval_split = self.samples.split("validation", EVAL_TEXTS, "evaluation")
+        self.eval_inputs = encode_fixed(tokenizer, self.eval_split.texts, max_length)
+        self.eval_labels = dataset.label_ids(self.eval_split)
+        # The export's calibration sample is a prefix of this one (same purpose and seed).
+        self.calibration = encode_fixed(tokenizer, self.samples.split("train", 200, "calibration").texts, max_length)
         self._scores = None
         self._soft = None
 
@@ -134,7 +138,7 @@ class Compression:
         """The teacher's accuracy on the same validation texts: what a budget is counted from."""
         from edgekd.distill.training import predict_logits
 
-        texts = self.dataset.validation.texts[:EVAL_TEXTS]
+        texts = self.eval_split.texts
         logits = predict_logits(load_classifier(str(self.teacher_dir)), load_tokenizer(str(self.teacher_dir)),
                                 texts, self.max_length)
         return classification_metrics(logits, self.eval_labels)["accuracy"]
@@ -154,9 +158,8 @@ class Compression:
     def _ranking_batches(self) -> list[dict]:
         from edgekd.distill.training import collator
 
-        val = self.dataset.validation
-        data = Encoded(self.tokenizer, val.texts[:RANKING_TEXTS], self.dataset.label_ids(val)[:RANKING_TEXTS],
-                       self.max_length)
+        val = self.samples.split("validation", RANKING_TEXTS, "pruning")
+        data = Encoded(self.tokenizer, val.texts, self.dataset.label_ids(val), self.max_length)
         pad = collator(self.tokenizer)
         rows = [{k: v for k, v in data[i].items() if k != "index"} for i in range(len(data))]
         return [pad(rows[i:i + 32]) for i in range(0, len(rows), 32)]

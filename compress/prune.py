@@ -10,9 +10,10 @@ when it alone is removed.
 
 transformers 5 dropped `prune_heads`, and a config cannot give each layer its own number of
 heads, so: FFN neurons and layers are pruned by the same amount in every layer, which
-`intermediate_size` / `num_hidden_layers` express (the model then loads with the Auto classes);
-pruned heads are recorded in the config as `edgekd_heads` (heads kept per layer) and
-`load_classifier` rebuilds those shapes before loading the weights.
+the family's FFN and layer-count config fields express (`intermediate_size` / `num_hidden_layers`
+for BERT; the model then loads with the Auto classes); pruned heads are recorded in the config as
+`edgekd_heads` (heads kept per layer) and `load_classifier` rebuilds those shapes before loading
+the weights. Where a family keeps its heads, FFN and layers comes from edgekd/architecture.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from edgekd.errors import ModelError, RecipeError
+from edgekd.architecture import family_of, set_path
+from edgekd.errors import RecipeError
 from edgekd.recipe import check_pruning
 
 HEADS_FIELD = "edgekd_heads"
@@ -53,16 +55,12 @@ class PruneSpec:
         return asdict(self)
 
 
-def _bert_layers(model) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(layers[0], "intermediate"):
-        raise ModelError(f"structured pruning supports BERT-style encoders (BERT, RoBERTa, MiniLM, ELECTRA), "
-                         f"not {type(model).__name__}; compress without pruning")
-    return layers
+PRUNE_USE = "structured pruning (compress.prune)"
+PRUNE_FIX = "compress without pruning"
 
 
-def _head_size(layer) -> int:
-    return layer.attention.self.attention_head_size
+def _family(model):
+    return family_of(model, PRUNE_USE, PRUNE_FIX)
 
 
 def _slice_linear(linear: torch.nn.Linear, keep: torch.Tensor, dim: int) -> torch.nn.Linear:
@@ -77,28 +75,29 @@ def _slice_linear(linear: torch.nn.Linear, keep: torch.Tensor, dim: int) -> torc
     return new
 
 
-def keep_heads(layer, heads: list[int]) -> None:
-    """Shrink one layer's attention to `heads` (in place)."""
-    attention = layer.attention.self
-    size = _head_size(layer)
-    rows = torch.tensor([h * size + i for h in heads for i in range(size)], dtype=torch.long)
-    for name in ("query", "key", "value"):
-        setattr(attention, name, _slice_linear(getattr(attention, name), rows, 0))
-    layer.attention.output.dense = _slice_linear(layer.attention.output.dense, rows, 1)
-    attention.num_attention_heads = len(heads)
-    attention.all_head_size = len(heads) * size
+def keep_heads(family, layer, heads: list[int], head_dim: int) -> None:
+    """Shrink one layer's attention to query heads `heads` (in place): q/k/v rows, o columns."""
+    rows = torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], dtype=torch.long)
+    projections = family.projections(layer)
+    for name in ("q", "k", "v"):
+        set_path(layer, getattr(family, name), _slice_linear(projections[name], rows, 0))
+    set_path(layer, family.o, _slice_linear(projections["o"], rows, 1))
+    family.set_head_count(layer, len(heads), head_dim)
 
 
-def keep_neurons(layer, neurons: torch.Tensor) -> None:
-    """Shrink one layer's FFN to `neurons` (in place)."""
-    layer.intermediate.dense = _slice_linear(layer.intermediate.dense, neurons, 0)
-    layer.output.dense = _slice_linear(layer.output.dense, neurons, 1)
+def keep_neurons(family, layer, neurons: torch.Tensor) -> None:
+    """Shrink one layer's FFN to `neurons` (in place): rows of the input linears, columns of the output one."""
+    inputs, output = family.mlp(layer)
+    for path, linear in zip(family.mlp_in, inputs):
+        set_path(layer, path, _slice_linear(linear, neurons, 0))
+    set_path(layer, family.mlp_out, _slice_linear(output, neurons, 1))
 
 
 def apply_head_counts(model, counts: list[int]) -> None:
     """Give a freshly built model the attention shapes recorded in its config (weights come after)."""
-    for layer, count in zip(_bert_layers(model), counts):
-        keep_heads(layer, list(range(count)))
+    family = _family(model)
+    for layer, count in zip(family.layer_list(model), counts):
+        keep_heads(family, layer, list(range(count)), family.head_dim(model.config))
 
 
 @dataclass
@@ -113,9 +112,10 @@ def importance(model, batches: list[dict]) -> Importance:
 
     Each batch is a dict of input_ids, attention_mask and labels tensors.
     """
-    layers = _bert_layers(model)
-    heads = torch.zeros(len(layers), layers[0].attention.self.num_attention_heads)
-    neurons = [torch.zeros(layer.intermediate.dense.out_features) for layer in layers]
+    family = _family(model)
+    layers, head_dim = family.layer_list(model), family.head_dim(model.config)
+    heads = torch.zeros(len(layers), family.layer_heads(layers[0], model.config))
+    neurons = [torch.zeros(family.mlp(layer)[1].in_features) for layer in layers]
     captured: dict[tuple[str, int], torch.Tensor] = {}
 
     def capture(key):
@@ -126,8 +126,8 @@ def importance(model, batches: list[dict]) -> Importance:
 
     handles = []
     for i, layer in enumerate(layers):  # the inputs of the two output projections: heads and neurons
-        handles.append(layer.attention.output.dense.register_forward_pre_hook(capture(("heads", i))))
-        handles.append(layer.output.dense.register_forward_pre_hook(capture(("ffn", i))))
+        handles.append(family.projections(layer)["o"].register_forward_pre_hook(capture(("heads", i))))
+        handles.append(family.mlp(layer)[1].register_forward_pre_hook(capture(("ffn", i))))
     model.eval()  # no dropout: rank the units the deployed model uses
     try:
         for batch in batches:
@@ -135,10 +135,10 @@ def importance(model, batches: list[dict]) -> Importance:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             torch.nn.functional.cross_entropy(out.logits, batch["labels"]).backward()
             mask = batch["attention_mask"].unsqueeze(-1).float()
-            for i, layer in enumerate(layers):
+            for i in range(len(layers)):
                 act = captured[("heads", i)]
                 taylor = (act * act.grad * mask).sum(1)  # [B, all_head_size]
-                heads[i] += taylor.view(taylor.shape[0], -1, _head_size(layer)).sum(-1).abs().sum(0).detach()
+                heads[i] += taylor.view(taylor.shape[0], -1, head_dim).sum(-1).abs().sum(0).detach()
                 act = captured[("ffn", i)]
                 neurons[i] += (act * act.grad * mask).sum(1).abs().sum(0).detach()
     finally:
@@ -152,7 +152,7 @@ def importance(model, batches: list[dict]) -> Importance:
 def _layer_drop_loss(model, batches: list[dict]) -> torch.Tensor:
     from edgekd.distill.student import cut_layers
 
-    total = len(_bert_layers(model))
+    total = len(_family(model).layer_list(model))
     losses = torch.zeros(total)
     if total == 1:
         return losses
@@ -173,9 +173,17 @@ def kept_neurons(size: int, fraction: float) -> int:
 
 def prune(model, spec: PruneSpec, scores: Importance):
     """A pruned copy of `model`: least important layers, then heads and neurons, removed."""
-    layers = _bert_layers(model)
-    total_heads = layers[0].attention.self.num_attention_heads
+    family = _family(model)
+    layers, head_dim = family.layer_list(model), family.head_dim(model.config)
+    total_heads = family.layer_heads(layers[0], model.config)
     drop_heads = math.floor(spec.heads * total_heads)  # < total_heads: PruneSpec keeps heads < 1
+    if drop_heads and not family.head_pruning:
+        raise RecipeError(f"head pruning of {family.name} models is not supported (one relative position bias "
+                          f"holds every head for all layers); set compress.prune.heads: 0")
+    if drop_heads and family.num_kv_heads(model.config) != family.num_heads(model.config):
+        raise RecipeError(f"head pruning of grouped-query attention ({family.num_heads(model.config)} query heads "
+                          f"sharing {family.num_kv_heads(model.config)} KV heads) is not supported; "
+                          f"set compress.prune.heads: 0")
     if spec.layers >= len(layers):
         raise RecipeError(f"pruning {spec.layers} layers would remove every layer (the model has {len(layers)}); "
                           f"use at most {len(layers) - 1}")
@@ -185,18 +193,18 @@ def prune(model, spec: PruneSpec, scores: Importance):
     keep_layers = sorted(torch.argsort(scores.layers, descending=True)[: len(layers) - spec.layers].tolist())
     pruned = cut_layers(model, keep_layers) if spec.layers else copy.deepcopy(model)
     kept = []
-    for layer, i in zip(_bert_layers(pruned), keep_layers):
+    for layer, i in zip(family.layer_list(pruned), keep_layers):
         order = torch.argsort(scores.heads[i], descending=True)
         heads = sorted(order[: total_heads - drop_heads].tolist())
         if drop_heads:
-            keep_heads(layer, heads)
+            keep_heads(family, layer, heads, head_dim)
         kept.append(len(heads))
         size = scores.neurons[i].numel()
         neurons = torch.argsort(scores.neurons[i], descending=True)[: kept_neurons(size, spec.ffn)]
         if spec.ffn:
-            keep_neurons(layer, neurons.sort().values)
+            keep_neurons(family, layer, neurons.sort().values)
     config = pruned.config
-    config.intermediate_size = _bert_layers(pruned)[0].intermediate.dense.out_features
+    setattr(config, family.ffn_field, family.mlp(family.layer_list(pruned)[0])[1].in_features)
     if drop_heads:
         setattr(config, HEADS_FIELD, kept)
     return pruned

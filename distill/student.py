@@ -5,40 +5,23 @@ import copy
 
 import torch
 
+from edgekd.architecture import family_of
 from edgekd.errors import ModelError
 
-# Where each encoder family keeps its layer list, and the config field that counts them.
-_LAYER_PATHS = (
-    ("encoder.layer", "num_hidden_layers"),       # BERT, RoBERTa, MPNet, ELECTRA, MiniLM
-    ("transformer.layer", "n_layers"),            # DistilBERT
-)
-
-
-def _layer_list(model):
-    base = model.base_model
-    for path, config_field in _LAYER_PATHS:
-        owner = base
-        for part in path.split("."):
-            owner = getattr(owner, part, None)
-        if isinstance(owner, torch.nn.ModuleList):
-            return base, path, config_field
-    raise ModelError(f"cannot find the layer list of {type(model).__name__}; layer cutting supports "
-                     f"BERT-, RoBERTa-, MPNet- and DistilBERT-style encoders")
+CUT_USE = "layer cutting (student.layers)"
+CUT_FIX = "give student.model (a ready student, any family) instead"
 
 
 def cut_layers(teacher, keep: list[int]):
-    """A copy of `teacher` with only the encoder layers `keep` (0-based), initialized from its weights."""
-    base, path, config_field = _layer_list(teacher)
-    container = path.split(".")[0]
-    total = len(getattr(base, container).layer)
+    """A copy of `teacher` with only the layers `keep` (0-based), initialized from its weights."""
+    family = family_of(teacher, CUT_USE, CUT_FIX)
+    total = len(family.layer_list(teacher))
     bad = [i for i in keep if not 0 <= i < total]
     if bad or len(set(keep)) != len(keep) or list(keep) != sorted(keep):
         raise ModelError(f"student.layers {keep} is not an increasing list of distinct layers in 0..{total - 1} "
                          f"(the teacher has {total})")
     student = copy.deepcopy(teacher)
-    owner = getattr(student.base_model, container)
-    owner.layer = torch.nn.ModuleList([owner.layer[i] for i in keep])
-    setattr(student.config, config_field, len(keep))
+    family.keep_layers(student, list(keep))
     return student
 
 
@@ -155,6 +138,9 @@ def layer_map(choice, student_layers: int, teacher_layers: int, kept: list[int] 
     return mapping
 
 
+INTERMEDIATE_USE = "the intermediate losses (student.hidden_weight, attention_weight, value_weight)"
+INTERMEDIATE_FIX = "set all three to 0 (logit distillation works with any family)"
+
+
 def num_layers(model) -> int:
-    config = model.config
-    return getattr(config, "num_hidden_layers", None) or config.n_layers
+    return family_of(model, INTERMEDIATE_USE, INTERMEDIATE_FIX).num_layers(model.config)

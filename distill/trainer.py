@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer
 
+from edgekd.architecture import family_of
 from edgekd.distill.losses import attention_kl, hidden_state_mse, soft_label_kd, value_relation_kl
-
-_VALUE_PROJECTIONS = ("value", "v_lin", "v")  # BERT/RoBERTa/ELECTRA, DistilBERT, MPNet
+from edgekd.distill.student import INTERMEDIATE_FIX, INTERMEDIATE_USE
 
 
 @dataclass
@@ -29,22 +29,22 @@ class Intermediate:
     _values: dict = field(default_factory=dict)
 
 
-def _value_module(layer) -> torch.nn.Module:
-    for name, module in layer.named_modules():
-        if name.split(".")[-1] in _VALUE_PROJECTIONS and isinstance(module, torch.nn.Linear):
-            return module
-    raise ValueError(f"no value projection found in {type(layer).__name__}")
-
-
-def _layers(model):
-    from edgekd.distill.student import _layer_list
-
-    base, path, _ = _layer_list(model)
-    return getattr(base, path.split(".")[0]).layer
+def _family(model):
+    return family_of(model, INTERMEDIATE_USE, INTERMEDIATE_FIX)
 
 
 def _heads(model) -> int:
-    return getattr(model.config, "num_attention_heads", None) or model.config.n_heads
+    return _family(model).num_heads(model.config)
+
+
+def _value_heads(model) -> int:
+    """Heads the value projection's output splits into: the KV heads (fewer under grouped-query attention)."""
+    return _family(model).num_kv_heads(model.config)
+
+
+def _value_module(model, layer: int) -> torch.nn.Linear:
+    family = _family(model)
+    return family.projections(family.layer_list(model)[layer])["v"]
 
 
 class DistillationTrainer(Trainer):
@@ -75,8 +75,8 @@ class DistillationTrainer(Trainer):
                 inter._values[key] = output
             return hook
 
-        _value_module(_layers(self.model)[-1]).register_forward_hook(keep("student"))
-        _value_module(_layers(inter.teacher)[inter.layer_map[-1]]).register_forward_hook(keep("teacher"))
+        _value_module(self.model, -1).register_forward_hook(keep("student"))
+        _value_module(inter.teacher, inter.layer_map[-1]).register_forward_hook(keep("teacher"))
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -127,9 +127,9 @@ class DistillationTrainer(Trainer):
                 loss = loss + inter.attention_weight * attention_kl(
                     student_out.attentions[s], teacher_out.attentions[t], mask)
         if inter.value_weight:
-            def split(values, model):  # [B, L, H] -> [B, heads, L, H / heads]
+            def split(values, model):  # [B, L, H] -> [B, KV heads, L, H / KV heads]
                 b, length, _ = values.shape
-                return values.view(b, length, _heads(model), -1).transpose(1, 2)
+                return values.view(b, length, _value_heads(model), -1).transpose(1, 2)
 
             loss = loss + inter.value_weight * value_relation_kl(
                 split(inter._values["student"], self.model), split(inter._values["teacher"], inter.teacher), mask)

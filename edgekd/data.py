@@ -37,6 +37,7 @@ class Dataset:
     test: Split
     label_names: list[str]
     unlabeled: list[str] = field(default_factory=list)
+    seed: int = 0  # the recipe's seed: what edgekd.sample draws calibration, parity and evaluation rows with
 
     def fingerprint(self) -> dict:
         """A stage-input entry for the data: changing any text or label changes every stage's key."""
@@ -271,7 +272,7 @@ def load_dataset(recipe: Recipe) -> Dataset:
         if not split.texts:
             raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
     unlabeled = read_texts(resolve_path(config.unlabeled, recipe), config) if config.unlabeled else []
-    return Dataset(train, validation, test, sorted(counts), unlabeled)
+    return Dataset(train, validation, test, sorted(counts), unlabeled, recipe.seed)
 
 
 def choose_max_length(tokenizer, texts: list[str], quantile: float = 0.99) -> int:

@@ -19,6 +19,7 @@ from edgekd.errors import ExportError
 from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
 from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, label_names, load_classifier, load_tokenizer
+from edgekd.sample import Samples
 from edgekd.targets import Format, RuntimeUnavailable
 from edgekd.targets.graph import INPUT_NAMES, MIN_LENGTH, ExportWrapper, encode_fixed, encode_unpadded, run_graph
 
@@ -55,14 +56,16 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
     encode = encode_unpadded if dynamic else encode_fixed
     with write_stage(out, "export", params, inputs) as stage:
         file = stage.path / artifact_name(model_name, fmt, spec)
-        calibration = encode(tokenizer, dataset.train.texts[: spec.calibration_samples], max_length)
+        samples = Samples(dataset)  # stratified by label, seeded: data files are often sorted by label
+        calibration = encode(tokenizer, samples.split("train", spec.calibration_samples, "calibration").texts,
+                             max_length)
         delegation = fmt.export(model, spec, max_length, calibration, file, **options)
         try:
             runner, unavailable = fmt.runner(file, threads), None
         except RuntimeUnavailable as exc:  # e.g. Core ML on Linux
             runner, unavailable = None, str(exc)
 
-        val_texts = dataset.validation.texts[:PARITY_TEXTS]
+        val_texts = samples.split("validation", PARITY_TEXTS, "parity").texts
         val_inputs = encode(tokenizer, val_texts, max_length)
         if runner is None:
             # Nothing here can run the artifact: the exporter's structural check (it raises on a
@@ -101,6 +104,7 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
             "sample_input": {"text": val_texts[0], "input_ids": val_inputs[0][0][0].tolist(),
                              "attention_mask": val_inputs[0][1][0].tolist()},
             "runtime": fmt.runner.versions(),
+            "samples": samples.records,
         })
         if not spec.is_float and delegation.get("non_delegated_nodes"):
             stage.extra["warnings"] = [f"quantized model not fully delegated: "
