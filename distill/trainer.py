@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer
 
+from edgekd.errors import ModelError
 from edgekd.distill.losses import attention_kl, hidden_state_mse, soft_label_kd, value_relation_kl
 
 _VALUE_PROJECTIONS = ("value", "v_lin", "v")  # BERT/RoBERTa/ELECTRA, DistilBERT, MPNet
@@ -33,7 +34,9 @@ def _value_module(layer) -> torch.nn.Module:
     for name, module in layer.named_modules():
         if name.split(".")[-1] in _VALUE_PROJECTIONS and isinstance(module, torch.nn.Linear):
             return module
-    raise ValueError(f"no value projection found in {type(layer).__name__}")
+    raise ModelError(f"student.value_weight needs the value projection of each attention layer, and "
+                     f"{type(layer).__name__} has none edgekd knows ({', '.join(_VALUE_PROJECTIONS)}); "
+                     f"set student.value_weight: 0")
 
 
 def _layers(model):
