@@ -252,3 +252,34 @@ def test_relative_teacher_folder_is_read_from_the_recipe_folder_by_the_stage(tmp
     assert main(["finetune", "--recipe", "../project/recipes/r.yaml", "--out", "ft"]) == 0, capsys.readouterr().err
     model = read_manifest(elsewhere / "ft")["inputs"]["model"]
     assert model["path"] == str((project / "models" / "teacher").resolve()) and "sha256" in model
+
+
+def test_the_export_manifest_records_the_asked_spec_and_its_realization(tiny_teacher_dir, tmp_path):
+    """ios/coreml realizes int8 as int8-weights: the manifest says both, the variant name the realized one."""
+    from edgekd.data import Dataset, Split
+    from edgekd.manifest import read_manifest, write_stage
+    from edgekd.report import collect
+    from edgekd.targets.export import export_artifact
+
+    from conftest import make_rows
+
+    stage_dir = tmp_path / "stage" / "finetune"
+    with write_stage(stage_dir, "finetune", {}) as stage:
+        for file in Path(tiny_teacher_dir).iterdir():
+            shutil.copyfile(file, stage.path / file.name)
+        stage.extra["max_length"] = 16
+    rows = {n: make_rows(8, seed) for n, seed in (("train", 1), ("validation", 2), ("test", 3))}
+    dataset = Dataset(*(Split([r["text"] for r in rows[n]], [r["label"] for r in rows[n]]) for n in rows),
+                      ["negative", "neutral", "positive"])
+    recipe = recipe_from_dict({"teacher": {"model": str(tiny_teacher_dir)}, "targets": ["ios"]})
+    (variant,) = [v for v in variant_plan(recipe) if v.role == "compressed"]
+    assert (variant.name, variant.spec.name, variant.asked) == ("student-int8-weights-ios-coreml", "int8-weights",
+                                                                "int8")
+    out = tmp_path / "run" / "export" / variant.name
+    export_artifact(stage_dir, "finetune", variant.fmt, variant.spec, dataset, out, "compressed", "tiny",
+                    options=variant.options, asked=variant.asked)
+    manifest = read_manifest(out)
+    assert manifest["quant"]["name"] == "int8-weights" and manifest["quant_asked"] == "int8"
+    assert manifest["artifact"] == "tiny_coreml_int8weights.mlpackage"
+    (shown,) = collect(tmp_path / "run")["variants"]  # the report names both
+    assert shown["name"] == variant.name and shown["title"].endswith(", int8-weights (for int8)")
