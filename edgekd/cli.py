@@ -69,7 +69,6 @@ def _run_and_print(recipe, args) -> str:
 def cmd_finetune(args) -> str:
     from edgekd.data import load_dataset
     from edgekd.distill.finetune import finetune
-
     from edgekd.preflight import preflight
 
     recipe = _recipe(args.recipe, args)
@@ -80,7 +79,6 @@ def cmd_finetune(args) -> str:
 def cmd_distill(args) -> str:
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
-
     from edgekd.preflight import preflight
 
     recipe = _recipe(args.recipe, args)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
-
-from typing import NamedTuple
 
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.data import load_dataset

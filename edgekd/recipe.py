@@ -227,12 +227,14 @@ class Recipe:
     def model_source(self, value: str | None) -> str | None:
         """teacher.model / student.model as a stage loads it: a folder relative to the recipe file made
         absolute; a hub id ("org/name") that names no folder there is left alone."""
-        if value is None or value.startswith("builtin:"):
+        if not value or value.startswith("builtin:"):
             return value
         resolved = self.resolve(value)
-        if Path(resolved).exists() or not _HUB_ID.fullmatch(value):
-            return resolved
-        return value
+        try:
+            exists = Path(resolved).exists()
+        except OSError as exc:  # a name too long
+            raise RecipeError(f"{_short(value)} in the recipe is not a usable path ({exc.strerror}); fix it") from None
+        return resolved if exists or not _HUB_ID.fullmatch(value) else value
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
