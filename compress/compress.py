@@ -37,9 +37,9 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     cfg = recipe.compress
     specs = [get_spec(name) for name in cfg.quant]  # unknown names fail before any work
     prune_spec = PruneSpec(**vars(cfg.prune))
-    if fmt is not None:
-        _check_realizable(fmt, specs if cfg.budget is None else [get_spec(n) for n in cfg.search_quant or []],
-                          cfg.budget is not None)
+    if fmt is not None and cfg.budget is not None:  # the search measures the format's own specs; plain specs are
+        # evaluated in PyTorch, and each target exports its realization of them (checked by the pre-flight)
+        _check_realizable(fmt, [get_spec(n) for n in cfg.search_quant or []])
     if (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs) and teacher_dir is None:
         raise RecipeError("pruning, quantization-aware training and the budget search retrain the student from "
                           "the teacher; give --teacher DIR")
@@ -97,13 +97,9 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     return stage.metrics
 
 
-def _check_realizable(fmt, specs: list[QuantSpec], search: bool) -> None:
+def _check_realizable(fmt, specs: list[QuantSpec]) -> None:
     for spec in specs:
-        if spec.is_float:
-            continue
-        if not search:
-            fmt.realize(spec.name)  # the spec itself or its nearest realization (ios/coreml: int8 -> int8-weights)
-        elif spec.name not in fmt.specs:  # the search measures the format's own specs
+        if spec.name not in fmt.specs and not spec.is_float:
             raise RecipeError(f"{fmt.target}/{fmt.name} cannot realize quantization '{spec.name}'; "
                               f"it supports: {', '.join(fmt.specs)}")
 

@@ -133,6 +133,19 @@ def test_a_spec_no_target_format_realizes_is_one_line_and_its_fix_works(base):
     preflight(recipe_from_dict({**data, "targets": targets}))
 
 
+def test_the_compress_stage_takes_int8_for_a_first_target_that_realizes_it_as_int8_weights(base, tmp_path):
+    """It evaluates int8 in PyTorch; Core ML exports its int8-weights. It reaches its input, not a refusal."""
+    from edgekd.compress.compress import compress
+    from edgekd.errors import StageError
+    from edgekd.targets import get_format
+
+    recipe = recipe_from_dict({**base, "targets": ["ios", "android"]})
+    assert [v.name for v in preflight(recipe) if v.role == "compressed"] == ["student-int8-weights-ios-coreml",
+                                                                            "student-int8-android-executorch"]
+    with pytest.raises(StageError, match="no manifest.json"):
+        compress(recipe, None, tmp_path / "no-student", tmp_path / "out", None, get_format("ios", "coreml"))
+
+
 def test_int4_on_ios17_is_caught_up_front_and_the_fix_works(base):
     data = {**base, "targets": [{"target": "ios", "quant": ["int4"]}]}
     (line,) = _problems(data)
