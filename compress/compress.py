@@ -38,8 +38,9 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     cfg = recipe.compress
     specs = [get_spec(name) for name in cfg.quant]  # unknown names fail before any work
     prune_spec = PruneSpec(**vars(cfg.prune))
-    if fmt is not None:
-        _check_realizable(fmt, specs if cfg.budget is None else [get_spec(n) for n in cfg.search_quant or []])
+    if fmt is not None and cfg.budget is not None:  # the search measures the format's own specs; plain specs are
+        # evaluated in PyTorch, and each target exports its realization of them (checked by the pre-flight)
+        _check_realizable(fmt, [get_spec(n) for n in cfg.search_quant or []])
     if (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs) and teacher_dir is None:
         raise RecipeError("pruning, quantization-aware training and the budget search retrain the student from "
                           "the teacher; give --teacher DIR")

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import random
 
+from edgekd.errors import ModelError
+
 
 def augment(texts: list[str], copies: int, mask_token: str, seed: int, p_mask: float = 0.1,
             p_swap: float = 0.1, p_ngram: float = 0.25) -> list[str]:
     """`copies` perturbed versions of each text (deduplicated against the originals and each other)."""
+    if not mask_token:  # a tokenizer without [MASK] (GPT-style): the preflight says so before training
+        raise ModelError("student.augment masks words with the teacher's mask token, and its tokenizer has none; "
+                         "set student.augment: 0")
     rng = random.Random(seed)
     vocabulary = sorted({word for text in texts for word in text.split()})
     seen = set(texts)

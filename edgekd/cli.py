@@ -1,4 +1,5 @@
-"""The `edgekd` command. User errors print one line and exit 1; usage errors exit 2."""
+"""The `edgekd` command. User errors print one line and exit 1; usage errors exit 2; an internal error
+(a bug) prints one line naming it and exits 3 (`--debug` or EDGEKD_DEBUG=1 shows its traceback)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -67,16 +69,20 @@ def _run_and_print(recipe, args) -> str:
 def cmd_finetune(args) -> str:
     from edgekd.data import load_dataset
     from edgekd.distill.finetune import finetune
+    from edgekd.preflight import preflight
 
     recipe = _recipe(args.recipe, args)
+    preflight(recipe)
     return _print_metrics(finetune(recipe, load_dataset(recipe), Path(args.out)), args)
 
 
 def cmd_distill(args) -> str:
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
+    from edgekd.preflight import preflight
 
     recipe = _recipe(args.recipe, args)
+    preflight(recipe, teacher=args.teacher)
     out = Path(args.out)
     cache = Path(args.cache_dir) if args.cache_dir else out.parent / ".cache"
     return _print_metrics(distill(recipe, load_dataset(recipe), Path(args.teacher), out, cache), args)
@@ -85,6 +91,7 @@ def cmd_distill(args) -> str:
 def cmd_compress(args) -> str:
     from edgekd.compress.compress import compress
     from edgekd.data import load_dataset
+    from edgekd.preflight import preflight
     from edgekd.targets import get_format
 
     recipe = _recipe(args.recipe)
@@ -98,6 +105,7 @@ def cmd_compress(args) -> str:
     if args.budget_from:
         cfg.budget_from = args.budget_from
     cfg.__post_init__()  # the flags obey the recipe's rules
+    preflight(recipe, teacher=args.teacher, student=args.student)
     target = recipe.targets[0]
     fmt = get_format(args.target or target.target, args.format or (None if args.target else target.format))
     teacher = Path(args.teacher) if args.teacher else None
@@ -119,7 +127,8 @@ def cmd_export(args) -> str:
     role = "teacher" if stage == "finetune" else ("student" if spec.is_float else "compressed")
     name = args.name or f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
     # The options of the recipe's entry for this target format (e.g. ios deployment_target), if it has one.
-    options = next((t.options for t in recipe.targets if (t.target, t.format) == (fmt.target, fmt.name)), {})
+    options = next((t.options for t in recipe.targets
+                    if t.target == fmt.target and (t.format or get_format(t.target).name) == fmt.name), {})
     metrics = export_artifact(Path(args.model), stage, fmt, spec, load_dataset(recipe), Path(args.out), role,
                               name, recipe.bench.threads, options)
     return _print_metrics(metrics, args)
@@ -195,12 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgekd", description="Distill, compress, export and benchmark text classifiers for phones and "
         "embedded boards.", epilog=f"example:\n  {EXAMPLES['demo']}\n  {EXAMPLES['run']}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an internal error (also: EDGEKD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an internal error (also: EDGEKD_DEBUG=1)")
         return p
 
     def recipe_opt(p):
@@ -321,18 +334,30 @@ def _printable(message: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
 
 
+INTERNAL_ERROR = 3  # a bug in edgekd (or a library), not in the user's input: exit 1 is for user errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    debug = args.debug or os.environ.get("EDGEKD_DEBUG", "") not in ("", "0")
     try:
         # Progress and library chatter go to stderr; stdout carries only the result (e.g. --json).
         with contextlib.redirect_stdout(sys.stderr):
             text = args.func(args)
     except EdgeKDError as exc:
-        print(f"error: {_printable(str(exc))}", file=sys.stderr)
+        for line in getattr(exc, "problems", None) or [str(exc)]:  # the pre-flight: one line per problem
+            print(f"error: {_printable(line)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last resort: one line, and the way to the traceback
+        if debug:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = "" if debug else "; rerun with --debug (or EDGEKD_DEBUG=1) for the traceback, and report it"
+        print(f"error: internal error: {type(exc).__name__}: {_printable(message[:300])}{hint}", file=sys.stderr)
+        return INTERNAL_ERROR
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

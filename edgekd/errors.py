@@ -27,3 +27,11 @@ class ExportError(EdgeKDError):
 
 class BenchError(EdgeKDError):
     """A benchmark could not run or finished only partially."""
+
+
+class RecipeProblems(RecipeError):
+    """Every problem the pre-flight found in a recipe, one line each (the CLI prints each as an `error:` line)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

@@ -10,41 +10,72 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
-from edgekd.compress.quant import get_spec
+from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.data import load_dataset
+from edgekd.errors import EdgeKDError, RecipeProblems
 from edgekd.recipe import Recipe
-from edgekd.targets import get_format
+from edgekd.targets import Format, get_format
 
 
 def log(message: str) -> None:
     print(f"[edgekd] {message}", file=sys.stderr, flush=True)
 
 
-def variant_plan(recipe: Recipe, quant: list[str] | None = None) -> list[tuple[str, str, str, object, object, dict]]:
-    """(variant name, source stage, role, QuantSpec, Format, options) for every artifact the recipe asks for.
+class Variant(NamedTuple):
+    """One artifact of the plan: `spec` is what `fmt` realizes of the asked spec `asked` (int8 -> int8-weights)."""
+    name: str
+    source: str       # the stage it is exported from: finetune or compress
+    role: str         # teacher, student, compressed
+    spec: QuantSpec
+    fmt: Format
+    options: dict
+    asked: str
 
-    `quant`: the QuantSpecs to export (default: the recipe's; after a budget search: the chosen one).
+
+def variant_plan(recipe: Recipe, quant: list[str] | None = None) -> list[Variant]:
+    """Every artifact the recipe asks for; every target entry checked, all problems raised together.
+
+    `quant`: the QuantSpecs to export on every target (default: each target's own `quant`, else
+    `compress.quant`; after a budget search: the chosen one), each mapped to the format's realization.
     """
-    plan = []
-    specs = [get_spec(name) for name in (quant or recipe.compress.quant)]
-    for i, target in enumerate(recipe.targets):
-        fmt = get_format(target.target, target.format)
-        options = fmt.resolve_options(target.options)
+    plan, problems = [], []
+    for target in recipe.targets:
+        try:
+            fmt = get_format(target.target, target.format)
+            options = fmt.resolve_options(target.options)
+        except EdgeKDError as exc:
+            problems.append(str(exc))
+            continue
         tag = f"{fmt.target}-{fmt.name}"
-        if i == 0:  # the teacher once, on the first target: the reference every student is compared with
-            plan.append((f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt, options))
-        plan.append((f"student-fp32-{tag}", "compress", "student", get_spec("fp32"), fmt, options))
-        plan += [(f"student-{s.name}-{tag}", "compress", "compressed", s, fmt, options)
-                 for s in specs if not s.is_float]
+        if not plan:  # the teacher once, on the first target: the reference every student is compared with
+            plan.append(Variant(f"teacher-fp32-{tag}", "finetune", "teacher", get_spec("fp32"), fmt, options, "fp32"))
+        plan.append(Variant(f"student-fp32-{tag}", "compress", "student", get_spec("fp32"), fmt, options, "fp32"))
+        for asked in quant or target.quant or recipe.compress.quant:
+            try:
+                spec = get_spec(fmt.realize(get_spec(asked).name))
+            except EdgeKDError as exc:
+                problems.append(str(exc))
+                continue
+            problem = fmt.spec_problem(spec, options)
+            name = f"student-{spec.name}-{tag}"
+            if problem:
+                problems.append(problem)
+            elif not spec.is_float and name not in {v.name for v in plan}:  # int8, int8-static: one int8-weights
+                plan.append(Variant(name, "compress", "compressed", spec, fmt, options, asked))
+    if problems:
+        raise RecipeProblems(problems)
     return plan
 
 
 def run(recipe: Recipe, out: Path) -> dict:
     """Run every stage of `recipe` into `out`; return the report summary."""
-    plan = variant_plan(recipe)  # a bad spec or target fails here, before hours of training
+    from edgekd.preflight import preflight
+
+    plan = preflight(recipe)  # the whole recipe checked against the teacher's files, before hours of training
     dataset = load_dataset(recipe)  # and bad data, before the heavy imports below
 
     from edgekd.benchmarks.stage import bench
@@ -69,16 +100,16 @@ def run(recipe: Recipe, out: Path) -> dict:
     stage("finetune", out / "finetune", finetune, recipe, dataset, out / "finetune")
     stage("distill", out / "distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
     stage("compress", out / "compress", compress, recipe, dataset, out / "distill", out / "compress",
-          out / "finetune", plan[0][4])
+          out / "finetune", plan[0].fmt)
     if recipe.compress.budget is not None:  # export what the search chose
         chosen = read_manifest(out / "compress")["plan"]["quant"]
         plan = variant_plan(recipe, [spec["name"] for spec in chosen])
     artifacts = []
-    for name, source, role, spec, fmt, options in plan:
+    for name, source, role, spec, fmt, options, asked in plan:
         model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
         artifacts.append(stage(f"export {name}", out / "export" / name, export_artifact, out / source, source,
                                fmt, spec, dataset, out / "export" / name, role, model_name, recipe.bench.threads,
-                               options))
+                               options, asked))
     stage("bench", out / "bench", bench, artifacts, out / "bench", recipe.bench.iterations, recipe.bench.warmup,
           recipe.bench.threads)
     return write_report(out)

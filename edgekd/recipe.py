@@ -174,8 +174,9 @@ class CompressConfig:
 @dataclass
 class TargetConfig:
     target: str = "android"
-    format: str = "executorch"
+    format: str | None = None   # None: the target's default format (android: executorch, ios: coreml, embedded: tflm)
     options: dict = field(default_factory=dict)  # format-specific, e.g. ios/coreml deployment_target: iOS17
+    quant: list[str] | None = None     # this target's QuantSpecs (default: compress.quant, mapped to the format)
 
 
 @dataclass
@@ -197,11 +198,14 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
-    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
+    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig("android", "executorch")])
     bench: BenchConfig = field(default_factory=BenchConfig)
     base_dir: str = field(default=".", metadata={"internal": True})  # where relative paths start
 
     def __post_init__(self):
+        if not self.targets:
+            raise RecipeError("targets is empty; list at least one, e.g. `targets: [android]` or "
+                              "`targets: [{target: android, format: executorch}]`")
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"recipe version {_short(self.version)} is not supported; this edgekd reads version "
                               f"{RECIPE_VERSION}")
@@ -220,10 +224,25 @@ class Recipe:
             reason = getattr(exc, "strerror", None) or exc
             raise RecipeError(f"{_short(value)} in the recipe is not a usable path ({reason}); fix it") from None
 
+    def model_source(self, value: str | None) -> str | None:
+        """teacher.model / student.model as a stage loads it: a folder relative to the recipe file made
+        absolute; a hub id ("org/name") that names no folder there is left alone."""
+        if not value or value.startswith("builtin:"):
+            return value
+        resolved = self.resolve(value)
+        try:
+            exists = Path(resolved).exists()
+        except OSError as exc:  # a name too long
+            raise RecipeError(f"{_short(value)} in the recipe is not a usable path ({exc.strerror}); fix it") from None
+        return resolved if exists or not _HUB_ID.fullmatch(value) else value
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
         return data
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _short(value) -> str:
@@ -295,13 +314,22 @@ def _convert(hint, value, where: str):
 
 
 def recipe_from_dict(data: dict, base_dir: Path | str = ".") -> Recipe:
+    if isinstance(data, dict) and isinstance(data.get("targets"), list):  # a bare name: its default format
+        data = {**data, "targets": [{"target": t} if isinstance(t, str) else t
+                                    for t in data["targets"]]}
     recipe = _build(Recipe, data or {}, "")
     recipe.base_dir = str(Path(base_dir).resolve())
+    # Every stage (and any other code) reads the models where the recipe file says they are, whatever the cwd.
+    recipe.teacher.model = recipe.model_source(recipe.teacher.model)
+    recipe.student.model = recipe.model_source(recipe.student.model)
     return recipe
 
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder, not a YAML file; give the recipe file itself "
+                          f"(`edgekd demo --print-recipe` prints one to start from)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; `edgekd demo --print-recipe` prints one to start from")
     try:
@@ -309,6 +337,9 @@ def load_recipe(path: Path | str) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecipeError(f"{path} is not valid YAML: {first}") from None
+    except OSError as exc:  # no read permission, an I/O error
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}; make it readable "
+                          f"(e.g. `chmod u+r {path}`)") from None
     return recipe_from_dict(data, path.parent)
 
 

@@ -16,9 +16,10 @@ _TITLES = {"teacher": "Teacher (fine-tuned)", "student": "Student (distilled)"}
 DEFAULT_PRICE_PER_CORE_HOUR = 0.05
 
 
-def _title(role: str, quant: str) -> str:
+def _title(role: str, quant: str, asked: str | None = None) -> str:
     base = _TITLES.get(role, "Student")
-    return f"{base}, {quant}" if quant != "fp32" else base
+    shown = f"{quant} (for {asked})" if asked and asked != quant else quant  # the format's nearest realization
+    return f"{base}, {shown}" if quant != "fp32" else base
 
 
 def _is_bench_dir(path: Path) -> bool:
@@ -64,7 +65,7 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
         measured = latency.get(path.name, {})
         test = manifest["metrics"]["test"]
         variants.append({
-            "name": path.name, "role": role, "title": _title(role, quant),
+            "name": path.name, "role": role, "title": _title(role, quant, manifest.get("quant_asked")),
             "artifact": _relative(path / manifest["artifact"], root),
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"], "quant": quant,
             "accuracy": (test or {}).get("accuracy"), "macro_f1": (test or {}).get("macro_f1"),

@@ -22,6 +22,21 @@ class Format:
     requires: tuple[str, ...] = () # importable modules it needs
     extra: str = ""                # the pip extra that installs them
     options: dict = field(default_factory=dict)  # option name -> default, given in the recipe's target entry
+    # A spec this format has no exact realization of -> its nearest one (ios/coreml: int8 -> int8-weights),
+    # so `compress.quant: [int8]` means each target's int8.
+    nearest: dict = field(default_factory=dict)
+    option_checks: dict = field(default_factory=dict)  # option name -> callable(value): a problem line or None
+
+    def realize(self, name: str) -> str:
+        """The spec this format exports for the asked spec `name`: itself, or its nearest realization."""
+        if name in self.specs:
+            return name
+        if name in self.nearest:
+            return self.nearest[name]
+        known = ", ".join(self.specs + tuple(self.nearest))
+        raise RecipeError(f"{self.target}/{self.name} cannot realize quantization '{name}'; it realizes {known}: "
+                          f"list one in this target's own specs, e.g. `{{target: {self.target}, format: {self.name}, "
+                          f"quant: [{self.specs[-1]}]}}`")
 
     def resolve_options(self, given: dict | None) -> dict:
         """The export options: the defaults updated by `given`; an unknown name is an error."""
@@ -34,7 +49,14 @@ class Format:
             if isinstance(self.options[name], bool) and not isinstance(given[name], bool):
                 raise RecipeError(f"{self.target}/{self.name} option '{name}' takes true or false, "
                                   f"not {given[name]!r}")
+            problem = self.option_checks[name](given[name]) if name in self.option_checks else None
+            if problem:
+                raise RecipeError(f"{self.target}/{self.name} option {problem}")
         return {**self.options, **given}
+
+    def spec_problem(self, spec, options: dict) -> str | None:
+        """What keeps this format from exporting QuantSpec `spec` with `options`, or None (a subclass checks more)."""
+        return None
 
     def check_installed(self) -> None:
         """Fail before any work when the converter or runtime of this format is missing."""

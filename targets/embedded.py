@@ -87,9 +87,8 @@ def export_tflm(model, spec: QuantSpec, max_length: int, calibration, out_file: 
     """
     if spec.name not in SPECS:
         raise ExportError(f"embedded/tflm cannot realize quantization '{spec.name}'; it supports: {', '.join(SPECS)}")
-    if not isinstance(arena_margin, (int, float)) or not 0 <= arena_margin <= 4:
-        raise RecipeError(f"embedded/tflm option arena_margin must be a fraction between 0 and 4, "
-                          f"such as 0.25; got {arena_margin!r}")
+    if check_arena_margin(arena_margin):
+        raise RecipeError(f"embedded/tflm option {check_arena_margin(arena_margin)}")
     if spec.activations == "static":
         data = quantize(convert_float(model, max_length, StaticInt8Wrapper), spec, calibration)
     else:
@@ -109,6 +108,13 @@ def export_tflm(model, spec: QuantSpec, max_length: int, calibration, out_file: 
     return {**summary, "resolver": calls, "arena": {"used_bytes": used, "margin": arena_margin, "size": arena},
             "output_quantization": {"scale": runner.scale, "zero_point": runner.zero_point} if runner.scale else None,
             "litert_parity": parity, "c_sources": [HEADER, SOURCE]}
+
+
+def check_arena_margin(value) -> str | None:
+    """The problem with an arena_margin option value, or None: checked when the recipe is read."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+        return f"arena_margin must be a fraction between 0 and 4, such as 0.25; got {value!r}"
+    return None
 
 
 def inline_and_align(data: bytes) -> bytes:
@@ -316,7 +322,8 @@ class TFLMRunner:
 FORMATS.register("embedded/tflm")(Format(
     target="embedded", name="tflm", backend="tflm", suffix="tflite", specs=SPECS, export=export_tflm,
     runner=TFLMRunner, requires=("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "tflite_micro"),
-    extra="embedded", options={"arena_margin": 0.25},
+    extra="embedded", options={"arena_margin": 0.25}, option_checks={"arena_margin": check_arena_margin},
+    nearest={"int8": "int8-static"},  # TFLite Micro runs integer kernels only: int8 is the calibrated full int8
 ))
 
 # ExecuTorch without a delegate, for any CPU ExecuTorch builds for; the manifest and

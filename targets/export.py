@@ -36,7 +36,9 @@ def artifact_name(model_name: str, fmt: Format, spec: QuantSpec) -> str:
 
 
 def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantSpec, dataset: Dataset,
-                    out: Path, role: str, model_name: str, threads: int = 0, options: dict | None = None) -> dict:
+                    out: Path, role: str, model_name: str, threads: int = 0, options: dict | None = None,
+                    asked: str | None = None) -> dict:
+    """`asked`: the recipe's spec when `spec` is the format's nearest realization of it (int8 -> int8-weights)."""
     if spec.name not in fmt.specs:
         raise ExportError(f"{fmt.target}/{fmt.name} cannot realize quantization '{spec.name}'; "
                           f"it supports: {', '.join(fmt.specs)}")
@@ -44,7 +46,8 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
     max_length = source_manifest["max_length"]
     options = fmt.resolve_options(options)
     params = {"target": fmt.target, "format": fmt.name, "quant": spec.to_dict(), "role": role,
-              "max_length": max_length, "model_name": model_name, "options": options}
+              "max_length": max_length, "model_name": model_name, "options": options,
+              **({"asked": asked} if asked and asked != spec.name else {})}  # older exports keep their keys
     inputs = {"model": source, "data": dataset.fingerprint()}
     if is_done(out, "export", params, inputs):
         return read_manifest(out)["metrics"]
@@ -91,7 +94,8 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
                 shutil.copyfile(model_dir / name, stage.path / name)
         stage.extra.update({
             "artifact": file.name, "size_bytes": artifact_size(file), "role": role, "max_length": max_length,
-            "labels": label_names(model), "quant": spec.to_dict(), "delegation": delegation,
+            "labels": label_names(model), "quant": spec.to_dict(), "quant_asked": asked or spec.name,
+            "delegation": delegation,
             "model_inputs": [_input_spec(n, max_length, dynamic) for n in INPUT_NAMES],
             "dynamic_length": dynamic,
             "model_outputs": [{"name": "logits", "shape": [1, len(label_names(model))],

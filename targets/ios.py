@@ -37,10 +37,17 @@ def _export(model, max_length: int):
 def _target(spec: QuantSpec, deployment_target: str):
     import coremltools as ct
 
-    if spec.weights == "int4" and DEPLOYMENT_TARGETS[deployment_target] < DEPLOYMENT_TARGETS["iOS18"]:
-        raise RecipeError(f"QuantSpec {spec.name} needs Core ML per-block int4, which starts with iOS18; set "
-                          f"`options: {{deployment_target: iOS18}}` in the ios target, or use int8-weights or palettize4")
+    problem = _int4_problem(spec, deployment_target)
+    if problem:
+        raise RecipeError(problem)
     return getattr(ct.target, deployment_target)
+
+
+def _int4_problem(spec: QuantSpec, deployment_target: str) -> str | None:
+    if spec.weights == "int4" and DEPLOYMENT_TARGETS[deployment_target] < DEPLOYMENT_TARGETS["iOS18"]:
+        return (f"QuantSpec {spec.name} needs Core ML per-block int4, which starts with iOS18; set "
+                f"`options: {{deployment_target: iOS18}}` in the ios target, or use int8-weights or palettize4")
+    return None
 
 
 def _precision(spec: QuantSpec):
@@ -279,11 +286,16 @@ class IOSFormat(Format):
                               f"{', '.join(DEPLOYMENT_TARGETS)}")
         return options
 
+    def spec_problem(self, spec, options: dict) -> str | None:
+        return _int4_problem(spec, options["deployment_target"])
+
 
 FORMATS.register("ios/coreml")(IOSFormat(
     target="ios", name="coreml", backend="coreml", suffix="mlpackage",
     specs=("fp32", "fp16", "int8-weights", "palettize4", "int4-weights"), export=convert_coreml,
     runner=CoreMLRunner, requires=("coremltools",), extra="ios", options={"deployment_target": "iOS17"},
+    # Core ML quantizes weights only: an int8 / int4 spec is realized as its weight-only twin.
+    nearest={"int8": "int8-weights", "int8-static": "int8-weights", "int4": "int4-weights"},
 ))
 FORMATS.register("ios/executorch-coreml")(IOSFormat(
     target="ios", name="executorch-coreml", backend="coreml", suffix="pte",

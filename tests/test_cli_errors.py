@@ -239,3 +239,54 @@ def test_missing_runtime_is_named_with_the_extra_before_any_work(tmp_path, tiny_
     assert err[-1] == "error: android/executorch needs executorch, which is not installed; " \
                       "run `pip install 'edgekd[android]'`"
     assert not (tmp_path / "run").exists()
+
+
+# --- recipes that cannot be read, and the last-resort handler -------------------------------
+
+def test_run_recipe_that_is_a_folder(tmp_path, capsys):
+    line = _one_error_line(capsys, "run", tmp_path, "--out", tmp_path / "out")
+    assert line == f"error: recipe {tmp_path} is a folder, not a YAML file; give the recipe file itself " \
+                   f"(`edgekd demo --print-recipe` prints one to start from)"
+    assert not (tmp_path / "out").exists()
+
+
+def _boom(args):
+    raise RuntimeError("boom\nsecond line")
+
+
+def test_an_unexpected_exception_is_one_line_with_a_distinct_exit_code(tmp_path, capsys, monkeypatch):
+    import edgekd.cli as cli
+
+    monkeypatch.setattr(cli, "cmd_verify", _boom)
+    monkeypatch.delenv("EDGEKD_DEBUG", raising=False)
+    code, out, err = _run(capsys, "verify", tmp_path)
+    assert code == cli.INTERNAL_ERROR == 3 and out == ""
+    assert err == ("error: internal error: RuntimeError: boom; rerun with --debug (or EDGEKD_DEBUG=1) for the "
+                   "traceback, and report it\n")
+    for argv in (["--debug", "verify", tmp_path], ["verify", tmp_path, "--debug"]):  # the way the line names works
+        code, out, err = _run(capsys, *argv)
+        assert code == 3 and "Traceback (most recent call last)" in err and 'RuntimeError("boom' in err
+        assert err.strip().splitlines()[-1] == "error: internal error: RuntimeError: boom"
+
+
+def test_edgekd_debug_shows_the_traceback_in_a_fresh_process(tmp_path):
+    code = ("import sys, edgekd.cli as cli\n"
+            "def boom(args): raise KeyError('k')\n"
+            "cli.cmd_verify = boom\n"
+            f"sys.exit(cli.main(['verify', {str(tmp_path)!r}]))\n")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "EDGEKD_DEBUG"})
+    assert quiet.returncode == 3 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines() == ["error: internal error: KeyError: 'k'; rerun with --debug (or "
+                                                 "EDGEKD_DEBUG=1) for the traceback, and report it"]
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "EDGEKD_DEBUG": "1"})
+    assert loud.returncode == 3 and "Traceback (most recent call last)" in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == "error: internal error: KeyError: 'k'"
+
+
+def test_user_errors_stay_exit_1_and_usage_errors_exit_2(tmp_path, capsys):
+    assert _run(capsys, "verify", tmp_path)[0] == 1
+    with pytest.raises(SystemExit) as info:
+        main(["verify", "--debug"])
+    assert info.value.code == 2

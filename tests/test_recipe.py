@@ -1,6 +1,7 @@
 """The recipe: built-in defaults, round trips, unknown keys, types, value ranges and paths."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -140,8 +141,24 @@ def test_wrong_type_names_the_key_path(path, value, expected):
     assert expected in _error(_with(path, value))
 
 
-def test_targets_item_must_be_mapping():
-    assert "targets[1] must be a mapping" in _error({"targets": [{"target": "android"}, "ios"]})
+def test_targets_item_must_be_mapping_or_a_name():
+    assert "targets[1] must be a mapping, not int" in _error({"targets": [{"target": "android"}, 3]})
+
+
+def test_bare_target_names_take_each_targets_default_format():
+    from edgekd.pipeline import variant_plan
+
+    recipe = recipe_from_dict({"targets": ["android", "ios", "embedded", {"target": "ios", "format": "coreml"}]})
+    assert [(t.target, t.format) for t in recipe.targets] == [("android", None), ("ios", None), ("embedded", None),
+                                                               ("ios", "coreml")]
+    formats = {f"{v.fmt.target}/{v.fmt.name}" for v in variant_plan(recipe)}
+    assert formats == {"android/executorch", "ios/coreml", "embedded/tflm"}
+
+
+def test_empty_targets_is_refused_when_read():
+    line = _error({"targets": []})
+    assert line.startswith("targets is empty; list at least one")
+    recipe_from_dict({"targets": ["android"]})  # the fix the line suggests
 
 
 def test_top_level_must_be_mapping():
@@ -220,6 +237,41 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path, monkeypatch):
     assert recipe.resolve("builtin:finsent/train.csv") == "builtin:finsent/train.csv"
 
 
+def test_model_paths_are_resolved_when_read(tmp_path, monkeypatch):
+    """teacher.model / student.model: a folder beside the recipe is found from any cwd; a hub id stays one."""
+    (tmp_path / "recipes" / "models" / "student").mkdir(parents=True)
+    (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump({
+        "teacher": {"model": "org/model"}, "student": {"model": "models/student"}}))
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("recipes/r.yaml")
+    assert recipe.teacher.model == "org/model"
+    assert recipe.student.model == str((tmp_path / "recipes" / "models" / "student").resolve())
+    assert recipe_from_dict({"teacher": {"model": "./org/model"}}, tmp_path).teacher.model == \
+        str(tmp_path.resolve() / "org" / "model")  # not a hub id: a path, even where nothing is yet
+    assert recipe_from_dict({}).teacher.model == "builtin:all-MiniLM-L6-v2"
+
+
+def test_a_recipe_that_is_a_folder_or_unreadable_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(RecipeError, match="is a folder, not a YAML file; give the recipe file itself"):
+        load_recipe(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: mine\n")
+    real = Path.read_text
+
+    def unreadable(self, *args, **kwargs):  # the tests run as root, whom chmod does not stop
+        if self == recipe:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    assert str(info.value) == (f"cannot read recipe {recipe}: Permission denied; make it readable "
+                               f"(e.g. `chmod u+r {recipe}`)")
+    monkeypatch.setattr(Path, "read_text", real)  # made readable, as the line says
+    assert load_recipe(recipe).name == "mine"
+
+
 def test_floats_in_exponent_notation_parse(tmp_path):
     file = tmp_path / "r.yaml"
     file.write_text("teacher:\n  learning_rate: 5e-5\nstudent:\n  learning_rate: 1E-3\n  temperature: 3\n"
@@ -251,3 +303,39 @@ def test_recipe_with_non_utf8_bytes(tmp_path):
     file.write_bytes(b"name: caf\xe9\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(file)
+
+
+# --- recipe keys named in messages ------------------------------------------------------------
+
+_KEY = re.compile(r"(?<![\w./])(teacher|student|data|compress|bench)\.([a-z_]+(?:\.[a-z_]+)*)")
+_NOT_KEYS = {"compress.py", "data.f", "data.int"}  # a file name, and bits of generated C code
+
+
+def _is_key(section: str, path: str) -> bool:
+    import dataclasses
+    import typing
+
+    hint = typing.get_type_hints(Recipe)[section]
+    for part in path.split("."):
+        options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        cls = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        if cls is None or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        hint = typing.get_type_hints(cls)[part]
+    return True
+
+
+def test_every_recipe_key_a_message_names_exists():
+    """A fix that names a recipe key must name one the recipe takes (`set student.trim_vocab: false`)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    named = {}
+    for folder in ("edgekd", "distill", "compress", "targets", "benchmarks"):
+        for file in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    named.update({m.group(0): file.name for m in _KEY.finditer(node.value)})
+    assert len(named) > 25  # the scan sees the messages
+    unknown = {key: file for key, file in named.items() if key not in _NOT_KEYS and not _is_key(*key.split(".", 1))}
+    assert unknown == {}

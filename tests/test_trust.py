@@ -95,6 +95,7 @@ def test_malicious_pickle_is_refused_by_weights_only_with_the_flag(tmp_path, leg
 
 def _cli_recipe(tmp_path: Path, teacher: Path, small_data) -> Path:
     recipe = {"version": 1, "teacher": {"model": str(teacher), "epochs": 1},
+              "student": {"layers": [0, 1]},  # the pre-flight checks the student against the 2-layer teacher
               "data": {"train": str(small_data["train"]), "validation": str(small_data["validation"]),
                        "test": str(small_data["test"])}}
     path = tmp_path / "recipe.yaml"
