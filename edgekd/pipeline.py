@@ -44,6 +44,9 @@ def variant_plan(recipe: Recipe, quant: list[str] | None = None) -> list[tuple[s
 
 def run(recipe: Recipe, out: Path) -> dict:
     """Run every stage of `recipe` into `out`; return the report summary."""
+    from edgekd.manifest import check_run_dir, claim_run_dir
+
+    check_run_dir(out)  # a user's folder is refused before anything is read or trained
     plan = variant_plan(recipe)  # a bad spec or target fails here, before hours of training
     dataset = load_dataset(recipe)  # and bad data, before the heavy imports below
 
@@ -56,7 +59,7 @@ def run(recipe: Recipe, out: Path) -> dict:
     from edgekd.targets.export import export_artifact
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     def stage(label: str, target: Path, func, *args):
