@@ -43,7 +43,8 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
     max_length = source_manifest["max_length"]
     options = fmt.resolve_options(options)
     params = {"target": fmt.target, "format": fmt.name, "quant": spec.to_dict(), "role": role,
-              "max_length": max_length, "model_name": model_name, "options": options}
+              "max_length": max_length, "model_name": model_name, "options": options,
+              **({"threads": threads} if threads else {})}  # the parity run's threads; 0 keeps older keys
     inputs = {"model": source, "data": dataset.fingerprint()}
     if is_done(out, "export", params, inputs):
         return read_manifest(out)["metrics"]
