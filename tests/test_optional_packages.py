@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
+
+# tomllib is Python 3.11+; pytest itself depends on tomli before that
+tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
 ROOT = Path(__file__).resolve().parent.parent
 # distribution name in pyproject.toml -> the module the code imports
