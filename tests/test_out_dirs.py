@@ -29,15 +29,23 @@ def _stage(out: Path, stage: str = "finetune", files=None) -> Path:
 
 @pytest.fixture
 def no_models(monkeypatch):
-    """Any attempt to load a model or the data fails the test: the refusal must come first."""
+    """Reading the data or a model fails the test: the refusal must come first. Every command's module is
+    imported first, so that none binds the stand-in by name and keeps it after the test."""
+    import importlib
+
     import edgekd.data
     import edgekd.models
+    import edgekd.pipeline
+
+    for name in ("distill.finetune", "distill.distill", "compress.compress", "targets.export", "benchmarks.stage",
+                 "bundle"):
+        importlib.import_module(f"edgekd.{name}")
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("a model or the data was loaded before --out was checked")
+        raise AssertionError("a model or the data was read before --out was checked")
 
-    for module, name in ((edgekd.models, "load_classifier"), (edgekd.models, "load_tokenizer"),
-                         (edgekd.models, "resolve_model"), (edgekd.data, "load_dataset")):
+    for module, name in ((edgekd.models, "resolve_model"), (edgekd.data, "load_dataset"),
+                         (edgekd.pipeline, "load_dataset")):
         monkeypatch.setattr(module, name, forbidden)
 
 
@@ -60,6 +68,7 @@ def _commands(tmp_path: Path, out: Path) -> dict[str, list[str]]:
 @pytest.mark.parametrize("command", ["finetune", "distill", "compress", "export", "bench", "run", "demo", "bundle"])
 def test_a_users_folder_survives_every_command(tmp_path, capsys, no_models, command):
     folder = _user_folder(tmp_path)
+    capsys.readouterr()  # what importing the libraries logged in the fixture
     assert main(_commands(tmp_path, folder)[command]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --out {folder} ") and "remove it yourself" in err[0], err
@@ -71,6 +80,7 @@ def test_a_users_folder_survives_every_command(tmp_path, capsys, no_models, comm
 def test_a_file_at_out_is_refused(tmp_path, capsys, no_models, command):
     file = tmp_path / "notes.txt"
     file.write_text("mine\n")
+    capsys.readouterr()
     assert main(_commands(tmp_path, file)[command]) == 1
     assert "is not a directory" in capsys.readouterr().err
     assert file.read_text() == "mine\n"
