@@ -30,6 +30,7 @@ from edgekd.targets.graph import ExportWrapper, encode_fixed, run_graph
 
 EVAL_TEXTS = 1000       # validation texts each variant is scored on
 RANKING_TEXTS = 512     # validation texts the pruning importance is measured on
+RETRAIN_FIELDS = ("temperature", "alpha", "learning_rate", "batch_size")  # the student.* fields retraining reads
 
 
 def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, teacher_dir: Path | None = None,
@@ -57,8 +58,11 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
                            **({"qat_epochs": cfg.qat_epochs} if cfg.qat_epochs else {}),
                            **({"budget_from": cfg.budget_from} if cfg.budget_from != "teacher" else {})},
               "target": f"{fmt.target}/{fmt.name}" if fmt else None, "seed": recipe.seed}
+    retrains = not prune_spec.is_noop or cfg.budget is not None or bool(cfg.qat_epochs)
+    if retrains:  # recovery distillation and QAT train with these student.* settings (distill_from_teacher)
+        params["student"] = {k: getattr(recipe.student, k) for k in RETRAIN_FIELDS}
     inputs = {"student": source, "data": dataset.fingerprint()}
-    if teacher_dir is not None and (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs):
+    if teacher_dir is not None and retrains:
         inputs["teacher"] = stage_input(teacher_dir, "finetune")[1]
     if is_done(out, "compress", params, inputs):
         return read_manifest(out)["metrics"]

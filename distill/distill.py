@@ -40,6 +40,8 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
     inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
     if cfg.model:
         inputs["student_model"] = model_fingerprint(cfg.model, cfg.allow_pickle)
+        if recipe.teacher.trust_remote_code:  # the student.model loads with it: its code may shape the model
+            params["trust_remote_code"] = True
     if is_done(out, "distill", params, inputs):
         return read_manifest(out)["metrics"]
     checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"

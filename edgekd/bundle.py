@@ -43,9 +43,11 @@ class BundleError(EdgeKDError):
 def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe) -> dict:
     """Write the bundle folder `out` and `out`.zip for `platform` from export directory `artifact_dir`."""
     from edgekd.data import load_dataset
-    from edgekd.manifest import stage_input, write_stage
+    from edgekd.manifest import check_out, check_zip_out, stage_input, write_stage
 
     artifact_dir, out = Path(artifact_dir), Path(out)
+    check_out(out, "bundle")  # neither a user's folder nor a zip edgekd did not write is replaced
+    check_zip_out(_zip_path(out), out.name)
     if platform not in PLATFORMS:
         raise BundleError(f"unknown platform '{platform}'; known: {', '.join(PLATFORMS)}")
     export, export_input = stage_input(artifact_dir, "export")

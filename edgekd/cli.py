@@ -71,6 +71,7 @@ def cmd_finetune(args) -> str:
     from edgekd.distill.finetune import finetune
     from edgekd.preflight import preflight
 
+    _check_out(args, "finetune")
     recipe = _recipe(args.recipe, args)
     preflight(recipe)
     return _print_metrics(finetune(recipe, load_dataset(recipe), Path(args.out)), args)
@@ -81,6 +82,7 @@ def cmd_distill(args) -> str:
     from edgekd.distill.distill import distill
     from edgekd.preflight import preflight
 
+    _check_out(args, "distill")
     recipe = _recipe(args.recipe, args)
     preflight(recipe, teacher=args.teacher)
     out = Path(args.out)
@@ -94,6 +96,7 @@ def cmd_compress(args) -> str:
     from edgekd.preflight import preflight
     from edgekd.targets import get_format
 
+    _check_out(args, "compress")
     recipe = _recipe(args.recipe)
     cfg = recipe.compress
     if args.quant:
@@ -120,6 +123,7 @@ def cmd_export(args) -> str:
     from edgekd.targets import get_format
     from edgekd.targets.export import export_artifact
 
+    _check_out(args, "export")
     recipe = _recipe(args.recipe)
     fmt = get_format(args.target, args.format)
     spec = get_spec(args.quant)
@@ -139,6 +143,7 @@ def cmd_bench(args) -> str:
     from edgekd.benchmarks.runtimes import parse_baselines
     from edgekd.benchmarks.stage import bench
 
+    _check_out(args, "bench")
     baselines = tuple(b.name for b in parse_baselines(args.baselines))
     options = {"executor_runner": args.executor_runner, "benchmark_model": args.benchmark_model,
                "android_runner": args.android_runner, "xctestrun": args.xctestrun}
@@ -193,6 +198,13 @@ def cmd_bundle(args) -> str:
     if not (args.artifact_dir and args.platform and args.out):
         raise EdgeKDError("edgekd bundle needs ARTIFACT_DIR, --platform and --out (or --verify BUNDLE)")
     return _print_metrics(make_bundle(Path(args.artifact_dir), args.platform, Path(args.out), _recipe(args.recipe)), args)
+
+
+def _check_out(args, stage: str) -> None:
+    """A user's folder or file at --out is refused before the recipe, the data or a model is read."""
+    from edgekd.manifest import check_out
+
+    check_out(Path(args.out), stage)
 
 
 def _print_metrics(metrics: dict, args) -> str:

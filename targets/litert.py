@@ -20,6 +20,7 @@ import torch
 from edgekd.compress.quant import QuantSpec
 from edgekd.errors import ExportError
 from edgekd.targets.graph import ExportWrapper, StaticInt8Wrapper, example_inputs
+from edgekd.targets.native_log import native_stderr_filtered
 
 # Which QuantSpecs ai-edge-quantizer realizes, and how (see quantization_recipe). Not int4-weights:
 # its policy skips blockwise weight-only int4 and would return the float model unchanged.
@@ -158,7 +159,8 @@ def xnnpack_summary(file: Path) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(file), num_threads=1)
-    interpreter.allocate_tensors()
+    with native_stderr_filtered():
+        interpreter.allocate_tensors()
     try:
         nodes = interpreter._get_ops_details()  # the execution plan has no public accessor
     except AttributeError:
@@ -191,8 +193,9 @@ class LiteRTRunner:
         from ai_edge_litert.interpreter import Interpreter
 
         start = time.perf_counter()
-        self.interpreter = Interpreter(model_path=str(file), num_threads=threads or None)
-        self.run = self.interpreter.get_signature_runner(SIGNATURE)
+        with native_stderr_filtered():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on fd 2
+            self.interpreter = Interpreter(model_path=str(file), num_threads=threads or None)
+            self.run = self.interpreter.get_signature_runner(SIGNATURE)
         self.load_ms = (time.perf_counter() - start) * 1e3
         output = self.interpreter.get_output_details()[0]
         self.scale, self.zero_point = output["quantization"]

@@ -363,3 +363,26 @@ def test_the_budget_can_count_from_the_uncompressed_student(tmp_path):
     assert drops["fp32"] == 0 and drops["int8"] == pytest.approx(0.2)
     assert result.summary["reference_accuracy"] == 0.88 and result.summary["teacher_accuracy"] == 0.90
     assert result.summary["budget_from"] == "student" and result.summary["chosen"].endswith("int8")
+
+
+def test_a_changed_student_training_field_reruns_a_compress_that_retrains(distilled_run, capsys):
+    """Recovery distillation reads student.temperature, alpha, learning_rate and batch_size: a change reruns it."""
+    root, recipe = distilled_run
+    data = yaml.safe_load(recipe.read_text())
+    data["compress"].update({"prune": {"ffn": 0.5}, "recovery_epochs": 0.5})
+    changed = root / "retrain.yaml"
+    out = root / "compress-retrain"
+
+    def compress_with(student: dict) -> dict:
+        data["student"].update(student)
+        changed.write_text(yaml.safe_dump(data))
+        assert main(["compress", "--recipe", str(changed), "--student", str(root / "distill"),
+                     "--teacher", str(root / "finetune"), "--out", str(out)]) == 0
+        return verify_stage(out, "compress")
+
+    first = compress_with({})
+    assert compress_with({}) == first  # the same recipe: skipped as done, the manifest untouched
+    for field, value in (("temperature", 4.0), ("alpha", 0.9), ("learning_rate", 5e-4), ("batch_size", 8)):
+        again = compress_with({field: value})
+        assert again["key"] != first["key"] and again["params"]["student"][field] == value, field
+        first = again
