@@ -22,6 +22,7 @@ class Format:
     requires: tuple[str, ...] = () # importable modules it needs
     extra: str = ""                # the pip extra that installs them
     options: dict = field(default_factory=dict)  # option name -> default, given in the recipe's target entry
+    evaluate: Callable | None = None  # (model, spec, max_length, calibration) -> (callable(ids, mask) -> logits, how)
 
     def resolve_options(self, given: dict | None) -> dict:
         """The export options: the defaults updated by `given`; an unknown name is an error."""
@@ -38,10 +39,17 @@ class Format:
 
     def check_installed(self) -> None:
         """Fail before any work when the converter or runtime of this format is missing."""
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in self.requires if not _importable(m)]
         if missing:
             raise EdgeKDError(f"{self.target}/{self.name} needs {', '.join(missing)}, which is not installed; "
                               f"run `pip install 'edgekd[{self.extra}]'`")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install: as good as absent
+        return False
 
 
 FORMATS: Registry[Format] = Registry("target format")
