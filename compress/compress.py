@@ -60,8 +60,8 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
                            **({"qat_epochs": cfg.qat_epochs} if cfg.qat_epochs else {}),
                            **({"budget_from": cfg.budget_from} if cfg.budget_from != "teacher" else {})},
               "target": f"{fmt.target}/{fmt.name}" if fmt else None, "seed": recipe.seed}
-    if cfg.budget is not None and options:  # the candidates are exported with them
-        params["target_options"] = options
+    if cfg.budget is not None and fmt is not None and options != fmt.options:  # candidates export with them;
+        params["target_options"] = options  # defaults stay out of the key, so older runs keep theirs
     inputs = {"student": source, "data": dataset.fingerprint()}
     if teacher_dir is not None and (not prune_spec.is_noop or cfg.budget is not None or cfg.qat_epochs):
         inputs["teacher"] = stage_input(teacher_dir, "finetune")[1]
