@@ -26,7 +26,7 @@ from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, load_classifier, load_tokenizer
 from edgekd.recipe import Recipe
 from edgekd.sample import Samples
-from edgekd.targets.graph import ExportWrapper, encode_fixed, run_graph
+from edgekd.targets.graph import ExportWrapper, encode_fixed, encode_unpadded, run_graph
 
 EVAL_TEXTS = 1000       # validation texts each variant is scored on
 RANKING_TEXTS = 512     # validation texts the pruning importance is measured on
@@ -34,9 +34,14 @@ RETRAIN_FIELDS = ("temperature", "alpha", "learning_rate", "batch_size")  # the 
 
 
 def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, teacher_dir: Path | None = None,
-             fmt=None) -> dict:
-    """Prune (when asked) and evaluate the QuantSpecs of `recipe.compress`; or search within its budget."""
+             fmt=None, options: dict | None = None) -> dict:
+    """Prune (when asked) and evaluate the QuantSpecs of `recipe.compress`; or search within its budget.
+
+    `fmt`: the target format whose backend evaluates the specs (and whose exporter the search uses);
+    `options`: that target's options from the recipe, which the search's candidates are exported with.
+    """
     cfg = recipe.compress
+    options = fmt.resolve_options(options) if fmt is not None else {}
     specs = [get_spec(name) for name in cfg.quant]  # unknown names fail before any work
     prune_spec = PruneSpec(**vars(cfg.prune))
     if fmt is not None and cfg.budget is not None:  # the search measures the format's own specs; plain specs are
@@ -61,6 +66,8 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     retrains = not prune_spec.is_noop or cfg.budget is not None or bool(cfg.qat_epochs)
     if retrains:  # recovery distillation and QAT train with these student.* settings (distill_from_teacher)
         params["student"] = {k: getattr(recipe.student, k) for k in RETRAIN_FIELDS}
+    if cfg.budget is not None and fmt is not None and options != fmt.options:  # candidates export with them;
+        params["target_options"] = options  # defaults stay out of the key, so older runs keep theirs
     inputs = {"student": source, "data": dataset.fingerprint()}
     if teacher_dir is not None and retrains:
         inputs["teacher"] = stage_input(teacher_dir, "finetune")[1]
@@ -72,12 +79,12 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     student = load_classifier(str(student_dir)).eval()
     tokenizer = load_tokenizer(str(student_dir))
     with write_stage(out, "compress", params, inputs) as stage:
-        job = Compression(recipe, dataset, student, tokenizer, max_length, teacher_dir, stage.path)
+        job = Compression(recipe, dataset, student, tokenizer, max_length, teacher_dir, stage.path, fmt)
         if cfg.budget is not None:
             from edgekd.compress.search import search
 
             result = search(job, fmt, cfg.budget, cfg.objective, cfg.search_quant, checkpoints, cfg.qat_epochs,
-                            cfg.budget_from)
+                            cfg.budget_from, options)
             model, prune_spec, specs, qat = result.model, result.prune, [result.quant], result.qat
             stage.metrics["search"] = result.summary
         else:
@@ -89,6 +96,8 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
                 model = quantization_aware(job, model, quantized[0], cfg.qat_epochs, checkpoints / "qat")
         stage.metrics["validation"] = job.evaluate(model, specs)
         stage.metrics["params"] = {"before": count_parameters(student), "after": count_parameters(model)}
+        # which backend's quantizer and runtime scored each spec (a Core ML one is an estimate on Linux)
+        stage.extra["evaluated_by"] = {s.name: job.evaluated_by.get(s.name, "PyTorch") for s in specs}
         stage.extra.update({"max_length": max_length, "labels": manifest["labels"], "samples": job.samples.records,
                             "plan": {"pruning": None if prune_spec.is_noop else prune_spec.to_dict(),
                                      "quant": [s.to_dict() for s in specs],
@@ -109,13 +118,18 @@ def _check_realizable(fmt, specs: list[QuantSpec]) -> None:
                               f"it supports: {', '.join(fmt.specs)}")
 
 
+def _in_pytorch(model, spec: QuantSpec, max_length: int, calibration):
+    return quantized_module(model, spec, max_length, calibration), "PyTorch (torchao / PT2E with XNNPACK's quantizer)"
+
+
 class Compression:
     """What pruning and evaluation share: the student, its data, and the teacher for recovery."""
 
     def __init__(self, recipe: Recipe, dataset: Dataset, student, tokenizer, max_length: int,
-                 teacher_dir: Path | None, workdir: Path):
+                 teacher_dir: Path | None, workdir: Path, fmt=None):
         self.recipe, self.dataset, self.student, self.tokenizer = recipe, dataset, student, tokenizer
-        self.max_length, self.teacher_dir, self.workdir = max_length, teacher_dir, workdir
+        self.max_length, self.teacher_dir, self.workdir, self.fmt = max_length, teacher_dir, workdir, fmt
+        self.evaluated_by: dict[str, str] = {}  # spec name -> the backend whose quantizer and runtime scored it
         # Stratified, seeded samples (edgekd.sample), recorded in the manifest: files are often sorted by label.
         self.samples = Samples(dataset)
         self.eval_split = self.samples.split("validation", EVAL_TEXTS, "evaluation")
@@ -136,8 +150,26 @@ class Compression:
         return results
 
     def accuracy_of(self, model, spec: QuantSpec, reference: np.ndarray | None = None) -> dict:
-        module = quantized_module(model, spec, self.max_length, self.calibration)
-        return classification_metrics(run_graph(module, self.eval_inputs).numpy(), self.eval_labels, reference)
+        """Validation metrics of `model` quantized by `spec` with the backend of the format compressed for
+        (its Format's evaluate hook; without a format, the PyTorch graph the ExecuTorch exporter lowers)."""
+        evaluate = getattr(self.fmt, "evaluate", None) or _in_pytorch
+        predict, self.evaluated_by[spec.name] = evaluate(model, spec, self.max_length, self.calibration)
+        with torch.no_grad():
+            logits = np.concatenate([np.asarray(predict(ids, mask), dtype=np.float32)
+                                     for ids, mask in self.eval_inputs])
+        return classification_metrics(logits, self.eval_labels, reference)
+
+    def timing_input(self, dynamic: bool):
+        """The (ids, mask) a candidate is timed on: the first validation text, unpadded for a dynamic length."""
+        encode = encode_unpadded if dynamic else encode_fixed
+        return encode(self.tokenizer, self.dataset.validation.texts[:1], self.max_length)[0]
+
+    def check_artifact(self, model, spec: QuantSpec, runner, dynamic: bool, name: str) -> dict:
+        """The export stage's gate on a search candidate's artifact (raises ExportError when it fails)."""
+        from edgekd.targets.export import PARITY_TEXTS, check_artifact
+
+        texts = self.samples.split("validation", PARITY_TEXTS, "parity").texts  # the export stage's parity texts
+        return check_artifact(model, spec, runner, self.tokenizer, texts, self.max_length, dynamic, name)
 
     def teacher_accuracy(self) -> float:
         """The teacher's accuracy on the same validation texts: what a budget is counted from."""

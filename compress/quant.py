@@ -1,7 +1,9 @@
 """QuantSpec: quantization declared once, realized by each backend's own quantizer.
 
 Here it is realized for PyTorch with torchao and PT2E (the XNNPACK quantizer), which is both
-how its accuracy is evaluated before export and the graph the ExecuTorch exporter lowers.
+how its accuracy is evaluated before export and the graph the ExecuTorch exporter lowers. Each
+target format evaluates its specs with its own backend (its Format's `evaluate` hook); this
+module's PyTorch path is the ExecuTorch one and the fallback when no format is named.
 """
 from __future__ import annotations
 
@@ -147,8 +149,12 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
     shapes = dynamic_shapes(max_length) if dynamic else None
     program = torch.export.export(wrapper, example, strict=False, dynamic_shapes=shapes)
     if spec.weights == "int8":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer, get_symmetric_quantization_config)
+        try:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config)
+        except ImportError:
+            raise RecipeError(f"QuantSpec {spec.name} is realized here with ExecuTorch's XNNPACK quantizer; "
+                              f"run `pip install 'edgekd[android]'`, or name the target you export to") from None
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(
@@ -178,16 +184,16 @@ def quantized_module(model, spec: QuantSpec, max_length: int, calibration=()) ->
         return quantize_for_xnnpack(model, spec, max_length, calibration).module()
     wrapper = ExportWrapper(copy.deepcopy(model).eval()).eval()
     if spec.weights == "fp16":
-        return _Float32Out(wrapper.half())
+        return Float32Out(wrapper.half())
     if spec.weights == "lut4":
-        return _palettize(wrapper)
+        return palettize(wrapper)
     if spec.embeddings:
         quantize_embeddings(wrapper, spec.embeddings)
     quantize_linears(wrapper, spec)
     return wrapper
 
 
-class _Float32Out(torch.nn.Module):
+class Float32Out(torch.nn.Module):
     def __init__(self, module):
         super().__init__()
         self.module = module
@@ -196,7 +202,7 @@ class _Float32Out(torch.nn.Module):
         return self.module(ids, mask).float()
 
 
-def _palettize(model: torch.nn.Module) -> torch.nn.Module:
+def palettize(model: torch.nn.Module) -> torch.nn.Module:
     """4-bit k-means palettization of the Linear weights with coremltools' PyTorch palettizer."""
     import logging
 

@@ -6,8 +6,9 @@ Not the whole grid, but an order that stops early:
   2. pruning levels of growing strength (FFN neurons, then heads, then a layer), each recovered by
      distillation; an axis stops at its first level over budget; each level that passes is tried
      with the specs that passed one level before (quantization error adds to pruning error);
-  3. every candidate within budget is exported with the target's own exporter and timed on its
-     runtime here, interleaved (A B A B) so the machine's drift hits all alike;
+  3. every candidate within budget is exported with the target's own exporter and options, passed
+     through the export stage's parity gate (a candidate that fails it is skipped, with its reason),
+     and timed on its runtime here, interleaved (A B A B) so the machine's drift hits all alike;
   4. the Pareto front (accuracy against latency or size) is kept, and the best candidate for the
      objective is chosen and explained.
 
@@ -29,7 +30,7 @@ from edgekd.compress.prune import PruneSpec
 from edgekd.compress.qat import qat_supported, quantization_aware
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.compress.search_state import SearchState
-from edgekd.errors import EdgeKDError, RecipeError
+from edgekd.errors import EdgeKDError, ExportError, RecipeError
 from edgekd.targets import RuntimeUnavailable
 from edgekd.targets.export import artifact_size
 
@@ -51,6 +52,7 @@ class Candidate:
     size_bytes: int | None = None
     latency_ms: dict | None = None
     qat: bool = False                # weights from quantization-aware distillation
+    failed: str | None = None        # why its artifact was refused (export or parity gate): never chosen
 
     @property
     def name(self) -> str:
@@ -59,7 +61,8 @@ class Candidate:
     def row(self) -> dict:
         return {"name": self.name, "prune": self.prune.to_dict(), "quant": self.quant.name, "qat": self.qat,
                 "accuracy": self.accuracy, "drop_points": round(self.drop, 3), "size_bytes": self.size_bytes,
-                "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None}
+                "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None,
+                **({"skipped": self.failed} if self.failed else {})}
 
 
 @dataclass
@@ -80,7 +83,8 @@ def log(message: str) -> None:
 
 
 def search(job, fmt, budget: float, objective: str, quant: list[str] | None = None,
-           checkpoints: Path | None = None, qat_epochs: float = 0.0, budget_from: str = "teacher") -> SearchResult:
+           checkpoints: Path | None = None, qat_epochs: float = 0.0, budget_from: str = "teacher",
+           options: dict | None = None) -> SearchResult:
     """Run the search for `job` (a compress.Compression) on target format `fmt`.
 
     `quant`: the QuantSpecs to try (default: every one `fmt` realizes), least aggressive first.
@@ -88,6 +92,8 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
     `qat_epochs`: a spec over budget after post-training quantization is tried once more after this
     much quantization-aware distillation (0: never).
     `budget_from`: what the budget counts from, the teacher's validation accuracy or the uncompressed student's.
+    `options`: the target's resolved export options (an iOS deployment target, dynamic_length), as the export
+    stage will use them.
     """
     if fmt is None:
         raise EdgeKDError("the budget search measures latency on the target's runtime; name a target")
@@ -154,8 +160,15 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
             quant_ok = [s for s in quant_ok if fits(model, level, s)]
     within = [c for c in tried if c.drop <= budget]
     measured = within or sorted(tried, key=lambda c: c.drop)[:3]
-    _measure(measured, fmt, job, objective, state)
-    front = pareto_front(measured, objective)
+    _measure(measured, fmt, job, objective, state, options or {})
+    for c in measured:
+        if c.failed:
+            log(f"{c.name}: skipped ({c.failed})")
+    if within and all(c.failed for c in within):
+        raise EdgeKDError(f"every candidate within {budget} points fails the export's gate: "
+                          + "; ".join(f"{c.name}: {c.failed}" for c in within))
+    within = [c for c in within if not c.failed]
+    front = pareto_front([c for c in measured if not c.failed], objective)
     table = [c.row() for c in tried]
     if not within:
         for c in measured:
@@ -165,7 +178,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
                           f"raise compress.budget or distill a larger student")
     key = (lambda c: c.latency_ms["p50"]) if objective == "latency" else (lambda c: c.size_bytes)
     chosen = min(within, key=lambda c: (key(c), c.drop))
-    reference = next((c for c in measured if c.prune.is_noop and c.quant.is_float), None)
+    reference = next((c for c in measured if c.prune.is_noop and c.quant.is_float and not c.failed), None)
     versus = f", {_cost(reference, objective)} for the fp32 student" if reference else ""
     why = (f"{chosen.name}: {_cost(chosen, objective)}{versus}; "
            f"loses {chosen.drop:.2f} of the {budget} points allowed; the {objective}-best of {len(within)} "
@@ -174,7 +187,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
     summary = {"budget_points": budget, "budget_from": budget_from, "reference_accuracy": base,
                "teacher_accuracy": teacher, "objective": objective, "chosen": chosen.name,
                "explanation": why, "candidates": table, "front": [c.name for c in front],
-               "measured": [c.row() for c in measured]}
+               "measured": [c.row() for c in measured], "evaluated_by": dict(job.evaluated_by)}
     return SearchResult(chosen.model, chosen.prune, chosen.quant, summary, chosen.qat)
 
 
@@ -192,8 +205,9 @@ def pareto_front(candidates: list[Candidate], objective: str) -> list[Candidate]
     return [candidates[i] for i in front_of([(cost(c), c.accuracy) for c in candidates])]
 
 
-def _measure(candidates: list[Candidate], fmt, job, objective: str, state: SearchState) -> None:
-    """Export every candidate with the target's exporter and time them interleaved on its runtime.
+def _measure(candidates: list[Candidate], fmt, job, objective: str, state: SearchState, options: dict) -> None:
+    """Export every candidate with the target's exporter and options, gate it as the export stage will, and time
+    the ones that pass interleaved on its runtime. A candidate whose export or gate fails keeps its reason.
 
     A timing round is one interleaved session, so a round the kill cut short is run again in full;
     a complete one is kept, and reused by a rerun that measures the same candidates.
@@ -203,21 +217,28 @@ def _measure(candidates: list[Candidate], fmt, job, objective: str, state: Searc
         log(f"reusing the sizes and timings of the {len(candidates)} candidates measured before the rerun")
         for c in candidates:
             c.size_bytes, c.latency_ms = rows[c.name]["size_bytes"], rows[c.name]["latency_ms"]
+            c.failed = rows[c.name].get("failed")
         return
-    ids, mask = job.eval_inputs[0]
+    dynamic = bool(options.get("dynamic_length"))
+    # A dynamic-length artifact is timed on a text at its own length, as the benchmark stage will time it.
+    ids, mask = job.timing_input(dynamic)
     with tempfile.TemporaryDirectory(prefix=".search-", dir=job.workdir) as tmp:
         runners = []
         for i, c in enumerate(candidates):
             log(f"export and time {c.name} ({i + 1}/{len(candidates)})")
             file = Path(tmp) / f"candidate{i}.{fmt.suffix}"
-            fmt.export(c.model, c.quant, job.max_length, job.calibration, file)
-            c.size_bytes = artifact_size(file)
             try:
+                fmt.export(c.model, c.quant, job.max_length, job.calibration, file, **options)
+                c.size_bytes = artifact_size(file)
                 runner = fmt.runner(file, 0)
-            except RuntimeUnavailable as exc:  # e.g. Core ML on Linux: sizes only
+                job.check_artifact(c.model, c.quant, runner, dynamic, c.name)
+            except RuntimeUnavailable as exc:  # e.g. Core ML on Linux: sizes only (export checked its structure)
                 if objective == "latency":
                     raise EdgeKDError(f"the search times candidates on the target's runtime, and {exc}; "
                                       f"use --objective size here, or search on that platform") from None
+                continue
+            except ExportError as exc:  # the final export would refuse it too: never the winner
+                c.failed = str(exc)
                 continue
             for _ in range(5):
                 runner(ids, mask)
@@ -230,4 +251,5 @@ def _measure(candidates: list[Candidate], fmt, job, objective: str, state: Searc
                     samples.append((time.perf_counter() - start) * 1e3)
         for c, _, samples in runners:
             c.latency_ms = {k: v for k, v in latency_stats(samples).items() if k != "samples"}
-    state.save_measured({c.name: {"size_bytes": c.size_bytes, "latency_ms": c.latency_ms} for c in candidates})
+    state.save_measured({c.name: {"size_bytes": c.size_bytes, "latency_ms": c.latency_ms,
+                                  **({"failed": c.failed} if c.failed else {})} for c in candidates})

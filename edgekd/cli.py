@@ -111,9 +111,11 @@ def cmd_compress(args) -> str:
     preflight(recipe, teacher=args.teacher, student=args.student)
     target = recipe.targets[0]
     fmt = get_format(args.target or target.target, args.format or (None if args.target else target.format))
+    # the recipe's options for that target (its deployment target, dynamic_length): the search exports with them
+    given = next((t.options for t in recipe.targets if (t.target, t.format) == (fmt.target, fmt.name)), None)
     teacher = Path(args.teacher) if args.teacher else None
-    return _print_metrics(compress(recipe, load_dataset(recipe), Path(args.student), Path(args.out), teacher, fmt),
-                          args)
+    return _print_metrics(compress(recipe, load_dataset(recipe), Path(args.student), Path(args.out), teacher, fmt,
+                                   fmt.resolve_options(given)), args)
 
 
 def cmd_export(args) -> str:

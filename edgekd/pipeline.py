@@ -102,7 +102,7 @@ def run(recipe: Recipe, out: Path) -> dict:
     stage("finetune", out / "finetune", finetune, recipe, dataset, out / "finetune")
     stage("distill", out / "distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
     stage("compress", out / "compress", compress, recipe, dataset, out / "distill", out / "compress",
-          out / "finetune", plan[0].fmt)
+          out / "finetune", plan[0].fmt, plan[0].options)  # the first target's format and options
     if recipe.compress.budget is not None:  # export what the search chose
         chosen = read_manifest(out / "compress")["plan"]["quant"]
         plan = variant_plan(recipe, [spec["name"] for spec in chosen])

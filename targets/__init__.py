@@ -26,6 +26,7 @@ class Format:
     # so `compress.quant: [int8]` means each target's int8.
     nearest: dict = field(default_factory=dict)
     option_checks: dict = field(default_factory=dict)  # option name -> callable(value): a problem line or None
+    evaluate: Callable | None = None  # (model, spec, max_length, calibration) -> (callable(ids, mask) -> logits, how)
 
     def realize(self, name: str) -> str:
         """The spec this format exports for the asked spec `name`: itself, or its nearest realization."""
@@ -60,10 +61,17 @@ class Format:
 
     def check_installed(self) -> None:
         """Fail before any work when the converter or runtime of this format is missing."""
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in self.requires if not _importable(m)]
         if missing:
             raise EdgeKDError(f"{self.target}/{self.name} needs {', '.join(missing)}, which is not installed; "
                               f"run `pip install 'edgekd[{self.extra}]'`")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install: as good as absent
+        return False
 
 
 FORMATS: Registry[Format] = Registry("target format")

@@ -157,6 +157,21 @@ def artifact_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def check_artifact(model, spec: QuantSpec, runner, tokenizer, texts: list[str], max_length: int, dynamic: bool,
+                   name: str) -> dict:
+    """The parity gate of an artifact loaded in `runner`, on `texts` encoded as it takes them (each at its own
+    length when `dynamic`, plus a few padded to max_length): the figures, or ExportError when it fails.
+    export_artifact's gate and the budget search's (compress/search.py) on each candidate."""
+    encode = encode_unpadded if dynamic else encode_fixed
+    parity = {"checked": "numerical", **_compare(model, runner, encode(tokenizer, texts, max_length))}
+    if dynamic:
+        padded = _compare(model, runner, encode_fixed(tokenizer, texts[:PADDED_TEXTS], max_length))
+        parity = {"checked": "numerical", **_pool(parity, padded), "own_length": _figures(parity),
+                  "padded_to_max_length": padded}
+    _check_parity(parity, spec, name)
+    return parity
+
+
 def _check_parity(parity: dict, spec: QuantSpec, name: str) -> None:
     if spec.is_float and parity["max_abs_diff"] > FP32_TOLERANCE:
         raise ExportError(f"{name} fails parity: max |logit diff| {parity['max_abs_diff']:.2e} > "

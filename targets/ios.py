@@ -227,6 +227,42 @@ class CoreMLRunner:
         return {"coremltools": metadata.version("coremltools")}
 
 
+def evaluate_coreml(model, spec: QuantSpec, max_length: int, calibration):
+    """(module, how): an estimate in PyTorch of what convert_coreml's compression gives, with coremltools' own
+    PyTorch-side optimizers (Core ML itself runs only on macOS, so the .mlpackage cannot be scored here).
+
+    int8/int4 weights: coremltools.optimize.torch's linear quantizer on the Linear layers (per channel /
+    per block of group_size; it has no Embedding support, so the estimate keeps the embedding table float,
+    which the .mlpackage quantizes too); lut4: its 4-bit k-means palettizer; fp16: a float16 copy.
+    """
+    import copy
+
+    from edgekd.compress.quant import Float32Out, palettize
+
+    wrapper = ExportWrapper(copy.deepcopy(model).eval()).eval()
+    if spec.weights == "fp16":
+        module, how = Float32Out(wrapper.half()), "float16 copy in PyTorch"
+    elif spec.weights == "lut4":
+        module, how = palettize(wrapper), "coremltools.optimize.torch 4-bit palettizer in PyTorch"
+    elif spec.weights in ("int8", "int4"):
+        module, how = _linear_quantize(wrapper, spec), "coremltools.optimize.torch linear quantizer in PyTorch"
+    else:
+        module, how = wrapper, "PyTorch"
+    return module, f"{how}: an estimate of the .mlpackage, which Core ML runs only on macOS"
+
+
+def _linear_quantize(wrapper, spec: QuantSpec):
+    import logging
+
+    from coremltools.optimize.torch.quantization import PostTrainingQuantizer, PostTrainingQuantizerConfig
+
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+    blocks = {"granularity": "per_block", "block_size": spec.group_size} if spec.weights == "int4" else {
+        "granularity": "per_channel"}
+    config = PostTrainingQuantizerConfig.from_dict({"global_config": {"weight_dtype": spec.weights, **blocks}})
+    return PostTrainingQuantizer(wrapper, config).compress()
+
+
 # ------------------------------------------------------------------------------ ExecuTorch + Core ML
 
 def lower_coreml(model, spec: QuantSpec, max_length: int, calibration, out_file: Path,
@@ -296,9 +332,11 @@ FORMATS.register("ios/coreml")(IOSFormat(
     runner=CoreMLRunner, requires=("coremltools",), extra="ios", options={"deployment_target": "iOS17"},
     # Core ML quantizes weights only: an int8 / int4 spec is realized as its weight-only twin.
     nearest={"int8": "int8-weights", "int8-static": "int8-weights", "int4": "int4-weights"},
+    evaluate=evaluate_coreml,
 ))
 FORMATS.register("ios/executorch-coreml")(IOSFormat(
     target="ios", name="executorch-coreml", backend="coreml", suffix="pte",
     specs=("fp32", "fp16"), export=lower_coreml, runner=ExecuTorchCoreMLRunner,
     requires=("executorch", "coremltools"), extra="android,ios", options={"deployment_target": "iOS17"},
+    evaluate=evaluate_coreml,
 ))

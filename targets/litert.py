@@ -12,6 +12,7 @@ import collections
 import os
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,25 @@ def export_litert(model, spec: QuantSpec, max_length: int, calibration, out_file
     Path(out_file).write_bytes(data)
     # Flat, so export_artifact's warning about a quantized model not fully delegated applies here too.
     return {**model_summary(data), **xnnpack_summary(out_file)}
+
+
+# model -> {(wrapper, max_length): float .tflite}: a model is converted once (10-30 s), then quantized per spec.
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def evaluate_litert(model, spec: QuantSpec, max_length: int, calibration):
+    """(runner, how): the .tflite that export_litert writes for `spec`, loaded in the LiteRT interpreter."""
+    wrapper = StaticInt8Wrapper if spec.activations == "static" else ExportWrapper
+    converted = _CONVERTED.setdefault(model, {})
+    if (wrapper, max_length) not in converted:
+        converted[wrapper, max_length] = convert_float(model, max_length, wrapper)
+    data = quantize(converted[wrapper, max_length], spec, calibration)
+    folder = tempfile.TemporaryDirectory(prefix="edgekd-eval-")
+    file = Path(folder.name) / "model.tflite"
+    file.write_bytes(data)
+    runner = LiteRTRunner(file)
+    runner.folder = folder  # the file lives as long as the interpreter that maps it
+    return runner, "ai-edge-quantizer .tflite (the file the exporter writes), run in the LiteRT interpreter"
 
 
 def _np(tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from edgekd.cli import main
 from edgekd.compress.prune import HEADS_FIELD, PruneSpec, importance, kept_neurons, prune
 from edgekd.compress.quant import SPECS, quantized_module
-from edgekd.errors import RecipeError
+from edgekd.errors import EdgeKDError, ExportError, RecipeError
 from edgekd.manifest import verify_stage
 from edgekd.models import load_classifier
 from edgekd.targets.graph import ExportWrapper, run_graph
@@ -188,6 +188,16 @@ class FakeJob:
         self.teacher, self.workdir, self.max_length, self.calibration = teacher_accuracy, workdir, 12, []
         self.eval_inputs = [(torch.zeros(1, 12, dtype=torch.int32), torch.ones(1, 12, dtype=torch.int32))]
         self.pruned_levels = []
+        self.evaluated_by = {}
+        self.refused = set()  # candidate names whose artifact fails the export gate
+
+    def timing_input(self, dynamic):
+        return self.eval_inputs[0]
+
+    def check_artifact(self, model, spec, runner, dynamic, name):
+        if name in self.refused:
+            raise ExportError(f"{name} fails parity: top-1 agreement 90.0% with PyTorch < 99%")
+        return {"checked": "numerical"}
 
     def teacher_accuracy(self):
         return self.teacher
@@ -386,3 +396,70 @@ def test_a_changed_student_training_field_reruns_a_compress_that_retrains(distil
         again = compress_with({field: value})
         assert again["key"] != first["key"] and again["params"]["student"][field] == value, field
         first = again
+
+
+def test_search_exports_with_the_target_options_and_never_chooses_a_candidate_its_gate_refuses(tmp_path, capsys):
+    """The target's options reach every candidate's export, and the smallest candidate within budget, whose
+    artifact fails the export stage's parity gate, is skipped with its reason: the next best is chosen."""
+    from edgekd.compress.search import search
+
+    seen = []
+
+    class OptionsFormat(FakeFormat):
+        @staticmethod
+        def export(model, spec, max_length, calibration, file, **options):
+            seen.append((spec.name, options))
+            FakeFormat.export(model, spec, max_length, calibration, file)
+
+    job = FakeJob(tmp_path)
+    job.refused = {"prune-ffn25+int8"}  # the size winner of test_search_order_stops_each_axis_...
+    result = search(job, OptionsFormat, budget=1.0, objective="size", options={"dynamic_length": True})
+    assert seen and all(options == {"dynamic_length": True} for _, options in seen)
+    rows = {c["name"]: c for c in result.summary["measured"]}
+    assert "fails parity" in rows["prune-ffn25+int8"]["skipped"]
+    assert result.summary["chosen"] == "int8" and "prune-ffn25+int8" not in result.summary["front"]
+    assert "prune-ffn25+int8: skipped (prune-ffn25+int8 fails parity" in capsys.readouterr().err
+
+    job.refused = {row["name"] for row in result.summary["measured"]}  # nothing passes: one line, no winner
+    with pytest.raises(EdgeKDError, match="every candidate within 1.0 points fails the export's gate"):
+        search(job, OptionsFormat, budget=1.0, objective="size")
+
+
+def test_search_candidates_take_the_target_options_and_its_gate(distilled_run, tmp_path, monkeypatch):
+    """The real search on android/executorch with `dynamic_length: true`: each candidate's .pte takes a short
+    input, and an int8 candidate whose runtime output is wrong (logits negated) fails the export's parity
+    gate and is not chosen, though it is the smallest."""
+    import dataclasses
+
+    from edgekd.compress import search as search_module
+    from edgekd.compress.compress import compress
+    from edgekd.data import load_dataset
+    from edgekd.recipe import load_recipe
+    from edgekd.targets import get_format
+    from edgekd.targets.executorch import ExecuTorchRunner
+
+    monkeypatch.setattr(search_module, "AXES", ())
+    root, recipe_path = distilled_run
+    recipe = load_recipe(recipe_path)
+    recipe.compress.budget, recipe.compress.objective, recipe.compress.search_quant = 100.0, "size", ["int8"]
+    real = get_format("android", "executorch")
+    quant_of, short = {}, {}
+
+    def export(model, spec, max_length, calibration, file, **options):
+        quant_of[file.name] = spec.name
+        return real.export(model, spec, max_length, calibration, file, **options)
+
+    def runner(file, threads):
+        loaded = ExecuTorchRunner(file, threads)
+        ids = torch.tensor([[101, 2054, 2003, 102]], dtype=torch.int32)  # 4 tokens, max_length is longer
+        short[quant_of[file.name]] = loaded(ids, torch.ones_like(ids)).shape
+        return loaded if quant_of[file.name] == "fp32" else lambda ids, mask: -loaded(ids, mask)
+
+    fmt = dataclasses.replace(real, export=export, runner=runner)
+    metrics = compress(recipe, load_dataset(recipe), root / "distill", tmp_path / "compress", root / "finetune",
+                       fmt, {"dynamic_length": True})
+    search = metrics["search"]
+    assert short == {"fp32": (1, 3), "int8": (1, 3)}  # both took 4 tokens: exported with dynamic_length
+    rows = {c["name"]: c for c in search["measured"]}
+    assert "fails parity" in rows["int8"]["skipped"] and "skipped" not in rows["fp32"]
+    assert rows["int8"]["size_bytes"] < rows["fp32"]["size_bytes"] and search["chosen"] == "fp32"
