@@ -172,6 +172,18 @@ def test_a_gelu_bert_exports_to_tflm_within_the_fp32_tolerance(gelu_model, gelu_
     assert details["litert_parity"]["max_abs_diff"] <= 1e-5
 
 
+def test_a_gelu_bert_exports_to_full_int8(gelu_model, gelu_reference, probes, tmp_path):
+    """ai-edge-quantizer quantizes the rewritten GELU's MUL/DIV/ADD to int8 and keeps ABS and EXP float
+    (DEQUANTIZE/QUANTIZE around them, both TFLite Micro ops); the logits stay int8."""
+    file = tmp_path / "gelu8.tflite"
+    details = embedded.export_tflm(gelu_model, get_spec("int8-static"), LENGTH, random_inputs(100, seed=2), file)
+    assert details["output_dtypes"] == ["int8"] and set(details["ops"]) <= embedded.TFLM_OPS
+    produced = run(file, probes)
+    assert len(set(produced.argmax(-1))) > 1
+    assert (produced.argmax(-1) == gelu_reference.argmax(-1)).mean() >= 0.85   # measured 95.8 %
+    assert details["litert_parity"]["top1_agreement"] >= 0.8 and details["litert_parity"]["max_diff_steps"] <= 32
+
+
 def test_a_tanh_gelu_bert_exports_to_tflm(tmp_path):
     model = tiny_bert("gelu_new", layers=1)
     probes = random_inputs(8, seed=4, length=8)
