@@ -32,7 +32,8 @@ def preflight(recipe: Recipe, teacher: Path | str | None = None, student: Path |
     given = [Path(d) for d in (teacher, student) if d is not None]
     try:  # a stage folder given on the command line that is no model: its stage says what is wrong with it
         if all((d / "config.json").is_file() for d in given):
-            problems += ModelCheck(recipe, teacher, student).problems()
+            check = ModelCheck(recipe, teacher, student)
+            problems += check.problems() + _model_spec_problems(plan, check)
     except EdgeKDError as exc:  # a model that cannot be read at all: the one line says why
         problems.append(str(exc))
     if problems:
@@ -63,6 +64,17 @@ def _search_problems(recipe: Recipe) -> list[str]:
             problems.append(f"the budget search may choose {', '.join(unmet)} on {formats[0].target}/"
                             f"{formats[0].name}, which targets[{i}] {fmt.target}/{fmt.name} cannot realize; {fix}")
     return problems
+
+
+def _model_spec_problems(plan: list, check: "ModelCheck") -> list[str]:
+    """Specs a format cannot realize for this very model (embedded/tflm: full int8 of a GELU model)."""
+    found = []
+    for variant in plan:
+        config = check.teacher if variant.role == "teacher" else (check.student or check.teacher)
+        problem = variant.fmt.model_check(variant.spec, config) if variant.fmt.model_check and config else None
+        if problem:
+            found.append(problem)
+    return found
 
 
 def _realizes(fmt, name: str) -> bool:

@@ -27,6 +27,7 @@ class Format:
     nearest: dict = field(default_factory=dict)
     option_checks: dict = field(default_factory=dict)  # option name -> callable(value): a problem line or None
     evaluate: Callable | None = None  # (model, spec, max_length, calibration) -> (callable(ids, mask) -> logits, how)
+    model_check: Callable | None = None  # (spec, model config) -> why this model cannot have spec, or None
 
     def realize(self, name: str) -> str:
         """The spec this format exports for the asked spec `name`: itself, or its nearest realization."""

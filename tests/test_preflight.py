@@ -84,7 +84,7 @@ def test_head_counts_of_a_fresh_student_against_the_teacher(base):
 def test_prune_layers_and_arena_margin_and_unknown_option(base):
     data = _set(base, "compress.prune.layers", 2)
     data["targets"] = [{"target": "android", "format": "executorch", "options": {"dynamic_lenght": True}},
-                       {"target": "embedded", "options": {"arena_margin": 9}}]
+                       {"target": "embedded", "options": {"arena_margin": 9}, "quant": ["fp32"]}]
     lines = _problems(data)
     assert any("android/executorch has no option 'dynamic_lenght' (did you mean 'dynamic_length'?)" in x for x in lines)
     assert any("embedded/tflm option arena_margin must be a fraction between 0 and 4, such as 0.25; got 9" in x
@@ -93,7 +93,7 @@ def test_prune_layers_and_arena_margin_and_unknown_option(base):
                for x in lines)
     assert len(lines) == 3
     data["targets"] = [{"target": "android", "format": "executorch", "options": {"dynamic_length": True}},
-                       {"target": "embedded", "options": {"arena_margin": 0.25}}]
+                       {"target": "embedded", "options": {"arena_margin": 0.25}, "quant": ["fp32"]}]
     preflight(recipe_from_dict(_set(data, "compress.prune.layers", 1)))
 
 
@@ -130,6 +130,9 @@ def test_a_spec_no_target_format_realizes_is_one_line_and_its_fix_works(base):
     for line, target in zip(lines, [targets[0], targets[1], targets[3]]):
         own = re.search(r"quant: (\[[^\]]*\])", line).group(1)  # the suggestion: this target's own specs
         target["quant"] = yaml.safe_load(own)
+    # tflm's suggestion, int8-static, is refused for this GELU teacher, with that line's own fix
+    (line,) = _problems({**data, "targets": targets})
+    targets[3] = yaml.safe_load(re.search(r"(\{target: embedded, format: tflm, quant: \[fp32\]\})", line).group(1))
     preflight(recipe_from_dict({**data, "targets": targets}))
 
 
@@ -156,7 +159,8 @@ def test_int4_on_ios17_is_caught_up_front_and_the_fix_works(base):
 
 
 def test_a_search_spec_another_target_cannot_realize(base):
-    data = {**base, "compress": {"budget": 1.0}, "targets": FOUR_TARGETS[:1] + FOUR_TARGETS[3:]}
+    tflm_fp32 = {**FOUR_TARGETS[3], "quant": ["fp32"]}  # a GELU teacher: no full int8 on TFLite Micro
+    data = {**base, "compress": {"budget": 1.0}, "targets": FOUR_TARGETS[:1] + [tflm_fp32]}
     (line,) = _problems(data)
     assert ("the budget search may choose int4, int4-g64, int4-g128 on android/executorch, which targets[1] "
             "embedded/tflm cannot realize; set compress.search_quant: [int8, int8-static]") in line
@@ -291,3 +295,14 @@ def test_the_export_manifest_records_the_asked_spec_and_its_realization(tiny_tea
     assert manifest["artifact"] == "tiny_coreml_int8weights.mlpackage"
     (shown,) = collect(tmp_path / "run")["variants"]  # the report names both
     assert shown["name"] == variant.name and shown["title"].endswith(", int8-weights (for int8)")
+
+
+def test_full_int8_of_a_gelu_model_on_tflite_micro_is_refused_before_training_and_the_fix_works(base):
+    """compress.quant int8 means embedded/tflm's int8-static, which a GELU model cannot have: the pre-flight
+    says so from the teacher's config.json (hidden_act), and the fix it names passes."""
+    data = _set(_set(base, "compress.quant", ["int8"]), "targets", [{"target": "embedded"}])
+    lines = _problems(data)
+    assert len(lines) == 1 and "embedded/tflm cannot realize 'int8-static' for a model with hidden_act gelu" in lines[0]
+    fix = re.search(r"(\{target: embedded, format: tflm, quant: \[fp32\]\})", lines[0]).group(1)
+    plan = preflight(recipe_from_dict(_set(data, "targets", [yaml.safe_load(fix)])))
+    assert [v.name for v in plan] == ["teacher-fp32-embedded-tflm", "student-fp32-embedded-tflm"]
