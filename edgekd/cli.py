@@ -121,7 +121,7 @@ def cmd_export(args) -> str:
     # The options of the recipe's entry for this target format (e.g. ios deployment_target), if it has one.
     options = next((t.options for t in recipe.targets if (t.target, t.format) == (fmt.target, fmt.name)), {})
     metrics = export_artifact(Path(args.model), stage, fmt, spec, load_dataset(recipe), Path(args.out), role,
-                              name, recipe.bench.threads, options)
+                              name, recipe.bench.threads, options, recipe.compress.budget)
     return _print_metrics(metrics, args)
 
 

@@ -27,3 +27,9 @@ class ExportError(EdgeKDError):
 
 class BenchError(EdgeKDError):
     """A benchmark could not run or finished only partially."""
+
+
+class GateError(ExportError):
+    """An artifact was produced but failed its gate (parity with its own reference, or the accuracy budget).
+
+    `edgekd run` records the variant as failed and carries on with the others; `edgekd export` stops."""

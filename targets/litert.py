@@ -19,12 +19,16 @@ import torch
 
 from edgekd.compress.quant import QuantSpec
 from edgekd.errors import ExportError
+from edgekd.targets import Reference
 from edgekd.targets.graph import ExportWrapper, StaticInt8Wrapper, example_inputs
 
 # Which QuantSpecs ai-edge-quantizer realizes, and how (see quantization_recipe). Not int4-weights:
 # its policy skips blockwise weight-only int4 and would return the float model unchanged.
 SPECS = ("fp32", "fp16", "int8", "int8-static", "int8-weights", "int4", "int4-g64", "int4-g128")
 SIGNATURE = "serving_default"   # litert-torch's default signature; inputs keep the wrapper's names
+# A quantized .tflite is proven against itself in LiteRT's reference kernels (no XNNPACK), the kernels
+# that define what each quantized op computes: MEASURED_PLACEHOLDER
+REFERENCE_TOLERANCE = 0.05
 
 
 def convert_float(model, max_length: int, wrapper=ExportWrapper) -> bytes:
@@ -108,7 +112,16 @@ def export_litert(model, spec: QuantSpec, max_length: int, calibration, out_file
     data = quantize(convert_float(model, max_length, wrapper), spec, calibration)
     Path(out_file).write_bytes(data)
     # Flat, so export_artifact's warning about a quantized model not fully delegated applies here too.
-    return {**model_summary(data), **xnnpack_summary(out_file)}
+    details = {**model_summary(data), **xnnpack_summary(out_file)}
+    if spec.is_float:  # proven against the fp32 PyTorch model
+        return details
+    return {**details, "reference": reference_kernels(out_file)}
+
+
+def reference_kernels(file: Path) -> Reference:
+    """The same .tflite in LiteRT's reference kernels, single-threaded: what the artifact must compute."""
+    return Reference("the same .tflite in LiteRT's reference kernels (no XNNPACK)",
+                     LiteRTRunner(file, threads=1, reference_kernels=True), REFERENCE_TOLERANCE)
 
 
 def _np(tensor) -> np.ndarray:
@@ -187,11 +200,13 @@ class LiteRTRunner:
 
     runtime = "litert"
 
-    def __init__(self, file: Path, threads: int = 0):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, file: Path, threads: int = 0, reference_kernels: bool = False):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         start = time.perf_counter()
-        self.interpreter = Interpreter(model_path=str(file), num_threads=threads or None)
+        resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
+        self.interpreter = Interpreter(model_path=str(file), num_threads=threads or None,
+                                       experimental_op_resolver_type=resolver)
         self.run = self.interpreter.get_signature_runner(SIGNATURE)
         self.load_ms = (time.perf_counter() - start) * 1e3
         output = self.interpreter.get_output_details()[0]
