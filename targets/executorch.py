@@ -11,8 +11,11 @@ from edgekd.compress.quant import QuantSpec, quantize_for_xnnpack
 from edgekd.targets import Reference
 
 # XNNPACK's int8 kernels are not bit-exact with the PT2E/torchao reference ops (requantization rounding,
-# accumulation order): MEASURED_PLACEHOLDER
-XNNPACK_TOLERANCE = 0.05
+# accumulation order). Measured on a trained 2-layer, 64-wide student, 278 validation texts, 1 and 2 threads
+# (identical): max |logit diff| / (1 + |logit|) 0.030 for int8 (PT2E dynamic), 0.006 int4 (8da4w), 0.012
+# int8-static, every top-1 equal; with wrong biases planted in the lowered program, 458. 0.1 is about three
+# times the worst correct figure and far below a broken one.
+XNNPACK_TOLERANCE = 0.1
 
 
 def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file: Path,

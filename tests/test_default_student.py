@@ -91,6 +91,9 @@ def test_the_default_student_exports_and_passes_parity(default_export, target, f
     if fmt == "coreml":  # Core ML runs on Apple hardware only: the structural checks stand in
         assert parity["checked"] == "structural" and parity["checks"]
         return
+    if parity["checked"] == "none":  # LiteRT's CPU kernels do not compute blockwise int4: no reference
+        assert (fmt, quant) == ("litert", "int4") and manifest["metrics"]["vs_fp32"]["validation"]["texts"]
+        return
     assert parity["checked"] == "numerical" and parity["texts"] == PARITY_TEXTS
     spec = get_spec(quant)
     if spec.is_float:

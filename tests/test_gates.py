@@ -89,3 +89,17 @@ def test_the_budget_judges_the_interval_of_the_loss_not_a_count(flipped, budget,
             _check_budget(change, "x.pte")
     else:
         _check_budget(change, "x.pte")
+
+
+def test_litert_int4_has_no_reference_and_is_judged_by_its_change(tmp_path, small_data):
+    """LiteRT's CPU kernels without XNNPACK do not compute blockwise int4: no reference is claimed, the change
+    against fp32 is still measured and judged."""
+    from edgekd.compress.quant import get_spec
+    from edgekd.targets import get_format
+    from edgekd.targets.export import export_artifact
+
+    stage_dir, _, _, dataset = tiny_student_stage(tmp_path, small_data, length=16, name="litert-int4")
+    metrics = export_artifact(stage_dir, "distill", get_format("android", "litert"), get_spec("int4"), dataset,
+                              tmp_path / "int4", role="compressed", model_name="tiny-student")
+    assert metrics["parity"]["checked"] == "none" and "judged by its change against fp32" in metrics["parity"]["reason"]
+    assert metrics["vs_fp32"]["validation"]["texts"] == 30 and metrics["test"]["n"] == 30
