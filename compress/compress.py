@@ -164,12 +164,15 @@ class Compression:
         encode = encode_unpadded if dynamic else encode_fixed
         return encode(self.tokenizer, self.dataset.validation.texts[:1], self.max_length)[0]
 
-    def check_artifact(self, model, spec: QuantSpec, runner, dynamic: bool, name: str) -> dict:
-        """The export stage's gate on a search candidate's artifact (raises ExportError when it fails)."""
+    def check_artifact(self, model, spec: QuantSpec, runner, dynamic: bool, name: str, reference=None) -> dict:
+        """The export stage's gate on a search candidate's artifact, against the reference its exporter returned
+        (raises GateError when it fails)."""
         from edgekd.targets.export import PARITY_TEXTS, check_artifact
 
         texts = self.samples.split("validation", PARITY_TEXTS, "parity").texts  # the export stage's parity texts
-        return check_artifact(model, spec, runner, self.tokenizer, texts, self.max_length, dynamic, name)
+        fmt_name = f"{self.fmt.target}/{self.fmt.name}" if self.fmt else "this format"
+        return check_artifact(model, spec, runner, self.tokenizer, texts, self.max_length, dynamic, name, reference,
+                              fmt_name)
 
     def teacher_accuracy(self) -> float:
         """The teacher's accuracy on the same validation texts: what a budget is counted from."""

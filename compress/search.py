@@ -228,10 +228,11 @@ def _measure(candidates: list[Candidate], fmt, job, objective: str, state: Searc
             log(f"export and time {c.name} ({i + 1}/{len(candidates)})")
             file = Path(tmp) / f"candidate{i}.{fmt.suffix}"
             try:
-                fmt.export(c.model, c.quant, job.max_length, job.calibration, file, **options)
+                details = fmt.export(c.model, c.quant, job.max_length, job.calibration, file, **options)
+                reference = details.pop("reference", None) if isinstance(details, dict) else None
                 c.size_bytes = artifact_size(file)
                 runner = fmt.runner(file, 0)
-                job.check_artifact(c.model, c.quant, runner, dynamic, c.name)
+                job.check_artifact(c.model, c.quant, runner, dynamic, c.name, reference)
             except RuntimeUnavailable as exc:  # e.g. Core ML on Linux: sizes only (export checked its structure)
                 if objective == "latency":
                     raise EdgeKDError(f"the search times candidates on the target's runtime, and {exc}; "

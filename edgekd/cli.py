@@ -136,7 +136,7 @@ def cmd_export(args) -> str:
     options = next((t.options for t in recipe.targets
                     if t.target == fmt.target and (t.format or get_format(t.target).name) == fmt.name), {})
     metrics = export_artifact(Path(args.model), stage, fmt, spec, load_dataset(recipe), Path(args.out), role,
-                              name, recipe.bench.threads, options)
+                              name, recipe.bench.threads, options, recipe.compress.budget)
     return _print_metrics(metrics, args)
 
 

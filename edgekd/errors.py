@@ -35,3 +35,9 @@ class RecipeProblems(RecipeError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class GateError(ExportError):
+    """An artifact was produced but failed its gate (parity with its own reference, or the accuracy budget).
+
+    `edgekd run` records the variant as failed and carries on with the others; `edgekd export` stops."""

@@ -4,6 +4,8 @@
 
 Each stage skips itself when its directory already holds a verified result with the same
 key (same parameters, same input checksums), so a rerun after a crash resumes where it stopped.
+RUN/plan.json lists this run's variants and each one's outcome (exported, or failed with its reason);
+the report reads exactly those, never whatever else sits in RUN/export/.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import yaml
 
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.data import load_dataset
-from edgekd.errors import EdgeKDError, RecipeProblems
+from edgekd.errors import EdgeKDError, GateError, RecipeProblems
 from edgekd.recipe import Recipe
 from edgekd.targets import Format, get_format
 
@@ -85,7 +87,7 @@ def run(recipe: Recipe, out: Path) -> dict:
     from edgekd.distill.distill import distill
     from edgekd.distill.finetune import finetune
     from edgekd.manifest import read_manifest
-    from edgekd.report import write_report
+    from edgekd.report import write_plan, write_report
     from edgekd.targets.export import export_artifact
 
     out = Path(out)
@@ -106,12 +108,26 @@ def run(recipe: Recipe, out: Path) -> dict:
     if recipe.compress.budget is not None:  # export what the search chose
         chosen = read_manifest(out / "compress")["plan"]["quant"]
         plan = variant_plan(recipe, [spec["name"] for spec in chosen])
+    outcomes = {name: {"status": "pending"} for name, *_ in plan}
+    write_plan(out, outcomes)
     artifacts = []
     for name, source, role, spec, fmt, options, asked in plan:
         model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
-        artifacts.append(stage(f"export {name}", out / "export" / name, export_artifact, out / source, source,
-                               fmt, spec, dataset, out / "export" / name, role, model_name, recipe.bench.threads,
-                               options, asked))
-    stage("bench", out / "bench", bench, artifacts, out / "bench", recipe.bench.iterations, recipe.bench.warmup,
-          recipe.bench.threads)
-    return write_report(out)
+        try:
+            artifacts.append(stage(f"export {name}", out / "export" / name, export_artifact, out / source, source,
+                                   fmt, spec, dataset, out / "export" / name, role, model_name,
+                                   recipe.bench.threads, options, asked, recipe.compress.budget))
+            outcomes[name] = {"status": "exported"}
+        except GateError as exc:  # a variant that fails its gate does not throw the others away
+            log(f"export {name}: failed: {exc}")
+            outcomes[name] = {"status": "failed", "reason": str(exc)}
+        write_plan(out, outcomes)
+    if artifacts:
+        stage("bench", out / "bench", bench, artifacts, out / "bench", recipe.bench.iterations,
+              recipe.bench.warmup, recipe.bench.threads)
+    summary = write_report(out)
+    failed = [name for name, outcome in outcomes.items() if outcome["status"] == "failed"]
+    if failed:
+        raise GateError(f"{len(failed)} of {len(plan)} variants failed their gate ({', '.join(failed)}); the "
+                        f"report of the others, with the reasons, is in {out / 'report.html'}")
+    return summary

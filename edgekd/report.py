@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError, StageError
+from edgekd.intervals import paired_difference, wilson
 from edgekd.manifest import atomic_write_text, read_manifest, verify_stage
 from edgekd.report_render import SCHEMA, render_report
 
@@ -14,6 +15,8 @@ _TITLES = {"teacher": "Teacher (fine-tuned)", "student": "Student (distilled)"}
 # USD per CPU core-hour for the inference-cost row: about the on-demand price of one vCPU of a
 # general-purpose cloud VM (2026). `edgekd report --price-per-core-hour` sets your own.
 DEFAULT_PRICE_PER_CORE_HOUR = 0.05
+PLAN = "plan.json"             # RUN/plan.json: this run's variants and their outcomes (edgekd run writes it)
+PLAN_SCHEMA = "edgekd.run-plan/1"
 
 
 def _title(role: str, quant: str, asked: str | None = None) -> str:
@@ -44,16 +47,16 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
     price = DEFAULT_PRICE_PER_CORE_HOUR if price_per_core_hour is None else price_per_core_hour
     if price < 0:
         raise EdgeKDError("--price-per-core-hour must be 0 or more")
+    failed = []
     if _is_bench_dir(run_dir):
         bench = verify_stage(run_dir, "bench")
         exports = [Path(entry["path"]) for entry in bench["inputs"].values()]
         root = run_dir.parent
     else:
-        export_dir = run_dir / "export"
-        exports = sorted(p for p in export_dir.glob("*") if p.is_dir()) if export_dir.is_dir() else []
+        exports, failed = run_variants(run_dir)
         bench = verify_stage(run_dir / "bench", "bench") if (run_dir / "bench").is_dir() else None
         root = run_dir
-    if not exports:
+    if not exports and not failed:
         raise StageError(f"{run_dir} has no export/ stage directories; run `edgekd run` or `edgekd export` first")
     results = bench["metrics"]["results"] if bench else []
     artifacts = [r for r in results if r.get("kind", "artifact") == "artifact"]
@@ -70,7 +73,7 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"], "quant": quant,
             "accuracy": (test or {}).get("accuracy"), "macro_f1": (test or {}).get("macro_f1"),
             "ece": (test or {}).get("ece"),
-            "predictions": manifest.get("test_predictions"),
+            "predictions": manifest.get("test_predictions"), "labels": manifest.get("test_labels"),
             "latency_ms": measured.get("latency_ms"), "runtime": measured.get("runtime"),
             "load_ms": measured.get("load_ms"), "peak_rss_mb": measured.get("peak_rss_mb"),
             **_cost(measured.get("cpu_ms_per_inference"), price),
@@ -79,11 +82,16 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
     variants.sort(key=lambda v: (order.get(v["role"], 3), v["name"]))
     reference = next((v["predictions"] for v in variants if v["role"] == "teacher"), None)
     for v in variants:  # top-1 agreement of each artifact with the teacher's artifact, text by text
-        predictions = v.pop("predictions")
+        predictions = v["predictions"]
         v["agreement"] = (sum(a == b for a, b in zip(predictions, reference)) / len(reference)
                           if reference and predictions and len(predictions) == len(reference) else None)
-    finetune = read_manifest(root / "finetune", "finetune") if (root / "finetune").is_dir() else None
+        correct = _correct(v)
+        v["accuracy_ci95"] = list(wilson(sum(correct), len(correct))) if correct else None
     teacher = next((v for v in variants if v["role"] == "teacher"), None)
+    ratios = [_ratio(teacher, v) for v in variants if teacher and v["role"] != "teacher"]
+    for v in variants:  # per-text lists stay in the export manifests
+        del v["predictions"], v["labels"]
+    finetune = read_manifest(root / "finetune", "finetune") if (root / "finetune").is_dir() else None
     machine = dict(bench["machine"]) if bench else {"os": platform.platform()}
     if artifacts:
         machine["runtime"] = ", ".join(sorted({f"{k} {v}" for r in artifacts for k, v in r["versions"].items()}))
@@ -96,14 +104,52 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
                     "test_size": finetune["metrics"]["test"]["n"] if finetune else None,
                     "max_length": finetune["max_length"] if finetune else None},
         "variants": variants,
-        "ratios": [_ratio(teacher, v) for v in variants if teacher and v["role"] != "teacher"],
+        "ratios": ratios,
+        "failed": failed,
         "runtimes": _runtimes(results, bench, price) if bench else None,
         "price_per_core_hour": price,
         "baseline": finetune["metrics"].get("baseline") if finetune else None,
-        "stages": _stage_times(root),
+        "stages": _stage_times(root, exports),
         "search": _search(root),
         "notes": _notes(bench, price),
+        "intervals": ("Accuracy intervals: Wilson 95 % score intervals over the test texts. Teacher-student "
+                      "differences: Newcombe's paired 95 % interval on the same test texts (method 10, 1998)."),
     }
+
+
+def write_plan(run_dir: Path, outcomes: dict[str, dict]) -> None:
+    """RUN/plan.json, atomically: {variant name: {"status": pending | exported | failed, "reason"?}}."""
+    atomic_write_text(Path(run_dir) / PLAN, json.dumps({"schema": PLAN_SCHEMA, "variants": outcomes}, indent=2) + "\n")
+
+
+def run_variants(run_dir: Path) -> tuple[list[Path], list[dict]]:
+    """This run's export directories and its failed variants ({name, reason}), from RUN/plan.json (written by
+    `edgekd run`); without one (variants made by `edgekd export`), every stage directory in RUN/export/.
+    Hidden directories (a killed export's .NAME.tmp-PID) are never variants."""
+    export_dir = Path(run_dir) / "export"
+    try:
+        plan = json.loads((Path(run_dir) / PLAN).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        found = sorted(p for p in export_dir.glob("*") if p.is_dir() and not p.name.startswith(".")) \
+            if export_dir.is_dir() else []
+        return found, []
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{run_dir / PLAN} cannot be read ({exc}); rerun `edgekd run`") from None
+    if not isinstance(plan, dict) or plan.get("schema") != PLAN_SCHEMA or not isinstance(plan.get("variants"), dict):
+        raise StageError(f"{run_dir / PLAN} is not an edgekd run plan ({PLAN_SCHEMA}); rerun `edgekd run`")
+    outcomes = plan["variants"]
+    exported = [export_dir / name for name, o in outcomes.items() if o.get("status") == "exported"]
+    failed = [{"name": name, "reason": o.get("reason") or "not exported: the run stopped before this variant"}
+              for name, o in outcomes.items() if o.get("status") != "exported"]
+    return sorted(exported), failed
+
+
+def _correct(variant: dict) -> list[bool] | None:
+    """Per test text, whether the variant got it right (from the manifest's predictions and labels)."""
+    predictions, labels = variant.get("predictions"), variant.get("labels")
+    if not predictions or not labels or len(predictions) != len(labels):
+        return None
+    return [p == y for p, y in zip(predictions, labels)]
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -182,20 +228,24 @@ def _ratio(teacher: dict, variant: dict) -> dict:
 
     t_lat, v_lat = typical(teacher), typical(variant)
     measured = variant["accuracy"] is not None and teacher["accuracy"] is not None
+    ours, theirs = _correct(variant), _correct(teacher)
+    paired = (ours and theirs and len(ours) == len(theirs) and variant["labels"] == teacher["labels"])
+    interval = [round(100 * x, 2) for x in paired_difference(ours, theirs)[1:]] if paired else None
     return {"variant": variant["name"], "size_x": div(teacher["size_bytes"], variant["size_bytes"]),
             "latency_p50_x": div(t_lat, v_lat), "params_x": div(teacher["params"], variant["params"]),
-            "accuracy_delta_points": round((variant["accuracy"] - teacher["accuracy"]) * 100, 2) if measured else None}
+            "accuracy_delta_points": round((variant["accuracy"] - teacher["accuracy"]) * 100, 2) if measured else None,
+            "accuracy_delta_ci95_points": interval}
 
 
-def _stage_times(run_dir: Path) -> list[dict]:
-    """Wall time of each stage from its manifest (export: all variants added up)."""
+def _stage_times(run_dir: Path, exports: list[Path]) -> list[dict]:
+    """Wall time of each stage from its manifest (export: the reported variants added up)."""
     rows = []
     for name in ("finetune", "distill", "compress", "export", "bench"):
         path = run_dir / name
         if (path / "manifest.json").is_file():
             rows.append({"stage": name, "wall_s": read_manifest(path)["wall_s"]})
-        elif path.is_dir():
-            walls = [read_manifest(p)["wall_s"] for p in sorted(path.iterdir()) if (p / "manifest.json").is_file()]
+        elif name == "export" and exports:
+            walls = [read_manifest(p)["wall_s"] for p in exports]
             rows.append({"stage": f"{name} ({len(walls)} artifacts)", "wall_s": round(sum(walls), 2)})
     return rows
 
@@ -212,7 +262,8 @@ def write_report(run_dir: Path, price_per_core_hour: float | None = None, out: P
 
 def machine_summary(summary: dict) -> dict:
     """The `--json` view: one object with a `variants` list (samples left out)."""
-    keep = ("name", "role", "artifact", "size_bytes", "accuracy", "macro_f1", "agreement", "ece", "params",
+    keep = ("name", "role", "artifact", "size_bytes", "accuracy", "accuracy_ci95", "macro_f1", "agreement", "ece",
+            "params",
             "quant", "runtime", "load_ms", "peak_rss_mb", "cpu_ms_per_inference", "cost_per_million_usd")
     variants = []
     for v in summary["variants"]:
@@ -226,6 +277,7 @@ def machine_summary(summary: dict) -> dict:
             {**{k: v for k, v in r.items() if k != "latency_ms"},
              "latency_ms": {k: (r["latency_ms"] or {}).get(k) for k in ("p50", "p90", "p99", "mean", "std")}}
             for r in runtimes["rows"]]}
-    return {"schema": summary["schema"], "variants": variants, "ratios": summary["ratios"], "runtimes": runtimes,
+    return {"schema": summary["schema"], "variants": variants, "ratios": summary["ratios"],
+            "failed": summary.get("failed") or [], "runtimes": runtimes,
             "price_per_core_hour": summary.get("price_per_core_hour"),
             "baseline": summary["baseline"], "stages": summary["stages"], "machine": summary["machine"]}

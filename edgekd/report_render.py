@@ -51,6 +51,11 @@ _fmt_params = partial(_fmt, spec=".2f", scale=1e-6, unit=" M")  # 22714755 -> "2
 _fmt_x = partial(_fmt, spec=".1f", unit="x")  # 22.3 -> "22.3x"
 
 
+def _fmt_ci(ci):
+    # [0.81, 0.89] -> "81.0 to 89.0 %"
+    return DASH if not ci else f"{ci[0] * 100:.1f} to {ci[1] * 100:.1f} %"
+
+
 def _lat(v, key):
     return (v.get("latency_ms") or {}).get(key)
 
@@ -319,6 +324,7 @@ def _blocks(summary, plots):
         ["Model size"] + [_fmt_size(v.get("size_bytes")) for v in variants],
         ["Latency p50 / p90 (ms)"] + [p50_p90(v) for v in variants],
         ["Accuracy / macro-F1 (test)"] + [acc_f1(v) for v in variants],
+        ["Accuracy, 95 % interval (test)"] + [_fmt_ci(v.get("accuracy_ci95")) for v in variants],
         ["Parameters"] + [_fmt_params(v.get("params")) for v in variants],
         ["Agreement with the teacher (test, top-1)"] + [_fmt_pct(v.get("agreement")) for v in variants],
         ["Calibration error (ECE, test)"] + [_fmt(v.get("ece"), ".3f") for v in variants],
@@ -332,12 +338,20 @@ def _blocks(summary, plots):
         b.append(("h3", "Teacher / student"))
         lines = []
         for r in ratios:
-            d = r.get("accuracy_delta_points")
+            d, ci = r.get("accuracy_delta_points"), r.get("accuracy_delta_ci95_points")
+            paired = f" (paired 95 % interval {ci[0]:+.1f} to {ci[1]:+.1f})" if ci else ""
             lines.append(f"{r.get('variant') or DASH}: {_fmt_x(r.get('size_x'))} smaller, "
                          f"{_fmt_x(r.get('latency_p50_x'))} faster at p50, accuracy "
-                         f"{DASH if d is None else f'{d:+.1f}'} points, "
+                         f"{DASH if d is None else f'{d:+.1f}'} points{paired}, "
                          f"{_fmt_x(r.get('params_x'))} fewer parameters")
         b.append(("ul", lines))
+    if summary.get("intervals"):
+        b.append(("p", summary["intervals"]))
+    failed = summary.get("failed") or []
+    if failed:
+        b.append(("h2", "Failed variants"))
+        b.append(("p", "Not exported: each failed its gate, and nothing of it was written. The others are above."))
+        b.append(("ul", [f"{f.get('name')}: {f.get('reason')}" for f in failed]))
     bl = summary.get("baseline")
     if bl:
         b.append(("p", f"{bl.get('name') or 'Baseline'} on the same split: accuracy "

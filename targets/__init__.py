@@ -78,6 +78,20 @@ def _importable(module: str) -> bool:
 FORMATS: Registry[Format] = Registry("target format")
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What a quantized artifact is proven against: its own quantized graph, run somewhere trusted.
+
+    A format's exporter returns one as details["reference"] (the graph it built, same calibration);
+    export.py runs it and the artifact on the same texts and refuses the artifact when a logit differs
+    by more than `tolerance` x (1 + the reference's largest |logit| on that text). A format that returns
+    none for a quantized spec is proven structurally only, and judged by the accuracy budget."""
+    name: str                      # recorded in the manifest, e.g. "the PT2E program in PyTorch"
+    run: Callable                  # (ids, mask) -> logits [1, C]
+    tolerance: float               # relative to the text's logit scale (see above)
+    why: str = ""                  # where the tolerance comes from
+
+
 class RuntimeUnavailable(EdgeKDError):
     """Raised by a runner whose runtime cannot run on this machine (Core ML off Apple hardware).
 

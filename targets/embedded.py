@@ -29,7 +29,7 @@ from edgekd.targets import FORMATS, Format
 from edgekd.targets.executorch import ExecuTorchRunner, lower_portable
 from edgekd.targets.graph import without_gelu
 from edgekd.targets.litert import (LiteRTRunner, StaticInt8Wrapper, convert_float, dequantize, evaluate_litert,
-                                   model_summary, quantize)
+                                   model_summary, quantize, reference_kernels)
 
 SPECS = ("fp32", "int8-static")
 HEADER, SOURCE = "model_data.h", "model_data.cc"
@@ -130,9 +130,11 @@ def export_tflm(model, spec: QuantSpec, max_length: int, calibration, out_file: 
     parity = litert_parity(runner, out_file, probe_inputs(calibration, model.config.vocab_size, max_length))
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     write_c_sources(out_file, data, calls, arena, used, arena_margin, runner, spec, max_length, labels)
+    # A full-int8 file's own reference: the same file in LiteRT's reference kernels (fp32: the PyTorch model).
+    reference = {} if spec.is_float else {"reference": reference_kernels(out_file)}
     return {**summary, "resolver": calls, "arena": {"used_bytes": used, "margin": arena_margin, "size": arena},
             "output_quantization": {"scale": runner.scale, "zero_point": runner.zero_point} if runner.scale else None,
-            "litert_parity": parity, "c_sources": [HEADER, SOURCE]}
+            "litert_parity": parity, "c_sources": [HEADER, SOURCE], **reference}
 
 
 def check_arena_margin(value) -> str | None:

@@ -172,6 +172,10 @@ def test_export_artifact_end_to_end(model_stage, tmp_path, quant):
     assert manifest["runtime"]["litert-torch"] == "0.10.0"
     if quant == "fp32":
         assert metrics["parity"]["max_abs_diff"] <= 1e-4
+    elif metrics["parity"]["checked"] == "numerical":  # against the same file in LiteRT's reference kernels
+        assert metrics["parity"]["reference"].startswith("the same .tflite in LiteRT's reference kernels")
+    if quant != "fp32":
+        assert metrics["vs_fp32"]["validation"]["texts"] == len(dataset.validation.texts)
     # not the parity gate's threshold again (the export enforces it): the reported accuracy, recomputed
     assert check_reported_test_metrics(out, dataset)["metrics"] == metrics
 

@@ -63,3 +63,51 @@ def test_report_json_of_existing_run_matches_files(tmp_path, tiny_recipe_dict, c
     pte.write_bytes(pte.read_bytes()[:-10])
     assert main(["report", str(out)]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_a_failed_variant_is_reported_and_the_others_kept(tmp_path, tiny_recipe_dict, capsys, monkeypatch):
+    """One variant fails its gate: the others are exported, benched and reported, the failed one is in the
+    report with its reason, and `edgekd run` exits 1 with one line. Then the report takes exactly this run's
+    variants: not a stale variant of another recipe, not a killed export's temporary directory."""
+    import shutil
+
+    from edgekd.errors import GateError
+    from edgekd.targets import export
+
+    def planted(change, name):  # stands for a real budget failure, which a tiny model cannot produce on demand
+        raise GateError(f"{name} loses 30.0 points of validation accuracy (planted); nothing written")
+
+    monkeypatch.setattr(export, "_check_budget", planted)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict | {"bench": {"iterations": 2}}))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--json"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "student-int8-android-executorch" in errors[0] and "report" in errors[0]
+    kept = ["student-fp32-android-executorch", "teacher-fp32-android-executorch"]
+    assert sorted(p.name for p in (out / "export").iterdir()) == kept   # nothing of the failed one on disk
+    summary = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in summary["variants"]] == kept[::-1]
+    assert all(v["latency_ms"]["p50"] > 0 for v in summary["variants"])  # benched
+    assert summary["failed"] == [{"name": "student-int8-android-executorch",
+                                  "reason": "tiny-student_xnnpack_int8.pte loses 30.0 points of validation accuracy "
+                                            "(planted); nothing written"}]
+    report = (out / "report.md").read_text()
+    assert "## Failed variants" in report and "(planted)" in report
+    assert json.loads((out / "plan.json").read_text())["variants"]["student-int8-android-executorch"]["status"] \
+        == "failed"
+
+    # A stale variant of an earlier recipe (a whole, verified stage directory) and a killed export's temporary.
+    shutil.copytree(out / "export" / kept[0], out / "export" / "student-int4-android-executorch")
+    (out / "export" / ".student-int8-android-executorch.tmp-123").mkdir()
+    (out / "export" / ".student-int8-android-executorch.tmp-123" / "half.pte").write_bytes(b"\0" * 10)
+    assert main(["report", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(v["name"] for v in printed["variants"]) == kept
+    assert [f["name"] for f in printed["failed"]] == ["student-int8-android-executorch"]
+    # Without a plan (variants made by `edgekd export`), every stage directory is taken, temporaries never.
+    (out / "plan.json").unlink()
+    assert main(["report", str(out), "--json"]) == 0
+    names = sorted(v["name"] for v in json.loads(capsys.readouterr().out)["variants"])
+    assert names == [kept[0], "student-int4-android-executorch", kept[1]]

@@ -185,3 +185,18 @@ def test_render_for_visual_check(tmp_path):
         pytest.skip("set EDGEKD_REPORT_DEBUG_DIR to keep a rendering")
     shutil.rmtree(out, ignore_errors=True)
     render_report(copy.deepcopy(make_summary()), __import__("pathlib").Path(out))
+
+
+def test_intervals_and_failed_variants_are_rendered(tmp_path):
+    s = make_summary()
+    s["variants"][2]["accuracy_ci95"] = [0.8075, 0.8906]
+    s["ratios"][1]["accuracy_delta_ci95_points"] = [-2.9, 1.4]
+    s["intervals"] = "Accuracy intervals: Wilson 95 % score intervals over the test texts."
+    s["failed"] = [{"name": "student-int4", "reason": "finsent-student_xnnpack_int4.pte fails parity <planted>"}]
+    render_report(s, tmp_path)
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert "| Accuracy, 95 % interval (test) | — | — | 80.8 to 89.1 % |" in md
+    assert "accuracy -0.7 points (paired 95 % interval -2.9 to +1.4)" in md
+    assert "## Failed variants" in md and "- student-int4: finsent-student_xnnpack_int4.pte fails parity &lt;planted&gt;" in md
+    assert "<h2>Failed variants</h2>" in page and "fails parity &lt;planted&gt;" in page
+    assert "Wilson 95 % score intervals" in md
