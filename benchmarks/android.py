@@ -315,7 +315,7 @@ class AndroidDevice:
                         if warm.get("error"):
                             rows[art.name]["error"] = warm["error"]
                             error = error or warm["error"]
-                for round_ in range(settings.rounds):
+                for _ in range(settings.rounds):
                     for art in todo:
                         if rows[art.name].get("error"):  # crashed in an earlier round
                             continue

@@ -143,8 +143,8 @@ class HostDevice:
                 row = {"name": f"{art.manifest['params']['model_name']}-{quant}-{name}", "kind": "baseline",
                        "of": [art.name], "artifact": str(source), "quant": quant, "describe": baseline.describe}
                 built[key] = row
-                load(row, lambda b=baseline, s=source, q=quant: b.build(
-                    s, q, art.manifest["max_length"], settings.threads, cache), inputs)
+                load(row, lambda b=baseline, s=source, q=quant, n=art.manifest["max_length"]: b.build(
+                    s, q, n, settings.threads, cache), inputs)
 
         expected = [v.row["name"] for v in variants]
         measure_interleaved(list(variants), settings.iterations, settings.seconds)

@@ -151,7 +151,9 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
     if spec.weights == "int8":
         try:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer, get_symmetric_quantization_config)
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
         except ImportError:
             raise RecipeError(f"QuantSpec {spec.name} is realized here with ExecuTorch's XNNPACK quantizer; "
                               f"run `pip install 'edgekd[android]'`, or name the target you export to") from None

@@ -151,7 +151,7 @@ def search(job, fmt, budget: float, objective: str, quant: list[str] | None = No
         quant_ok = passing
         for level in axis:
             try:
-                model = state.model(f"prune-{level.name}", lambda resume: job.pruned(level, resume))
+                model = state.model(f"prune-{level.name}", lambda resume, level=level: job.pruned(level, resume))
             except EdgeKDError as exc:  # e.g. a one-layer student cannot lose a layer
                 log(f"prune-{level.name}: skipped ({exc})")
                 break

@@ -76,7 +76,8 @@ class SearchState:
         try:
             model = train(recovery)
         except EdgeKDError as exc:
-            self.remember(name, lambda: {"skipped": str(exc)})
+            reason = str(exc)
+            self.remember(name, lambda: {"skipped": reason})
             raise
         tmp = saved.parent / f".{saved.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

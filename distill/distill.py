@@ -15,11 +15,24 @@ import torch
 from edgekd.data import Dataset, Encoded
 from edgekd.distill.augment import augment
 from edgekd.distill.cache import teacher_logits
-from edgekd.distill.student import (cut_layers, fresh_student, layer_map, num_layers, same_tokenization,
-                                    trim_vocabulary, vocabulary_coverage)
+from edgekd.distill.student import (
+    cut_layers,
+    fresh_student,
+    layer_map,
+    num_layers,
+    same_tokenization,
+    trim_vocabulary,
+    vocabulary_coverage,
+)
 from edgekd.distill.trainer import DistillationTrainer, Intermediate, _heads
-from edgekd.distill.training import (accuracy_metric, collator, drop_checkpoints, last_checkpoint,
-                                     predict_logits, training_args)
+from edgekd.distill.training import (
+    accuracy_metric,
+    collator,
+    drop_checkpoints,
+    last_checkpoint,
+    predict_logits,
+    training_args,
+)
 from edgekd.errors import ModelError
 from edgekd.manifest import is_done, read_manifest, stage_input, stage_key, write_stage
 from edgekd.metrics import classification_metrics

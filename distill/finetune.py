@@ -4,14 +4,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekd.data import Dataset, Encoded, choose_max_length
+from edgekd.distill.training import (
+    accuracy_metric,
+    collator,
+    drop_checkpoints,
+    last_checkpoint,
+    predict_logits,
+    training_args,
+)
 from edgekd.manifest import is_done, read_manifest, stage_key, write_stage
 from edgekd.metrics import classification_metrics
-from edgekd.models import (copy_licenses, count_parameters, load_classifier, load_tokenizer,
-                           model_fingerprint, resolve_model)
+from edgekd.models import (
+    copy_licenses,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+)
 from edgekd.recipe import Recipe
-
-from edgekd.distill.training import (accuracy_metric, collator, drop_checkpoints, last_checkpoint,
-                                     predict_logits, training_args)
 
 
 def tfidf_baseline(dataset: Dataset) -> dict:

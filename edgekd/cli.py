@@ -199,7 +199,8 @@ def cmd_bundle(args) -> str:
                 f"{result['texts']} test texts; {model})")
     if not (args.artifact_dir and args.platform and args.out):
         raise EdgeKDError("edgekd bundle needs ARTIFACT_DIR, --platform and --out (or --verify BUNDLE)")
-    return _print_metrics(make_bundle(Path(args.artifact_dir), args.platform, Path(args.out), _recipe(args.recipe)), args)
+    bundle = make_bundle(Path(args.artifact_dir), args.platform, Path(args.out), _recipe(args.recipe))
+    return _print_metrics(bundle, args)
 
 
 def _check_out(args, stage: str) -> None:

@@ -180,7 +180,7 @@ def unicode_tables(normalizer: dict, vocab: dict) -> dict:
         if out is None or not irrelevant(cp, out):
             ops[cp] = (op, arg)
     used = bytearray(b"\x01") * 0x110000            # code points that can reach the pre-tokenizer
-    for cp, (op, arg) in probed["ops"].items():
+    for cp, (op, _arg) in probed["ops"].items():
         if op in (OP_DROP, OP_BREAK):
             used[cp] = 0
     for op, arg in probed["ops"].values():
@@ -263,7 +263,8 @@ def write_sources(tokenizer, max_length: int, out: Path) -> dict:
         f"#define EKD_MAX_WORD_CHARS {info['max_word_chars']}  /* longer words are [UNK] */\n"
         "#endif\n")
     (out / TABLES_H).write_text(_tables_source(info, tables, vocab))
-    return {"vocab_size": len(info["vocab"]), "map_ranges": len(tables["map"][0]), "class_ranges": len(tables["classes"]),
+    return {"vocab_size": len(info["vocab"]), "map_ranges": len(tables["map"][0]),
+            "class_ranges": len(tables["classes"]),
             "combining_classes": len(tables["ccc"]), "normalizer": info["normalizer"],
             "table_bytes": (out / TABLES_H).stat().st_size}
 
@@ -287,7 +288,8 @@ def _tables_source(info: dict, tables: dict, vocab: dict) -> str:
         f" * Normalizer: {json.dumps(info['normalizer'], sort_keys=True)}",
         " * Unicode tables: what that normalizer and BertPreTokenizer do to each code point (probed). */",
         "#ifndef EDGEKD_TOKENIZER_TABLES_H\n#define EDGEKD_TOKENIZER_TABLES_H\n",
-        f"#define EKD_CLS_ID {info['cls_id']}\n#define EKD_SEP_ID {info['sep_id']}\n#define EKD_PAD_ID {info['pad_id']}",
+        f"#define EKD_CLS_ID {info['cls_id']}\n#define EKD_SEP_ID {info['sep_id']}\n"
+        f"#define EKD_PAD_ID {info['pad_id']}",
         f"#define EKD_UNK_ID {info['unk_id']}\n#define EKD_REORDER {int(tables['reorder'])}",
         f'static const char EKD_PREFIX[] = "{prefix}";\n#define EKD_PREFIX_LEN {len(info["prefix"].encode())}\n',
         "/* Normalizer: sorted ranges; hi in the low 24 bits, the operation in the top 8. */",

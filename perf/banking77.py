@@ -83,7 +83,8 @@ def base_recipe(data: Path, teacher_model: str, teacher_epochs: float = 8, teach
     """The BANKING77 recipe every perf script starts from: the teacher's settings and the data split
     (validation split from train by edgekd, the official test set)."""
     return {"name": "banking77",
-            "teacher": {"model": teacher_model, "epochs": teacher_epochs, "batch_size": 32, "learning_rate": teacher_lr},
+            "teacher": {"model": teacher_model, "epochs": teacher_epochs, "batch_size": 32,
+                        "learning_rate": teacher_lr},
             "data": {"train": str(data / "train.csv"), "validation": None, "test": str(data / "test.csv"),
                      "text_column": "text", "label_column": "category", "split_fractions": [0.1, 0.15]}}
 
@@ -101,7 +102,8 @@ def main() -> int:
     parser.add_argument("--teacher-epochs", type=float, default=8)
     parser.add_argument("--teacher-lr", type=float, default=2e-4)
     parser.add_argument("--student-epochs", type=float, default=4)
-    parser.add_argument("--only", nargs="*", help="student names to run, in this order (default: ORDER, or SWEEP with --sweep)")
+    parser.add_argument("--only", nargs="*",
+                        help="student names to run, in this order (default: ORDER, or SWEEP with --sweep)")
     parser.add_argument("--sweep", action="store_true", help="run the distillation sweep (SWEEP) instead of ORDER")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (the data split keeps 0)")
     parser.add_argument("--budget-minutes", type=float, help="start no student after this many minutes")

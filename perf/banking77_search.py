@@ -36,7 +36,8 @@ def main() -> int:
                         help="what the budget counts from (the issue: within 1 point of the fp32 student)")
     parser.add_argument("--objective", choices=("latency", "size"), default="latency")
     parser.add_argument("--search-quant", nargs="+", default=["int8", "int4"], help="QuantSpecs the search tries")
-    parser.add_argument("--qat-epochs", type=float, default=0.0, help="quantization-aware training for specs over budget")
+    parser.add_argument("--qat-epochs", type=float, default=0.0,
+                        help="quantization-aware training for specs over budget")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 5], help="teacher layers the student keeps")
     parser.add_argument("--quant", nargs="+", help="no search: export these QuantSpecs of the student")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -46,6 +47,7 @@ def main() -> int:
         return 0
 
     from banking77 import base_recipe  # perf/banking77.py, beside this script
+
     from edgekd.manifest import read_manifest
     from edgekd.pipeline import run
     from edgekd.recipe import recipe_from_dict

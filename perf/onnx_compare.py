@@ -104,12 +104,11 @@ def measure(work: Path, threads: int, iterations: int, warmup: int) -> dict:
 
 def profile(work: Path, runs: int = 50) -> dict:
     """ExecuTorch int8 with an ETDump: time per operator, delegated or not (Inspector), over `runs` executions."""
-    from executorch.devtools import Inspector
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch
-
     import executorch.kernels.quantized  # noqa: F401
     import numpy as np
     import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     facts = json.loads((work / "facts.json").read_text())
     module = _load_for_executorch(facts["pte"], enable_etdump=True, debug_buffer_size=0)
@@ -171,7 +170,8 @@ def main() -> int:
 
     print(f"student: layers {LAYERS} of all-MiniLM-L6-v2, {facts['vocab_rows']} vocabulary rows, "
           f"{facts['params'] / 1e6:.2f} M parameters, max_length {MAX_LENGTH}; "
-          f".pte int8 {facts['pte_bytes'] / 1e6:.2f} MB, ONNX int8 {facts['onnx_int8_bytes'] / 1e6:.2f} MB; top-1 agreement with fp32 "
+          f".pte int8 {facts['pte_bytes'] / 1e6:.2f} MB, ONNX int8 {facts['onnx_int8_bytes'] / 1e6:.2f} MB; "
+          f"top-1 agreement with fp32 "
           f"{facts['top1_agreement_with_fp32']}")
     print(f"{'threads':>7} {'runtime':<18} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8} {'cpu ms':>8} "
           f"{'vs ORT int8':>12}")

@@ -2,7 +2,8 @@
 from edgekd.compress.quant import quantized_module
 from edgekd.targets import FORMATS, Format
 from edgekd.targets.executorch import ExecuTorchRunner, lower_xnnpack
-from edgekd.targets.litert import SPECS as LITERT_SPECS, LiteRTRunner, evaluate_litert, export_litert
+from edgekd.targets.litert import SPECS as LITERT_SPECS
+from edgekd.targets.litert import LiteRTRunner, evaluate_litert, export_litert
 
 
 def evaluate_xnnpack(model, spec, max_length: int, calibration):
@@ -13,7 +14,8 @@ def evaluate_xnnpack(model, spec, max_length: int, calibration):
 
 FORMATS.register("android/executorch")(Format(
     target="android", name="executorch", backend="xnnpack", suffix="pte",
-    specs=("fp32", "int8", "int8-static", "int4", "int4-g64", "int4-g128"), export=lower_xnnpack, runner=ExecuTorchRunner,
+    specs=("fp32", "int8", "int8-static", "int4", "int4-g64", "int4-g128"), export=lower_xnnpack,
+    runner=ExecuTorchRunner,
     requires=("executorch", "torchao"), extra="android", options={"dynamic_length": False},
     evaluate=evaluate_xnnpack,
 ))

@@ -28,8 +28,16 @@ from edgekd.errors import ExportError, RecipeError
 from edgekd.targets import FORMATS, Format
 from edgekd.targets.executorch import ExecuTorchRunner, lower_portable
 from edgekd.targets.graph import without_gelu
-from edgekd.targets.litert import (LiteRTRunner, StaticInt8Wrapper, convert_float, dequantize, evaluate_litert,
-                                   model_summary, quantize, reference_kernels)
+from edgekd.targets.litert import (
+    LiteRTRunner,
+    StaticInt8Wrapper,
+    convert_float,
+    dequantize,
+    evaluate_litert,
+    model_summary,
+    quantize,
+    reference_kernels,
+)
 
 SPECS = ("fp32", "int8-static")
 HEADER, SOURCE = "model_data.h", "model_data.cc"

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-
 # The additive mask's value for padding: float16's min, not float32's. Backends that compute in
 # float16 (Core ML, fp16 delegates) turn float32's min into -inf, and 0 * -inf is NaN for every kept
 # token; exp() of float16's min is 0 in float32 as well, so fp32 parity is unchanged.

@@ -299,7 +299,8 @@ class ExecuTorchCoreMLRunner(ExecuTorchRunner):
         from executorch.extension.pybindings.portable_lib import _get_registered_backend_names
 
         if "CoreMLBackend" not in _get_registered_backend_names():
-            raise RuntimeUnavailable("Core ML runs only on Apple hardware; this ExecuTorch runtime has no CoreMLBackend")
+            raise RuntimeUnavailable("Core ML runs only on Apple hardware; this ExecuTorch runtime has no "
+                                     "CoreMLBackend")
         super().__init__(file, threads)
 
     @staticmethod

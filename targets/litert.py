@@ -208,7 +208,8 @@ def xnnpack_summary(file: Path) -> dict:
     ops = [n for n in nodes if n["op_name"] != "DELEGATE"]
     producer = {int(t): n for n in ops for t in n["outputs"]}
     from_delegate = {int(t) for d in delegates for t in d["outputs"]}
-    frontier = [int(t) for d in delegates for t in d["inputs"]] + [int(d["index"]) for d in interpreter.get_output_details()]
+    frontier = ([int(t) for d in delegates for t in d["inputs"]] +
+                [int(d["index"]) for d in interpreter.get_output_details()])
     on_cpu: dict[int, str] = {}
     while frontier:
         node = producer.get(frontier.pop())

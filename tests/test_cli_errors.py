@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_csv, make_rows
 from edgekd.cli import build_parser, main
+
+from conftest import make_rows, write_csv
 
 EDGEKD = Path(sys.executable).with_name("edgekd")
 

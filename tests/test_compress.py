@@ -321,7 +321,8 @@ def test_quantization_aware_distillation_trains_a_float_student_for_its_spec(dis
     trained = AutoModelForSequenceClassification.from_pretrained(out)  # plain modules: the Auto classes load it
     assert {type(m).__name__ for m in trained.modules()} & {"FakeQuantizedLinear", "FakeQuantizedEmbedding"} == set()
     student = load_classifier(str(root / "distill"))
-    moved = [not torch.equal(a, b) for (_, a), (_, b) in zip(student.state_dict().items(), trained.state_dict().items())]
+    pairs = zip(student.state_dict().values(), trained.state_dict().values())
+    moved = [not torch.equal(a, b) for a, b in pairs]
     assert sum(moved) > len(moved) / 2
     assert not list(root.glob(".compress-qat.*"))  # its training checkpoints are gone with the stage complete
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_rows, write_csv
 from edgekd.data import load_dataset, read_split, stratified_split
 from edgekd.errors import DataError
 from edgekd.recipe import DataConfig, recipe_from_dict
+
+from conftest import make_rows, write_csv
 
 TRICKY = ['Plain text', 'Commas, "quotes" and\ttabs', 'Two\nlines', "Ünïcödé – ok € 10", "  padded  "]
 
@@ -40,7 +41,7 @@ def _error(call, *args) -> str:
 # --- formats and columns ---------------------------------------------------------------------
 
 def _custom_rows(texts, labels) -> list[dict]:
-    return [{"id": str(i), "sentence": t, "sentiment": l} for i, (t, l) in enumerate(zip(texts, labels))]
+    return [{"id": str(i), "sentence": t, "sentiment": y} for i, (t, y) in enumerate(zip(texts, labels))]
 
 
 @pytest.mark.parametrize("suffix, fmt, delimiter", [(".csv", "auto", ","), (".tsv", "auto", "\t"),
@@ -56,7 +57,7 @@ def test_delimited_files_with_custom_columns(tmp_path, suffix, fmt, delimiter):
 
 
 def test_jsonl_with_custom_columns(tmp_path):
-    rows = [{"body": t, "y": l, "extra": [1, 2]} for t, l in zip(TRICKY, ["a", "b", "a", "c", "b"])]
+    rows = [{"body": t, "y": y, "extra": [1, 2]} for t, y in zip(TRICKY, ["a", "b", "a", "c", "b"])]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n   \n"
                     + "\n".join(json.dumps(r) for r in rows[2:]) + "\n")  # blank lines are skipped
@@ -221,7 +222,7 @@ def test_only_train_gives_stratified_disjoint_splits(tmp_path):
     assert set().union(*texts) == {r["text"] for r in rows}      # nothing lost
     by_text = {r["text"]: r["label"] for r in rows}
     for split in splits.values():                                # labels stay with their texts
-        assert all(by_text[t] == l for t, l in zip(split.texts, split.labels))
+        assert all(by_text[t] == y for t, y in zip(split.texts, split.labels))
     # 0.15 of each label for test, 0.15 of the whole for validation (32 rows per label)
     for name in ("validation", "test"):
         assert all(4 <= n <= 6 for n in Counter(splits[name].labels).values()), name

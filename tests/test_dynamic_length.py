@@ -16,9 +16,10 @@ LENGTH = 24
 @pytest.fixture(scope="module")
 def dynamic_exports(tmp_path_factory, small_data):
     """A briefly trained 2-layer, 64-wide student and its dynamic-length .pte exports (fp32, int8)."""
-    from conftest import tiny_student_stage
     from edgekd.compress.quant import get_spec
     from edgekd.targets.export import export_artifact
+
+    from conftest import tiny_student_stage
 
     root = tmp_path_factory.mktemp("dynamic")
     stage_dir, model, tokenizer, dataset = tiny_student_stage(root, small_data, length=LENGTH, name="dynamic")

@@ -21,11 +21,12 @@ pytest.importorskip("tflite_micro")
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from conftest import check_reported_test_metrics  # noqa: E402
 from edgekd.compress.quant import get_spec  # noqa: E402
 from edgekd.errors import ExportError  # noqa: E402
 from edgekd.targets import embedded, get_format  # noqa: E402  (importing embedded registers embedded/tflm)
 from edgekd.targets.graph import ExportWrapper  # noqa: E402
+
+from conftest import check_reported_test_metrics  # noqa: E402
 
 LENGTH, VOCAB = 32, 1000
 
@@ -134,6 +135,7 @@ def test_erf_gelu_is_within_4e_7_of_exact_gelu():
 
 def test_tanh_gelu_is_the_tanh_approximation():
     from transformers.activations import NewGELUActivation
+
     from edgekd.targets.graph import TanhGELU
 
     x = torch.linspace(-12, 12, 200_001)
@@ -142,6 +144,7 @@ def test_tanh_gelu_is_the_tanh_approximation():
 
 def test_without_gelu_rewrites_a_copy_and_leaves_the_model_alone():
     from transformers.activations import GELUActivation
+
     from edgekd.targets.graph import ErfGELU, TanhGELU, without_gelu
 
     model = tiny_bert("gelu", layers=1)
@@ -254,6 +257,7 @@ def test_buffers_outside_the_flatbuffer_are_inlined_and_aligned():
     """Past 256 KB of weights ai-edge-quantizer appends buffers after the flatbuffer; TFLite Micro
     reads those as zeros and outputs one constant. inline_and_align puts them back, 16-byte aligned."""
     from ai_edge_litert import schema_py_generated as fb
+
     from edgekd.targets.litert import StaticInt8Wrapper, convert_float, quantize
 
     model = tiny_bert(layers=1, vocab=5000)  # a 320 KB int8 embedding table
@@ -305,9 +309,8 @@ def test_c_sources_compile(exported, tmp_path):
 # --- export_artifact end to end -------------------------------------------------------------------
 
 def test_export_artifact_end_to_end_int8(relu_student, tmp_path):
-    from edgekd.targets.export import export_artifact
-
     from edgekd.manifest import verify_stage
+    from edgekd.targets.export import export_artifact
 
     stage_dir, dataset = relu_student
     out = tmp_path / "int8"

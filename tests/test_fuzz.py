@@ -26,8 +26,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import FUZZ_CASES, make_rows, write_csv
 from edgekd.cli import main
+
+from conftest import FUZZ_CASES, make_rows, write_csv
 
 # 60 inputs per property keeps the file under a minute on 2 cores; EDGEKD_FUZZ_EXAMPLES=1000 fuzzes deeper.
 FUZZ = settings(max_examples=int(os.environ.get("EDGEKD_FUZZ_EXAMPLES", "60")), deadline=None, database=None,

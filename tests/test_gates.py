@@ -7,9 +7,10 @@ import copy
 import numpy as np
 import pytest
 
-from conftest import REPORT_LINES, tiny_student_stage
 from edgekd.errors import GateError
 from edgekd.manifest import verify_stage
+
+from conftest import REPORT_LINES, tiny_student_stage
 
 
 def test_a_correct_int8_export_passes_against_its_pt2e_program(bench_exports):

@@ -14,14 +14,14 @@ import torch
 
 ct = pytest.importorskip("coremltools")
 
-from conftest import make_rows
 from edgekd.compress.quant import get_spec
 from edgekd.data import Dataset, Split
 from edgekd.errors import ExportError, RecipeError
 from edgekd.manifest import read_manifest, verify_stage, write_stage
-from edgekd.targets import FORMATS, RuntimeUnavailable, ios  # ios registers ios/coreml, ios/executorch-coreml
+from edgekd.targets import FORMATS, RuntimeUnavailable, graph, ios  # ios registers ios/coreml, ios/executorch-coreml
 from edgekd.targets.export import export_artifact
-from edgekd.targets import graph
+
+from conftest import make_rows
 
 MAX_LENGTH = 16
 ON_MAC = sys.platform == "darwin"

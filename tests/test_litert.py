@@ -17,11 +17,12 @@ pytest.importorskip("ai_edge_quantizer")
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from conftest import check_reported_test_metrics, tiny_student_stage  # noqa: E402
 from edgekd.compress.quant import get_spec  # noqa: E402
 from edgekd.errors import ExportError  # noqa: E402
 from edgekd.targets import get_format, litert  # noqa: E402
 from edgekd.targets.graph import ExportWrapper  # noqa: E402
+
+from conftest import check_reported_test_metrics, tiny_student_stage  # noqa: E402
 
 LENGTH, VOCAB = 32, 1000
 
@@ -158,9 +159,8 @@ def model_stage(tmp_path_factory, small_data):
 
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
 def test_export_artifact_end_to_end(model_stage, tmp_path, quant):
-    from edgekd.targets.export import export_artifact
-
     from edgekd.manifest import verify_stage
+    from edgekd.targets.export import export_artifact
 
     stage_dir, dataset = model_stage
     out = tmp_path / quant

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from edgekd.errors import StageError
-from edgekd.manifest import (MANIFEST, SCHEMA, atomic_write_text, inputs_digest, is_done, read_manifest,
-                             stage_input, stage_key, verify_stage, write_stage)
+from edgekd.manifest import (
+    MANIFEST,
+    SCHEMA,
+    atomic_write_text,
+    inputs_digest,
+    is_done,
+    read_manifest,
+    stage_input,
+    stage_key,
+    verify_stage,
+    write_stage,
+)
 
 PARAMS = {"layers": [1, 3], "temperature": 2.0}
 INPUTS = {"teacher": {"path": "/runs/x/finetune", "sha256": "ab" * 32}}

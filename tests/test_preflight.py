@@ -189,7 +189,8 @@ def test_tokenizer_and_family_problems_all_reported_and_fixed(base, gpt2_teacher
     data = _set(data, "student.value_weight", 1.0)
     lines = _problems(data)
     assert len(lines) == 4, lines
-    assert "student.layers cuts layers from the families of edgekd's architecture map" in lines[0] and "not a gpt2 teacher" in lines[0]
+    assert "student.layers cuts layers from the families of edgekd's architecture map" in lines[0]
+    assert "not a gpt2 teacher" in lines[0]
     assert "student.trim_vocab supports WordPiece (BERT-family) tokenizers only" in lines[1]
     assert "student.augment masks words with the teacher's mask token, and its tokenizer has none" in lines[2]
     assert "the teacher's gpt2 family is not in edgekd's architecture map; set student.value_weight: 0" in lines[3]
@@ -251,7 +252,7 @@ def test_relative_teacher_folder_is_read_from_the_recipe_folder_by_the_stage(tmp
     project = tmp_path / "project"
     shutil.copytree(tiny_teacher_dir, project / "models" / "teacher")
     (project / "recipes" / "data").mkdir(parents=True)
-    for split, path in small_data.items():
+    for path in small_data.values():
         shutil.copyfile(path, project / "recipes" / "data" / path.name)
     (project / "recipes" / "r.yaml").write_text(yaml.safe_dump({
         "teacher": {"model": "../models/teacher", "epochs": 1, "batch_size": 32},

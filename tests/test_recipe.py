@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 from edgekd.errors import RecipeError
-from edgekd.recipe import (RECIPE_VERSION, Recipe, builtin_recipe, builtin_recipe_text, load_recipe,
-                           recipe_from_dict)
+from edgekd.recipe import RECIPE_VERSION, Recipe, builtin_recipe, builtin_recipe_text, load_recipe, recipe_from_dict
 
 
 def _with(path: str, value) -> dict:

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import make_rows
 from edgekd.distill.losses import soft_label_kd
 from edgekd.distill.student import cut_layers, trim_vocabulary, uniform_layers, vocabulary_coverage
 from edgekd.errors import ModelError
 from edgekd.metrics import classification_metrics
+
+from conftest import make_rows
 
 
 @pytest.fixture(scope="module")
