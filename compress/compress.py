@@ -209,7 +209,7 @@ class Compression:
         recovery after pruning, quantization-aware training. With `checkpoints`, resumable."""
         from edgekd.distill.cache import teacher_logits
         from edgekd.distill.trainer import DistillationTrainer
-        from edgekd.distill.training import collator, last_checkpoint, training_args
+        from edgekd.distill.training import collator, last_checkpoint, quiet_progress, training_args
         from edgekd.manifest import stage_input
 
         cfg, texts = self.recipe.student, self.dataset.train.texts
@@ -230,7 +230,7 @@ class Compression:
         trainer = DistillationTrainer(model=model, args=args, train_dataset=train, temperature=cfg.temperature,
                                       data_collator=collator(self.tokenizer), teacher_logits=self._soft,
                                       alpha=cfg.alpha)
-        trainer.train(resume_from_checkpoint=last_checkpoint(scratch) if checkpoints else None)
+        quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(scratch) if checkpoints else None)
         if not checkpoints:
             shutil.rmtree(scratch, ignore_errors=True)
         return trainer.model.cpu().eval()  # quantization and export run on the CPU, wherever training ran

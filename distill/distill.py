@@ -31,6 +31,7 @@ from edgekd.distill.training import (
     drop_checkpoints,
     last_checkpoint,
     predict_logits,
+    quiet_progress,
     training_args,
 )
 from edgekd.errors import ModelError
@@ -86,7 +87,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
                                       data_collator=collator(student_tok), compute_metrics=accuracy_metric,
                                       teacher_logits=torch.from_numpy(soft), temperature=cfg.temperature,
                                       alpha=cfg.alpha, intermediate=intermediate)
-        trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
+        quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(checkpoints))
         student = trainer.model.eval()
         if hasattr(student, "set_attn_implementation"):
             student.set_attn_implementation("sdpa")  # attention losses needed eager; ship the default

@@ -10,6 +10,7 @@ from edgekd.distill.training import (
     drop_checkpoints,
     last_checkpoint,
     predict_logits,
+    quiet_progress,
     training_args,
 )
 from edgekd.manifest import is_done, read_manifest, stage_key, write_stage
@@ -73,7 +74,7 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                           data_collator=collator(tokenizer), compute_metrics=accuracy_metric,
                           callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
-        trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
+        quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(checkpoints))
         model = trainer.model.eval()
         stage.metrics = {
             split: classification_metrics(predict_logits(model, tokenizer, getattr(dataset, split).texts,

@@ -17,6 +17,22 @@ def collator(tokenizer):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
 
+def quiet_progress(trainer):
+    """`trainer` with its progress bars (rate, ETA) but without the raw log dicts the Trainer prints to the
+    terminal ({'loss': ...}): the stage manifest keeps the metrics, and edgekd prints its own lines."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarsOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    if not trainer.args.disable_tqdm:
+        trainer.add_callback(BarsOnly)
+    return trainer
+
+
 def training_args(output_dir: Path, *, epochs: float, learning_rate: float, batch_size: int, seed: int,
                   weight_decay: float = 0.01, **overrides):
     """HF TrainingArguments for a CPU-or-GPU run that checkpoints every epoch (for --resume)."""

@@ -142,3 +142,26 @@ def test_layer_losses_refuse_a_student_with_another_tokenizer(teacher_run, other
     with pytest.raises(ModelError, match="tokenizes differently"):
         distill(recipe, dataset, root / "finetune", root / "other-bad", root / ".cache")
     assert not (root / "other-bad").exists()
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_training_shows_bars_but_not_the_trainers_log_dicts(tmp_path, capfd, disable_tqdm):
+    """Progress on the terminal is edgekd's lines and the bars; the Trainer's {'loss': ...} dicts (its
+    ProgressCallback writes them with a bar, its PrinterCallback without) stay off it."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, Trainer
+
+    from edgekd.distill.training import quiet_progress, training_args
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
+    rows = [{"input_ids": torch.tensor([1, 5 + i % 7, 2]), "attention_mask": torch.ones(3, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = training_args(tmp_path, epochs=1, learning_rate=1e-3, batch_size=4, seed=0, eval_strategy="no",
+                         save_strategy="no", load_best_model_at_end=False, logging_strategy="steps",
+                         logging_steps=1, disable_tqdm=disable_tqdm)
+    quiet_progress(Trainer(model=model, args=args, train_dataset=rows)).train()
+    out, err = capfd.readouterr()
+    assert "'loss'" not in out + err and "train_runtime" not in out + err
+    assert ("it/s" in err or "s/it" in err) != disable_tqdm  # the bar, with its rate, unless turned off
