@@ -38,15 +38,19 @@ SIGNATURE = {"method": "forward",
                         {"name": "input_pos", "dtype": "int64", "shape": [1]}],
              "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "vocab"], "of": "the last position"}]}
 
-# Parity rules, measured on tiny random-weight Llama and Qwen3 decoders (tests/test_llm_export.py, 4 prompts,
-# 16 new tokens each). fp32: greedy tokens equal on every prompt, prefill logits within FP32_LOGIT_TOLERANCE
-# (measured max |diff| 1.2e-7 .. 2.4e-7). Quantized: against the torchao-quantized model in PyTorch. XNNPACK's
-# 8da4w kernels round differently from torchao's reference ops, so once two logits are nearly tied a greedy
-# path may fork and never rejoin; the first token must agree and QUANT_MIN_AGREEMENT of the tokens, counted
-# up to each prompt's first fork, with prefill logits within QUANT_LOGIT_TOLERANCE x (1 + max |logit|).
+# Parity rules, measured on tiny random-weight Llama and Qwen3 decoders (2 layers x 64, vocab 256), 16 random
+# prompts of 2-23 tokens, 32 new tokens each. fp32: greedy tokens equal on every prompt (measured 16/16), logits
+# within FP32_LOGIT_TOLERANCE at every position of the path (measured max |diff| 2.4e-7). Quantized (int4 8da4w
+# g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently from torchao's
+# reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin (Llama: 10/16
+# prompts equal, 78 % of tokens before the first fork); so the rule feeds the reference's greedy path to the .pte
+# (teacher forcing) and compares next-token top-1 and logits at every position. Measured against its own
+# reference: 98.6 % (Llama) / 97.9 % (Qwen3; one prompt forked at its first token) top-1, logits within
+# 0.0046 / 0.0053 x (1 + max |logit|); the same .pte files against the fp32 model: 77.3 / 73.8 % and
+# 0.082 / 0.104, refused. The thresholds sit between the two.
 FP32_LOGIT_TOLERANCE = 1e-4
-QUANT_LOGIT_TOLERANCE = 0.1
-QUANT_MIN_AGREEMENT = 0.5
+QUANT_LOGIT_TOLERANCE = 0.02
+QUANT_MIN_AGREEMENT = 0.9
 
 
 def check_decoder(model, max_seq_len: int) -> None:
@@ -249,27 +253,39 @@ def reference_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list[
 
 
 def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: int, quantized: bool) -> dict:
-    """The .pte against `reference` (the fp32 model, or the torchao-quantized one) on each prompt: greedy tokens
-    and prefill logits. Returns the figures and "passed" by the rules above; the caller refuses a failure."""
+    """The .pte against `reference` (the fp32 model, or the torchao-quantized one) on each prompt.
+
+    Free-running: the greedy tokens of both. Teacher-forced: the reference's greedy path fed to the .pte token by
+    token through its cache, its logits at every position (prefill included) compared with the reference's over
+    the same path in one forward. Returns the figures and "passed" by the rules above; the caller refuses a
+    failure."""
     rows = []
     for prompt in prompts:
         want = reference_generate(reference, prompt, max_new_tokens, runner.eos_ids)
         got, _ = runner.generate(prompt, max_new_tokens)
+        path = _as_row(list(_as_row(prompt)[0]) + want[:-1])  # every token whose next-token logits are compared
+        n = _as_row(prompt).shape[1]
         with torch.no_grad():
-            ref_logits = reference(_as_row(prompt)).logits[0, -1].float()
-        diff = (runner.prefill_logits(prompt)[0].float() - ref_logits).abs().max().item()
-        agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-        rows.append({"tokens_equal": got == want, "first_fork": agree, "length": max(len(got), len(want)),
-                     "max_logit_diff": diff, "logit_scale": ref_logits.abs().max().item()})
-    agreement = sum(r["first_fork"] for r in rows) / sum(r["length"] for r in rows)
-    worst = max(r["max_logit_diff"] / ((1 + r["logit_scale"]) if quantized else 1) for r in rows)
+            ref_logits = reference(path).logits[0, n - 1:].float()  # [len(want), vocab]
+        pte_logits = torch.cat([runner.step(path[:, :n], 0)]
+                               + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
+        diff = (pte_logits - ref_logits).abs().amax(dim=1)
+        scale = 1 + ref_logits.abs().amax(dim=1) if quantized else torch.ones_like(diff)
+        fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),
+                     "forced_equal": int((pte_logits.argmax(1) == ref_logits.argmax(1)).sum()),
+                     "forced_length": len(want), "prefill_logit_diff": diff[0].item(),
+                     "worst_logit_diff": (diff / scale).max().item()})
+    forced = sum(r["forced_equal"] for r in rows) / sum(r["forced_length"] for r in rows)
+    worst = max(r["worst_logit_diff"] for r in rows)
     if quantized:
-        passed = (all(r["first_fork"] > 0 for r in rows) and agreement >= QUANT_MIN_AGREEMENT
-                  and worst <= QUANT_LOGIT_TOLERANCE)
-        rule = (f"first token equal on every prompt, >= {QUANT_MIN_AGREEMENT:.0%} of tokens before the first fork, "
-                f"prefill logits within {QUANT_LOGIT_TOLERANCE} x (1 + max |logit|)")
+        passed = forced >= QUANT_MIN_AGREEMENT and worst <= QUANT_LOGIT_TOLERANCE
+        rule = (f"teacher-forced top-1 agreement >= {QUANT_MIN_AGREEMENT:.0%}, logits within "
+                f"{QUANT_LOGIT_TOLERANCE} x (1 + max |logit|) at every position")
     else:
         passed = all(r["tokens_equal"] for r in rows) and worst <= FP32_LOGIT_TOLERANCE
-        rule = f"greedy tokens equal on every prompt, prefill logits within {FP32_LOGIT_TOLERANCE}"
-    return {"passed": passed, "rule": rule, "prompts": len(rows), "token_agreement": agreement,
-            "prompts_equal": sum(r["tokens_equal"] for r in rows), "worst_logit_diff": worst, "per_prompt": rows}
+        rule = f"greedy tokens equal on every prompt, logits within {FP32_LOGIT_TOLERANCE} at every position"
+    return {"passed": passed, "rule": rule, "prompts": len(rows), "prompts_equal": sum(r["tokens_equal"] for r in rows),
+            "free_running_agreement": sum(r["first_fork"] for r in rows) / sum(r["length"] for r in rows),
+            "teacher_forced_agreement": forced, "worst_logit_diff": worst,
+            "worst_prefill_logit_diff": max(r["prefill_logit_diff"] for r in rows), "per_prompt": rows}
