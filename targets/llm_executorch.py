@@ -39,7 +39,7 @@ SIGNATURE = {"method": "forward",
              "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "vocab"], "of": "the last position"}]}
 
 # Parity rules, measured on tiny random-weight Llama and Qwen3 decoders (2 layers x 64, vocab 256), 16 random
-# prompts of 2-23 tokens, 32 new tokens each. fp32: greedy tokens equal on every prompt (measured 16/16), logits
+# prompts of 2-23 tokens, 32 new tokens each. fp32: greedy tokens equal on every prompt (Llama 16/16), logits
 # within FP32_LOGIT_TOLERANCE at every position of the path (measured max |diff| 2.4e-7). Quantized (int4 8da4w
 # g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently from torchao's
 # reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin (Llama: 10/16
