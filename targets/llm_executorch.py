@@ -1,0 +1,291 @@
+"""A decoder LM (Hugging Face `*ForCausalLM`) as an ExecuTorch .pte with a static KV cache, its runner and its parity.
+
+    fp32 / torchao-quantized HF model ─▶ export_decoder() ─▶ .pte (XNNPACK) ─▶ DecoderRunner.generate() ─▶ parity
+
+The path is transformers' own ExecuTorch integration (`TorchExportableModuleWithStaticCache`): it takes the HF
+model object as it is, so a cut or pruned student exports with no weight remapping and no params.json, which
+ExecuTorch's own LLM export (`export_llama_lib`, its own Llama-style Transformer) would need. The cache is a set
+of mutable buffers in the program, updated in place; attention is aten SDPA, no custom ops.
+
+Program signature (recorded in the details as "signature"):
+    forward(tokens [1, n] int64, input_pos [1] int64) -> logits [1, vocab] float32, of the last position
+where n is 1..max_seq_len and input_pos the position of tokens[0, 0] in the cache: a prompt is prefilled at 0,
+then each new token is fed at the next position. Constant methods carry what ExecuTorch's runners read:
+get_bos_id (where the model has one), get_eos_ids, get_max_seq_len, get_max_context_len, get_vocab_size,
+use_kv_cache, enable_dynamic_shape.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from edgekd.architecture import FAMILIES
+from edgekd.compress.quant import QuantSpec, linear_config, quantize_embeddings
+from edgekd.errors import ExportError
+from edgekd.targets.executorch import delegation_summary
+from edgekd.targets.native_log import native_stderr_filtered
+
+# The decoder families whose HF modules export through the static-cache wrapper: the architecture map's Llama
+# layout (SmolLM2 is a LlamaForCausalLM).
+DECODER_TYPES = next(f for f in FAMILIES if f.name == "llama").model_types
+
+SIGNATURE = {"method": "forward",
+             "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "n"], "n": "1..max_seq_len"},
+                        {"name": "input_pos", "dtype": "int64", "shape": [1]}],
+             "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "vocab"], "of": "the last position"}]}
+
+# Parity rules, measured on tiny random-weight Llama and Qwen3 decoders (2 layers x 64, vocab 256), 16 random
+# prompts of 2-23 tokens, 32 new tokens each. fp32: greedy tokens equal on every prompt (Llama 16/16), logits
+# within FP32_LOGIT_TOLERANCE at every position of the path (measured max |diff| 2.4e-7). Quantized (int4 8da4w
+# g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently from torchao's
+# reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin (Llama: 10/16
+# prompts equal, 78 % of tokens before the first fork); so the rule feeds the reference's greedy path to the .pte
+# (teacher forcing) and compares next-token top-1 and logits at every position. Measured against its own
+# reference: 98.6 % (Llama) / 97.9 % (Qwen3; one prompt forked at its first token) top-1, logits within
+# 0.0046 / 0.0053 x (1 + max |logit|); the same .pte files against the fp32 model: 77.3 / 73.8 % and
+# 0.082 / 0.104, refused. The thresholds sit between the two.
+FP32_LOGIT_TOLERANCE = 1e-4
+QUANT_LOGIT_TOLERANCE = 0.02
+QUANT_MIN_AGREEMENT = 0.9
+
+
+def check_decoder(model, max_seq_len: int) -> None:
+    """One ExportError line if `model` is not a decoder this path exports, or `max_seq_len` does not fit it."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DECODER_TYPES or not type(model).__name__.endswith("ForCausalLM"):
+        raise ExportError(f"ExecuTorch decoder export takes a Hugging Face *ForCausalLM of model type "
+                          f"{', '.join(DECODER_TYPES)}; got {type(model).__name__} (model type {model_type!r}): "
+                          f"load a supported decoder with AutoModelForCausalLM")
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(max_seq_len, int) or max_seq_len < 2 or (limit and max_seq_len > limit):
+        raise ExportError(f"max_seq_len {max_seq_len!r} must be an integer from 2 to the model's "
+                          f"max_position_embeddings ({limit}); pass a smaller max_seq_len")
+    window = getattr(config, "sliding_window", None)
+    if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()) and max_seq_len > window:
+        raise ExportError(f"this model has sliding-window layers of {window} tokens and the static cache keeps "
+                          f"every position; pass max_seq_len <= {window}")
+
+
+def special_ids(model, tokenizer=None, eos_ids=None) -> tuple[int | None, list[int]]:
+    """(bos id or None, eos ids): given, else the tokenizer's, else the generation config's, else the config's."""
+    sources = [tokenizer, getattr(model, "generation_config", None), model.config]
+    if eos_ids is None:
+        found = next((getattr(s, "eos_token_id", None) for s in sources
+                      if s is not None and getattr(s, "eos_token_id", None) is not None), None)
+        eos_ids = [] if found is None else [found] if isinstance(found, int) else list(found)
+    if not eos_ids:
+        raise ExportError(f"{type(model).__name__} has no eos token in its tokenizer, generation config or config, "
+                          f"so generation could never stop; set eos_token_id in the model's generation_config.json "
+                          f"(or pass eos_ids=[...])")
+    bos = next((getattr(s, "bos_token_id", None) for s in sources
+                if s is not None and getattr(s, "bos_token_id", None) is not None), None)
+    return bos, [int(i) for i in eos_ids]
+
+
+def quantize_decoder(model, spec: QuantSpec):
+    """A copy of `model` quantized per `spec` with torchao (8da4w / 8da8w / weight-only linears, weight-only
+    embeddings): the reference a quantized .pte is proven against, and what export_decoder lowers."""
+    if spec.weights in ("fp16", "lut4") or spec.activations == "static":
+        raise ExportError(f"ExecuTorch decoder export realizes fp32, and int8/int4 weights with dynamic or no "
+                          f"activation quantization; QuantSpec {spec.name} is not one: use fp32, int4 or int8")
+    quantized = copy.deepcopy(model).eval()
+    if spec.weights in ("int8", "int4"):
+        from torchao.quantization import quantize_
+
+        config = linear_config(quantized, spec)
+        quantize_(quantized, config, filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
+    if spec.embeddings:
+        quantize_embeddings(quantized, spec.embeddings)
+    return quantized
+
+
+class DecoderWithCache(torch.nn.Module):
+    """forward(tokens [1, n], input_pos [1]) -> last-position logits [1, vocab], the cache updated in place.
+
+    transformers' static-cache wrapper owns the cache buffers; the cache's write position is set from input_pos
+    (its own forward takes a cache_position vector and returns every position's logits)."""
+
+    def __init__(self, model, max_seq_len: int):
+        super().__init__()
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+        model.generation_config.use_cache = True
+        model.generation_config.cache_implementation = "static"
+        self.inner = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_seq_len,
+                                                          device="cpu")
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        cache = self.inner.static_cache
+        for layer in cache.layers:
+            layer.cumulative_length.copy_(input_pos[0])
+        # logits_to_keep=1: the LM head runs on the last position only (a prefill of n tokens saves n-1 rows).
+        out = self.inner.model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+
+def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tokenizer=None,
+                   eos_ids=None) -> dict:
+    """Quantize a copy of `model` per `spec`, export it with a static KV cache of `max_seq_len` positions, lower
+    it to XNNPACK and write `out_file` (atomically). `model` itself is left as it was.
+
+    Returns the details: size, signature, metadata, delegation summary, timings, and for a quantized spec
+    "reference": the torchao-quantized model in PyTorch the .pte is proven against."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    check_decoder(model, max_seq_len)
+    bos, eos = special_ids(model, tokenizer, eos_ids)
+    started = time.perf_counter()
+    quantized = quantize_decoder(model, spec)
+    wrapper = DecoderWithCache(copy.deepcopy(quantized), max_seq_len).eval()
+    tokens, input_pos = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    with torch.no_grad():
+        # strict (dynamo): non-strict tracing lifts the cache tensors twice (as buffers and as constants), and
+        # torch 2.13's run_decompositions then fails ("expected compiled_fn to be GraphModule").
+        program = torch.export.export(wrapper, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=True)
+    exported = time.perf_counter()
+    metadata = {"get_eos_ids": eos, "get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
+                "get_vocab_size": int(model.config.vocab_size), "use_kv_cache": True, "enable_dynamic_shape": True}
+    if bos is not None:
+        metadata["get_bos_id"] = bos
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    delegation = delegation_summary(edge.exported_program().graph_module)
+    # Constant propagation folds torchao's dequantize of quantized embeddings into embedding_byte & co.
+    buffer = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)).buffer
+    out_file = Path(out_file)
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    partial.write_bytes(buffer)
+    os.replace(partial, out_file)
+    details = {**delegation, "file": str(out_file), "size_bytes": out_file.stat().st_size, "spec": spec.to_dict(),
+               "max_seq_len": max_seq_len, "signature": SIGNATURE, "metadata": metadata,
+               "export_s": round(exported - started, 2), "lower_s": round(time.perf_counter() - exported, 2)}
+    if not spec.is_float:
+        details["reference"] = quantized
+    return details
+
+
+class DecoderRunner:
+    """A loaded decoder .pte: prefill a prompt, then decode greedily token by token through its KV cache."""
+
+    runtime = "executorch"
+
+    def __init__(self, file: Path, threads: int = 0):
+        with native_stderr_filtered():  # load_method prints cpuinfo's probes to fd 2
+            import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co. (int8 embeddings)
+            from executorch.runtime import Runtime
+
+            if threads:
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+                _unsafe_reset_threadpool(threads)  # only effective before load_method
+            start = time.perf_counter()
+            self.program = Runtime.get().load_program(Path(file))
+            self.method = self.program.load_method("forward")
+            self.load_ms = (time.perf_counter() - start) * 1e3
+            self.metadata = {name: self.program.load_method(name).execute([])
+                             for name in self.program.method_names if name != "forward"}
+        self.max_seq_len = int(self.metadata["get_max_seq_len"][0])
+        self.eos_ids = {int(i) for i in self.metadata.get("get_eos_ids", [])}
+
+    def _check_length(self, n: int, what: str) -> None:
+        if n > self.max_seq_len:
+            raise ExportError(f"{what} is {n} tokens and this .pte's context holds {self.max_seq_len}; "
+                              f"shorten the prompt or export with a larger max_seq_len")
+
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [1, vocab] after `tokens` [1, n] written into the cache from `position`."""
+        return self.method.execute([tokens.to(torch.long), torch.tensor([position], dtype=torch.long)])[0]
+
+    def prefill_logits(self, prompt_ids) -> torch.Tensor:
+        prompt = _as_row(prompt_ids)
+        self._check_length(prompt.shape[1], "the prompt")
+        return self.step(prompt, 0)
+
+    def generate(self, prompt_ids, max_new_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], dict]:
+        """Greedy decoding: (the new tokens, timings). The prompt is prefilled in one call from position 0."""
+        prompt = _as_row(prompt_ids)
+        n = prompt.shape[1]
+        self._check_length(n + max_new_tokens - 1, f"the prompt ({n} tokens) plus {max_new_tokens} new tokens")
+        start = time.perf_counter()
+        token = int(self.step(prompt, 0).argmax())
+        first = time.perf_counter()
+        tokens = [token]
+        while len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids):
+            token = int(self.step(torch.tensor([[token]]), n + len(tokens) - 1).argmax())
+            tokens.append(token)
+        end = time.perf_counter()
+        decoded = len(tokens) - 1  # tokens from decode steps; the first came from the prefill
+        timings = {"prompt_tokens": n, "new_tokens": len(tokens), "ttft_ms": (first - start) * 1e3,
+                   "prefill_tokens_per_s": n / (first - start),
+                   "decode_tokens_per_s": decoded / (end - first) if decoded else None}
+        return tokens, timings
+
+    @staticmethod
+    def versions() -> dict:
+        from importlib import metadata
+        return {"executorch": metadata.version("executorch")}
+
+
+def _as_row(prompt_ids) -> torch.Tensor:
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+    prompt = prompt.reshape(1, -1)
+    if prompt.shape[1] == 0:
+        raise ExportError("the prompt is empty; give at least one token (e.g. the bos token)")
+    return prompt
+
+
+@torch.no_grad()
+def reference_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list[int]:
+    """PyTorch's greedy tokens (`generate(do_sample=False)` with its own dynamic cache), stopping at the same eos."""
+    from transformers import GenerationConfig
+
+    prompt = _as_row(prompt_ids)
+    eos = sorted(eos_ids)
+    # A config of its own: the model's may carry sampling or repetition settings that greedy parity must not use.
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: int, quantized: bool) -> dict:
+    """The .pte against `reference` (the fp32 model, or the torchao-quantized one) on each prompt.
+
+    Free-running: the greedy tokens of both. Teacher-forced: the reference's greedy path fed to the .pte token by
+    token through its cache, its logits at every position (prefill included) compared with the reference's over
+    the same path in one forward. Returns the figures and "passed" by the rules above; the caller refuses a
+    failure."""
+    rows = []
+    for prompt in prompts:
+        want = reference_generate(reference, prompt, max_new_tokens, runner.eos_ids)
+        got, _ = runner.generate(prompt, max_new_tokens)
+        path = _as_row(list(_as_row(prompt)[0]) + want[:-1])  # every token whose next-token logits are compared
+        n = _as_row(prompt).shape[1]
+        with torch.no_grad():
+            ref_logits = reference(path).logits[0, n - 1:].float()  # [len(want), vocab]
+        pte_logits = torch.cat([runner.step(path[:, :n], 0)]
+                               + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
+        diff = (pte_logits - ref_logits).abs().amax(dim=1)
+        scale = 1 + ref_logits.abs().amax(dim=1) if quantized else torch.ones_like(diff)
+        fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),
+                     "forced_equal": int((pte_logits.argmax(1) == ref_logits.argmax(1)).sum()),
+                     "forced_length": len(want), "prefill_logit_diff": diff[0].item(),
+                     "worst_logit_diff": (diff / scale).max().item()})
+    forced = sum(r["forced_equal"] for r in rows) / sum(r["forced_length"] for r in rows)
+    worst = max(r["worst_logit_diff"] for r in rows)
+    if quantized:
+        passed = forced >= QUANT_MIN_AGREEMENT and worst <= QUANT_LOGIT_TOLERANCE
+        rule = (f"teacher-forced top-1 agreement >= {QUANT_MIN_AGREEMENT:.0%}, logits within "
+                f"{QUANT_LOGIT_TOLERANCE} x (1 + max |logit|) at every position")
+    else:
+        passed = all(r["tokens_equal"] for r in rows) and worst <= FP32_LOGIT_TOLERANCE
+        rule = f"greedy tokens equal on every prompt, logits within {FP32_LOGIT_TOLERANCE} at every position"
+    return {"passed": passed, "rule": rule, "prompts": len(rows), "prompts_equal": sum(r["tokens_equal"] for r in rows),
+            "free_running_agreement": sum(r["first_fork"] for r in rows) / sum(r["length"] for r in rows),
+            "teacher_forced_agreement": forced, "worst_logit_diff": worst,
+            "worst_prefill_logit_diff": max(r["prefill_logit_diff"] for r in rows), "per_prompt": rows}
