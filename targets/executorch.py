@@ -12,11 +12,13 @@ from edgekd.targets import Reference
 from edgekd.targets.native_log import native_stderr_filtered
 
 # XNNPACK's int8 kernels are not bit-exact with the PT2E/torchao reference ops (requantization rounding,
-# accumulation order). Measured on a trained 2-layer, 64-wide student, 278 validation texts, 1 and 2 threads
-# (identical): max |logit diff| / (1 + |logit|) 0.030 for int8 (PT2E dynamic), 0.006 int4 (8da4w), 0.012
-# int8-static, every top-1 equal; with wrong biases planted in the lowered program, 458. 0.1 is about three
-# times the worst correct figure and far below a broken one.
-XNNPACK_TOLERANCE = 0.1
+# accumulation order, how dynamic activations are quantized). Measured, max |logit diff| / (1 + |logit|):
+# a trained 2-layer, 64-wide student, 278 validation texts, 1 and 2 threads (identical): 0.030 int8 (PT2E
+# dynamic), 0.006 int4 (8da4w), 0.012 int8-static, every top-1 equal; the default student (3 x 384, trained
+# briefly), 200 texts: 0.215 int8, top-1 99.5 %; wrong biases planted in the lowered program: 458. The
+# gate is for broken exports: 1.0 is about five times the worst correct figure and far below a broken one.
+# (The accuracy an artifact loses is judged apart, by the budget, on the whole validation split.)
+XNNPACK_TOLERANCE = 1.0
 
 
 def lower_xnnpack(model, spec: QuantSpec, max_length: int, calibration, out_file: Path,

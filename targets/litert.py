@@ -31,9 +31,10 @@ SIGNATURE = "serving_default"   # litert-torch's default signature; inputs keep 
 # A quantized .tflite is proven against itself in LiteRT's reference kernels (no XNNPACK), the kernels
 # that define what each quantized op computes. Measured on a trained 2-layer, 64-wide student, 278 validation
 # texts, 1 and 2 threads (identical): max |logit diff| / (1 + |logit|) 0.025 for dynamic int8, 0.060 for
-# int8-static (TFLite Micro running that file: 0.013), every top-1 equal. The tolerance is about three times
-# the worst correct figure.
-REFERENCE_TOLERANCE = 0.2
+# int8-static (TFLite Micro running that file: 0.013), every top-1 equal. XNNPACK's int8 .pte of the default
+# 3 x 384 student was 0.215 off its own reference where the tiny one was 0.030, so the same margin as there:
+# 1.0, far below a broken export (458 with wrong biases).
+REFERENCE_TOLERANCE = 1.0
 
 
 def convert_float(model, max_length: int, wrapper=ExportWrapper) -> bytes:

@@ -456,7 +456,7 @@ def test_search_candidates_take_the_target_options_and_its_gate(distilled_run, t
         short[quant_of[file.name]] = loaded(ids, torch.ones_like(ids)).shape
         # int8: a broken export, as a wrong bias would make it (negating this untrained model's near-zero
         # logits would move them less than XNNPACK's own rounding does on a trained model)
-        return loaded if quant_of[file.name] == "fp32" else lambda ids, mask: loaded(ids, mask) + 1.0
+        return loaded if quant_of[file.name] == "fp32" else lambda ids, mask: loaded(ids, mask) + 10.0
 
     fmt = dataclasses.replace(real, export=export, runner=runner)
     metrics = compress(recipe, load_dataset(recipe), root / "distill", tmp_path / "compress", root / "finetune",
