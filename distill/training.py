@@ -18,18 +18,27 @@ def collator(tokenizer):
 
 
 def quiet_progress(trainer):
-    """`trainer` with its progress bars (rate, ETA) but without the raw log dicts the Trainer prints to the
-    terminal ({'loss': ...}): the stage manifest keeps the metrics, and edgekd prints its own lines."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    """`trainer` with its progress bars (rate, ETA) but, instead of the raw log dicts the Trainer prints to
+    the terminal ({'loss': ...}), one edgekd line per epoch: `[edgekd] epoch 2: loss 0.563`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
     class BarsOnly(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             pass
 
+    class EpochLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if state.is_world_process_zero and "epoch" in logs and ("loss" in logs or "eval_accuracy" in logs):
+                figure = (f"loss {logs['loss']:.4g}" if "loss" in logs else
+                          f"validation accuracy {logs['eval_accuracy']:.4f}")
+                print(f"[edgekd] epoch {logs['epoch']:g}: {figure}", file=sys.stderr, flush=True)
+
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     if not trainer.args.disable_tqdm:
         trainer.add_callback(BarsOnly)
+    trainer.add_callback(EpochLines)
     return trainer
 
 

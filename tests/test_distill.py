@@ -164,4 +164,5 @@ def test_training_shows_bars_but_not_the_trainers_log_dicts(tmp_path, capfd, dis
     quiet_progress(Trainer(model=model, args=args, train_dataset=rows)).train()
     out, err = capfd.readouterr()
     assert "'loss'" not in out + err and "train_runtime" not in out + err
+    assert "[edgekd] epoch 1: loss " in err  # edgekd's own line per logged step/epoch
     assert ("it/s" in err or "s/it" in err) != disable_tqdm  # the bar, with its rate, unless turned off

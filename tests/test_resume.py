@@ -127,8 +127,8 @@ def _assert_nothing_looks_complete(out: Path) -> None:
 
 
 def _trained_epochs(stderr: str) -> list[float]:
-    """The epochs a run trained, from the Trainer's per-epoch log lines ({'loss': ..., 'epoch': ...})."""
-    return [float(m) for m in re.findall(r"\{'loss': [^}]*'epoch': '([0-9.]+)'", stderr)]
+    """The epochs a run trained, from edgekd's per-epoch lines ("[edgekd] epoch 2: loss 0.563")."""
+    return [float(m) for m in re.findall(r"\[edgekd\] epoch ([0-9.]+): loss ", stderr)]
 
 
 def _weights_sha(out: Path) -> str:
