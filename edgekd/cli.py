@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
+from edgekd.tasks import DEFAULT_TASK, TASKS
 
 EXAMPLES = {
     "demo": "edgekd demo --out runs/demo\n  edgekd demo --print-recipe > my-recipe.yaml",
@@ -38,7 +39,7 @@ EXAMPLES = {
 def _recipe(path: str | None, args=None):
     from edgekd.recipe import builtin_recipe, load_recipe
 
-    recipe = load_recipe(path) if path else builtin_recipe()
+    recipe = load_recipe(path) if path else builtin_recipe(getattr(args, "task", None))
     if getattr(args, "allow_pickle", False):  # --allow-pickle: as if the recipe set both fields
         recipe.teacher.allow_pickle = recipe.student.allow_pickle = True
     return recipe
@@ -48,8 +49,8 @@ def cmd_demo(args) -> str:
     from edgekd.recipe import builtin_recipe_text
 
     if args.print_recipe:
-        return builtin_recipe_text()
-    return _run_and_print(_recipe(None), args)
+        return builtin_recipe_text(args.task)
+    return _run_and_print(_recipe(None, args), args)
 
 
 def cmd_run(args) -> str:
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "run the whole pipeline on the built-in model and data")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--print-recipe", action="store_true", help="print the built-in recipe and exit")
+    p.add_argument("--task", choices=tuple(TASKS), default=DEFAULT_TASK,
+                   help="which built-in demo: a classifier (default) or a decoder LM")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     p = add("run", cmd_run, "run every stage of a recipe")

@@ -20,7 +20,7 @@ def preflight(recipe: Recipe, teacher: Path | str | None = None, student: Path |
     `teacher`: a fine-tuned teacher folder (single-stage distill/compress), else `teacher.model` is read.
     `student`: a distilled student folder (single-stage compress): the student-building checks are then moot.
     """
-    from edgekd.pipeline import variant_plan
+    from edgekd.tasks.classification import variant_plan
 
     problems, plan = [], []
     try:

@@ -189,29 +189,8 @@ class BenchConfig:
         _positive(self, "iterations")
 
 
-@dataclass
-class Recipe:
-    version: int = RECIPE_VERSION
-    name: str = "finsent"
-    seed: int = 0
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    compress: CompressConfig = field(default_factory=CompressConfig)
-    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig("android", "executorch")])
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    base_dir: str = field(default=".", metadata={"internal": True})  # where relative paths start
-
-    def __post_init__(self):
-        if not self.targets:
-            raise RecipeError("targets is empty; list at least one, e.g. `targets: [android]` or "
-                              "`targets: [{target: android, format: executorch}]`")
-        if self.version != RECIPE_VERSION:
-            raise RecipeError(f"recipe version {_short(self.version)} is not supported; this edgekd reads version "
-                              f"{RECIPE_VERSION}")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.name):  # it becomes part of file names
-            raise RecipeError(f"name {_short(self.name)} must be 1 to 64 letters, digits, '.', '_' or '-', "
-                              f"starting with a letter or digit (it names the exported files)")
+class RecipeBase:
+    """What every task's recipe shares: its folder, path resolution and serialization (fields: `base_dir`)."""
 
     def resolve(self, value: str | None) -> str | None:
         """A recipe path made absolute (builtin: and hub ids are left alone)."""
@@ -236,10 +215,50 @@ class Recipe:
             raise RecipeError(f"{_short(value)} in the recipe is not a usable path ({exc.strerror}); fix it") from None
         return resolved if exists or not _HUB_ID.fullmatch(value) else value
 
+    def locate_models(self) -> None:
+        """Every stage (and any other code) reads the models where the recipe file says they are, whatever the cwd."""
+        self.teacher.model = self.model_source(self.teacher.model)
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
         return data
+
+
+def check_header(recipe) -> None:
+    """The fields every recipe starts with: version, task, name."""
+    if recipe.version != RECIPE_VERSION:
+        raise RecipeError(f"recipe version {_short(recipe.version)} is not supported; this edgekd reads version "
+                          f"{RECIPE_VERSION}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", recipe.name):  # it becomes part of file names
+        raise RecipeError(f"name {_short(recipe.name)} must be 1 to 64 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit (it names the exported files)")
+
+
+@dataclass
+class Recipe(RecipeBase):
+    """A text-classification recipe (edgekd/tasks/classification.py)."""
+    version: int = RECIPE_VERSION
+    task: str = "text-classification"
+    name: str = "finsent"
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig("android", "executorch")])
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    base_dir: str = field(default=".", metadata={"internal": True})  # where relative paths start
+
+    def __post_init__(self):
+        check_header(self)
+        if not self.targets:
+            raise RecipeError("targets is empty; list at least one, e.g. `targets: [android]` or "
+                              "`targets: [{target: android, format: executorch}]`")
+
+    def locate_models(self) -> None:
+        super().locate_models()
+        self.student.model = self.model_source(self.student.model)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -317,11 +336,12 @@ def recipe_from_dict(data: dict, base_dir: Path | str = ".") -> Recipe:
     if isinstance(data, dict) and isinstance(data.get("targets"), list):  # a bare name: its default format
         data = {**data, "targets": [{"target": t} if isinstance(t, str) else t
                                     for t in data["targets"]]}
-    recipe = _build(Recipe, data or {}, "")
+    from edgekd.tasks import DEFAULT_TASK, get_task
+
+    task = data.get("task", DEFAULT_TASK) if isinstance(data, dict) else DEFAULT_TASK
+    recipe = _build(get_task(task).RECIPE, data or {}, "")
     recipe.base_dir = str(Path(base_dir).resolve())
-    # Every stage (and any other code) reads the models where the recipe file says they are, whatever the cwd.
-    recipe.teacher.model = recipe.model_source(recipe.teacher.model)
-    recipe.student.model = recipe.model_source(recipe.student.model)
+    recipe.locate_models()
     return recipe
 
 
@@ -343,9 +363,13 @@ def load_recipe(path: Path | str) -> Recipe:
     return recipe_from_dict(data, path.parent)
 
 
-def builtin_recipe_text() -> str:
-    return (Path(__file__).parent / "resources" / "recipes" / "demo.yaml").read_text(encoding="utf-8")
+def builtin_recipe_text(task: str | None = None) -> str:
+    """The built-in demo recipe of `task` (default: text-classification)."""
+    from edgekd.tasks import DEFAULT_TASK, get_task
+
+    name = get_task(task or DEFAULT_TASK).DEMO_RECIPE
+    return (Path(__file__).parent / "resources" / "recipes" / name).read_text(encoding="utf-8")
 
 
-def builtin_recipe() -> Recipe:
-    return recipe_from_dict(yaml.safe_load(builtin_recipe_text()), Path.cwd())
+def builtin_recipe(task: str | None = None):
+    return recipe_from_dict(yaml.safe_load(builtin_recipe_text(task)), Path.cwd())

@@ -120,6 +120,7 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
         stage.extra.update({
             "artifact": file.name, "size_bytes": artifact_size(file), "role": role, "max_length": max_length,
             "labels": label_names(model), "quant": spec.to_dict(), "delegation": delegation,
+            "quant_asked": asked or spec.name,  # the recipe's name for it (int8), where the format realizes another
             "model_inputs": [_input_spec(n, max_length, dynamic) for n in INPUT_NAMES],
             "dynamic_length": dynamic,
             "model_outputs": [{"name": "logits", "shape": [1, len(label_names(model))],

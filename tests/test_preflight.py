@@ -12,9 +12,9 @@ import yaml
 
 from edgekd.cli import main
 from edgekd.errors import RecipeProblems
-from edgekd.pipeline import variant_plan
 from edgekd.preflight import preflight
 from edgekd.recipe import load_recipe, recipe_from_dict
+from edgekd.tasks.classification import variant_plan
 
 
 def _set(data: dict, dotted: str, value) -> dict:

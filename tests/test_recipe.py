@@ -145,7 +145,7 @@ def test_targets_item_must_be_mapping_or_a_name():
 
 
 def test_bare_target_names_take_each_targets_default_format():
-    from edgekd.pipeline import variant_plan
+    from edgekd.tasks.classification import variant_plan
 
     recipe = recipe_from_dict({"targets": ["android", "ios", "embedded", {"target": "ios", "format": "coreml"}]})
     assert [(t.target, t.format) for t in recipe.targets] == [("android", None), ("ios", None), ("embedded", None),
