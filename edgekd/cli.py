@@ -63,7 +63,7 @@ def _run_and_print(recipe, args) -> str:
 
     summary = run(recipe, Path(args.out))
     if args.json:
-        return json.dumps(machine_summary(summary), indent=2)
+        return json.dumps(machine_summary(summary) if recipe.task == DEFAULT_TASK else summary, indent=2)
     return (Path(args.out) / "report.md").read_text(encoding="utf-8") + f"\nreport: {Path(args.out) / 'report.html'}"
 
 

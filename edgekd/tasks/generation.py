@@ -1,0 +1,326 @@
+"""The text-generation task: a decoder LM (Llama, Qwen2/Qwen3, SmolLM) made phone-sized.
+
+    RUN/finetune   the teacher fine-tuned on prompt/completion records (full, or LoRA merged back)
+    RUN/distill    the student: cut by depth and pruned by width from the teacher by measured importance
+                   (compress/lm_prune.py, Minitron), then distilled on the teacher's cached top-k logits
+    RUN/export/V   teacher fp32, student fp32, student per compress.quant (int4: 8da4w): a .pte with a static
+                   KV cache for ExecuTorch's XNNPACK backend, gated against its own reference
+    RUN/bench      TTFT, prefill and decode tokens/s of every .pte, and PyTorch eager fp32 of the student and the
+                   teacher, interleaved in one run
+    RUN/report.*   size, speed, perplexity and task accuracy of teacher and students side by side
+
+Each stage writes a manifest (edgekd/manifest.py) and skips itself on a rerun with the same key, like the
+classifier's chain; RUN/plan.json lists the variants and each one's outcome.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edgekd.errors import DataError, GateError
+from edgekd.pipeline import log
+from edgekd.tasks.generation_recipe import GenerationRecipe
+
+RECIPE = GenerationRecipe
+DEMO_RECIPE = "demo-generation.yaml"
+KD_KINDS = {"forward-kl": "forward", "reverse-kl": "reverse", "skew-kl": "skew", "skew-reverse-kl": "skew_reverse"}
+ANSWER_TOKENS = 4       # greedy tokens a task-accuracy answer may take (the label word and an eos)
+PARITY_NEW_TOKENS = 16  # tokens each parity prompt decodes through the .pte's cache
+
+
+@dataclass
+class LMDataset:
+    """The recipe's records, split; `labelled` when they are classification rows phrased as prompts."""
+    train: list
+    validation: list
+    test: list
+    labelled: bool
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256()
+        for split in (self.train, self.validation, self.test):
+            digest.update(json.dumps([[r.prompt, r.completion, r.label] for r in split]).encode())
+        return {"sha256": digest.hexdigest(), "rows": [len(self.train), len(self.validation), len(self.test)]}
+
+
+def load_records(recipe: GenerationRecipe) -> LMDataset:
+    """Read every split (validation/test split off the training file, seeded, when not given); one line on bad data."""
+    from edgekd.data import read_split, resolve_path, stratified_split
+    from edgekd.lm_data import from_classification, read_prompt_completion, read_text
+    from edgekd.recipe import DataConfig
+    from edgekd.sample import stratified_sample
+
+    cfg = recipe.data
+    labelled = cfg.records == "classification"
+
+    def read(value: str) -> list:
+        path = resolve_path(value, recipe)
+        if cfg.records == "prompt-completion":
+            return read_prompt_completion(path, cfg.prompt_column, cfg.completion_column, cfg.encoding, cfg.format)
+        if cfg.records == "text":
+            return read_text(path, cfg.text_column, cfg.encoding, cfg.format)
+        split = read_split(path, DataConfig(text_column=cfg.text_column, label_column=cfg.label_column,
+                                            encoding=cfg.encoding, format=cfg.format))
+        return from_classification(split, cfg.prompt_template, path.name)
+
+    train = read(cfg.train)
+    val_frac, test_frac = cfg.split_fractions
+    # Unlabelled records split by a seeded order too: `label` None puts them all in one stratum.
+    def split_off(records: list, fraction: float, seed: int) -> tuple[list, list]:
+        from edgekd.data import Split
+        whole = Split(list(range(len(records))), [str(r.label) for r in records])
+        kept, taken = stratified_split(whole, fraction, seed)
+        return [records[i] for i in kept.texts], [records[i] for i in taken.texts]
+
+    test = read(cfg.test) if cfg.test else None
+    if test is None:
+        train, test = split_off(train, test_frac, recipe.seed)
+    validation = read(cfg.validation) if cfg.validation else None
+    if validation is None:
+        train, validation = split_off(train, val_frac / (1 - test_frac), recipe.seed + 1)
+    if cfg.max_train is not None and len(train) > cfg.max_train:
+        keep = stratified_sample([str(r.label) for r in train], cfg.max_train, recipe.seed, "max_train")
+        train = [train[i] for i in sorted(keep)]
+    for name, split in (("validation", validation), ("test", test)):
+        if not split:
+            raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
+    return LMDataset(train, validation, test, labelled)
+
+
+def _evaluate(model, tokenizer, records: list, max_length: int, labelled: bool, teacher=None) -> dict:
+    """Perplexity on the completions of `records`, task accuracy where they are labelled, agreement with `teacher`."""
+    from edgekd.lm_data import Collator, batches, encode
+    from edgekd.lm_metrics import perplexity, task_accuracy, token_agreement
+
+    rows, collate = encode(tokenizer, records, max_length), Collator(tokenizer)
+    metrics = {"perplexity": perplexity(model, batches(rows, collate))}
+    if teacher is not None:
+        metrics["agreement"] = token_agreement(model, teacher, batches(rows, collate))
+    if labelled:
+        accuracy = task_accuracy(model, tokenizer, records, ANSWER_TOKENS)
+        metrics["task_accuracy"] = {k: v for k, v in accuracy.items() if k not in ("answers",)}
+    return metrics
+
+
+def _move_into(folder: Path, stage_path: Path) -> None:
+    for file in Path(folder).iterdir():
+        shutil.move(str(file), stage_path / file.name)
+    Path(folder).rmdir()
+
+
+def finetune(recipe: GenerationRecipe, data: LMDataset, out: Path) -> dict:
+    """The teacher fine-tuned on the training records (teacher.epochs 0: as it is), with its metrics."""
+    from edgekd.distill.lm_finetune import LoraSettings, finetune_lm
+    from edgekd.manifest import is_done, read_manifest, write_stage
+    from edgekd.models import copy_licenses, count_parameters, load_causal_lm, load_tokenizer, model_fingerprint
+
+    cfg = recipe.teacher
+    params = {"teacher": {k: v for k, v in cfg.__dict__.items() if k != "allow_pickle"},
+              "max_length": recipe.data.max_length, "seed": recipe.seed}
+    inputs = {"model": model_fingerprint(cfg.model, cfg.allow_pickle), "data": data.fingerprint()}
+    if is_done(out, "finetune", params, inputs):
+        return read_manifest(out)["metrics"]
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    model = load_causal_lm(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    with write_stage(out, "finetune", params, inputs) as stage:
+        if cfg.epochs > 0:
+            work = out.parent / f".{out.name}.work"  # outside the stage's temporary folder: checkpoints survive
+            shutil.rmtree(work, ignore_errors=True)
+            lora = LoraSettings(rank=cfg.lora_rank) if cfg.lora_rank else None
+            stage.extra["training"] = finetune_lm(
+                model, tokenizer, data.train, data.validation, work, epochs=cfg.epochs,
+                learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=recipe.seed, lora=lora,
+                max_length=recipe.data.max_length)
+            _move_into(work, stage.path)
+            model = load_causal_lm(str(stage.path))
+        else:
+            model.save_pretrained(stage.path)
+            tokenizer.save_pretrained(stage.path)
+        copy_licenses(cfg.model, stage.path)
+        stage.metrics = {split: _evaluate(model, tokenizer, getattr(data, split), recipe.data.max_length,
+                                          data.labelled) for split in ("validation", "test")}
+        stage.metrics["params"] = count_parameters(model)
+        stage.extra["max_length"] = recipe.data.max_length
+    return stage.metrics
+
+
+def _calibration(recipe: GenerationRecipe, data: LMDataset, tokenizer) -> list[dict]:
+    """Batches of a seeded, stratified sample of training records: what pruning measures importance on."""
+    from edgekd.lm_data import Collator, batches, encode
+    from edgekd.sample import stratified_sample
+
+    cfg = recipe.student
+    picked = stratified_sample([str(r.label) for r in data.train], cfg.calibration, recipe.seed, "lm-calibration")
+    rows = encode(tokenizer, [data.train[i] for i in sorted(picked)], recipe.data.max_length)
+    return list(batches(rows, Collator(tokenizer), cfg.batch_size))
+
+
+def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: Path, cache_dir: Path) -> dict:
+    """The student: cut and pruned from the teacher by measured importance, then distilled from it."""
+    from edgekd.compress.lm_prune import prune_decoder
+    from edgekd.distill.lm_distill import distill_lm
+    from edgekd.lm_data import encode
+    from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
+    from edgekd.models import count_parameters, load_causal_lm, load_tokenizer
+
+    cfg = recipe.student
+    params = {"student": dict(cfg.__dict__), "max_length": recipe.data.max_length, "seed": recipe.seed}
+    _, teacher_entry = stage_input(teacher_dir, "finetune")
+    inputs = {"teacher": teacher_entry, "data": data.fingerprint()}
+    if is_done(out, "distill", params, inputs):
+        return read_manifest(out)["metrics"]
+    tokenizer = load_tokenizer(str(teacher_dir))
+    teacher = load_causal_lm(str(teacher_dir))
+    with write_stage(out, "distill", params, inputs) as stage:
+        student, plan = prune_decoder(teacher, _calibration(recipe, data, tokenizer), layers=cfg.layers,
+                                      ffn_fraction=1 - cfg.ffn if cfg.ffn else None,
+                                      layer_method=cfg.layer_importance)
+        work = out.parent / f".{out.name}.work"  # outside the stage's temporary folder: checkpoints survive
+        shutil.rmtree(work, ignore_errors=True)
+        length = recipe.data.max_length
+        stage.extra["training"] = distill_lm(
+            student, teacher, tokenizer, encode(tokenizer, data.train, length),
+            encode(tokenizer, data.validation, length), work, kind=KD_KINDS[cfg.loss], temperature=cfg.temperature,
+            alpha=cfg.alpha, k=cfg.top_k, epochs=cfg.epochs, lr=cfg.learning_rate, batch_size=cfg.batch_size,
+            seed=recipe.seed, cache_dir=cache_dir, teacher_digest=teacher_entry["sha256"])
+        _move_into(work, stage.path)
+        student = load_causal_lm(str(stage.path))
+        for name in ("LICENSE", "NOTICE"):
+            if (Path(teacher_dir) / name).is_file():
+                shutil.copyfile(Path(teacher_dir) / name, stage.path / name)
+        stage.metrics = {split: _evaluate(student, tokenizer, getattr(data, split), length, data.labelled, teacher)
+                         for split in ("validation", "test")}
+        stage.metrics["params"] = count_parameters(student)
+        stage.extra.update({"plan": plan, "max_length": length})
+    return stage.metrics
+
+
+def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_stage: str, spec_name: str,
+           out: Path, role: str, model_name: str) -> dict:
+    """One .pte with a static KV cache, gated against its own reference (fp32: the model; quantized: the
+    torchao-quantized model in PyTorch) on seeded validation prompts; a failure writes nothing (GateError)."""
+    from edgekd.compress.quant import get_spec
+    from edgekd.lm_data import prompt_ids
+    from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
+    from edgekd.models import count_parameters, load_causal_lm, load_tokenizer
+    from edgekd.sample import stratified_sample
+    from edgekd.targets.llm_executorch import SIGNATURE, DecoderRunner, decoder_parity, export_decoder
+
+    spec = get_spec(spec_name)
+    params = {"target": "android", "format": "executorch-llm", "quant": spec.to_dict(), "role": role,
+              "max_seq_len": recipe.max_seq_len, "model_name": model_name, "parity_prompts": recipe.bench.prompts}
+    _, source = stage_input(model_dir, source_stage)
+    inputs = {"model": source, "data": data.fingerprint()}
+    if is_done(out, "export", params, inputs):
+        return read_manifest(out)["metrics"]
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir))
+    picked = stratified_sample([str(r.label) for r in data.validation], recipe.bench.prompts, recipe.seed, "parity")
+    prompts = [prompt_ids(tokenizer, data.validation[i].prompt) for i in sorted(picked)]
+    artifact = f"{model_name}_xnnpack_{spec.name.replace('-', '')}.pte"
+    with write_stage(out, "export", params, inputs) as stage:
+        details = export_decoder(model, stage.path / artifact, spec, recipe.max_seq_len, tokenizer)
+        reference = details.pop("reference", model)
+        runner = DecoderRunner(stage.path / artifact, recipe.bench.threads)
+        parity = decoder_parity(runner, reference, prompts, PARITY_NEW_TOKENS, quantized=not spec.is_float)
+        if not parity["passed"]:
+            raise GateError(f"{artifact} fails its export gate against its own reference ({parity['rule']}): "
+                            f"top-1 {parity['teacher_forced_agreement']:.1%}, worst logit difference "
+                            f"{parity['worst_logit_diff']:.3g}; nothing written")
+        # Quality of what ships: the quantized model in PyTorch is what the .pte computes, within the gate above.
+        stage.metrics = {"test": _evaluate(reference, tokenizer, data.test, recipe.data.max_length, data.labelled),
+                         "parity": {k: v for k, v in parity.items() if k != "per_prompt"},
+                         "params": count_parameters(model), "load_ms": runner.load_ms}
+        for name in ("LICENSE", "NOTICE"):
+            if (Path(model_dir) / name).is_file():
+                shutil.copyfile(Path(model_dir) / name, stage.path / name)
+        stage.extra.update({
+            "artifact": artifact, "size_bytes": details["size_bytes"], "role": role, "quant": spec.to_dict(),
+            "max_seq_len": recipe.max_seq_len, "signature": SIGNATURE, "metadata": details["metadata"],
+            "delegation": {k: details[k] for k in ("backend", "delegated_nodes", "non_delegated_nodes",
+                                                   "delegate_calls", "non_delegated_ops")},
+            "companions": details["companions"], "export_phases_s": details["phases_s"],
+            "model_inputs": SIGNATURE["inputs"], "runtime": DecoderRunner.versions(),
+        })
+    return stage.metrics
+
+
+def bench(recipe: GenerationRecipe, exports: list[Path], eager: dict[str, Path], out: Path) -> dict:
+    """Every exported .pte and PyTorch eager fp32 of each model (`eager`: model label -> HF folder), interleaved."""
+    from edgekd.benchmarks.llm import DecoderVariant, bench_decoders
+    from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
+
+    cfg = recipe.bench
+    variants, inputs = [], {}
+    for path in exports:
+        manifest, inputs[path.name] = stage_input(path, "export")
+        variants.append(DecoderVariant(path.name, str(path / manifest["artifact"]), "executorch",
+                                       model=manifest["role"] if manifest["role"] == "teacher" else "student",
+                                       quant=manifest["quant"]["name"]))
+    for model, folder in eager.items():
+        _, inputs[f"{model}-eager"] = stage_input(folder, "finetune" if model == "teacher" else "distill")
+        variants.append(DecoderVariant(f"{model}-fp32-eager", str(folder), "torch", model=model))
+    params = {"prompt_lengths": cfg.prompt_lengths, "new_tokens": cfg.new_tokens, "rounds": cfg.rounds,
+              "threads": cfg.threads, "seed": recipe.seed}
+    if is_done(out, "bench", params, inputs):
+        return read_manifest(out)["metrics"]
+    with write_stage(out, "bench", params, inputs) as stage:
+        stage.metrics = bench_decoders(variants, cfg.prompt_lengths, cfg.new_tokens, cfg.rounds, cfg.threads,
+                                       seed=recipe.seed)
+    return stage.metrics
+
+
+def run(recipe: GenerationRecipe, out: Path) -> dict:
+    """fine-tune -> distill (prune + KD) -> export every variant -> bench -> report, into `out`."""
+    from edgekd.compress.quant import get_spec
+    from edgekd.manifest import claim_run_dir
+    from edgekd.report import write_plan
+    from edgekd.tasks.generation_report import write_report
+
+    for name in recipe.compress.quant:
+        get_spec(name)  # an unknown spec name: one line with the known ones, before any training
+    data = load_records(recipe)
+    claim_run_dir(out)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    def stage(label: str, func, *args):
+        started = time.time()
+        log(f"{label} ...")
+        result = func(*args)
+        log(f"{label}: {time.time() - started:.0f} s")
+        return result
+
+    stage("finetune", finetune, recipe, data, out / "finetune")
+    stage("distill", distill, recipe, data, out / "finetune", out / "distill", out / ".cache")
+    plan = [("teacher-fp32", "finetune", "fp32", "teacher"), ("student-fp32", "distill", "fp32", "student")]
+    plan += [(f"student-{q}", "distill", q, "compressed") for q in recipe.compress.quant if q != "fp32"]
+    outcomes = {f"{name}-android-executorch": {"status": "pending"} for name, *_ in plan}
+    write_plan(out, outcomes)
+    exports = []
+    for name, source, quant, role in plan:
+        variant = f"{name}-android-executorch"
+        model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
+        try:
+            stage(f"export {variant}", export, recipe, data, out / source, source, quant, out / "export" / variant,
+                  role, model_name)
+            exports.append(out / "export" / variant)
+            outcomes[variant] = {"status": "exported"}
+        except GateError as exc:  # a variant that fails its gate does not throw the others away
+            log(f"export {variant}: failed: {exc}")
+            outcomes[variant] = {"status": "failed", "reason": str(exc)}
+        write_plan(out, outcomes)
+    if exports:
+        stage("bench", bench, recipe, exports, {"teacher": out / "finetune", "student": out / "distill"},
+              out / "bench")
+    summary = write_report(out)
+    failed = [name for name, outcome in outcomes.items() if outcome["status"] == "failed"]
+    if failed:
+        raise GateError(f"{len(failed)} of {len(plan)} variants failed their gate ({', '.join(failed)}); the "
+                        f"report of the others, with the reasons, is in {out / 'report.md'}")
+    return summary

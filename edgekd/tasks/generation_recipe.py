@@ -1,0 +1,144 @@
+"""The text-generation recipe: a decoder LM teacher, fine-tuned on prompt/completion data, distilled into a
+student cut and pruned from it, quantized to int4, exported with a KV cache (edgekd/tasks/generation.py).
+
+Sections share the classifier recipe's names (teacher, data, student, compress, targets, bench); their keys are
+the ones a decoder LM needs, checked the same way: an unknown key or a wrong type is one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgekd.errors import RecipeError
+from edgekd.recipe import RECIPE_VERSION, RecipeBase, TargetConfig, _positive, _short, check_header
+from edgekd.registry import did_you_mean
+
+BUILTIN_LLM = "builtin:SmolLM2-135M-Instruct"
+KD_LOSSES = ("forward-kl", "reverse-kl", "skew-kl", "skew-reverse-kl")
+LAYER_IMPORTANCE = ("cosine", "loss")
+RECORD_KINDS = ("classification", "prompt-completion", "text")
+# The built-in data is labelled financial news; a decoder learns it as a prompt whose completion is the label word.
+SENTIMENT_PROMPT = ("Classify the sentiment of this financial news as negative, neutral or positive.\n{text}")
+
+
+def _choice(section: str, key: str, value: str, known: tuple[str, ...]) -> None:
+    if value not in known:
+        raise RecipeError(f"{section}.{key} must be {', '.join(known)}, not {_short(value)}"
+                          f"{did_you_mean(value, known)}")
+
+
+@dataclass
+class LMTeacherConfig:
+    model: str = BUILTIN_LLM          # a local Hugging Face folder, a hub id, or builtin:SmolLM2-135M-Instruct
+    epochs: float = 1.0               # 0: use the model as it is (no fine-tuning)
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    lora_rank: int = 0                # 0: full fine-tuning; > 0: LoRA adapters of this rank, merged back (peft)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        _positive(self, "learning_rate", "batch_size")
+        if self.epochs < 0 or self.lora_rank < 0:
+            raise RecipeError("teacher.epochs and teacher.lora_rank must be >= 0")
+
+
+@dataclass
+class LMDataConfig:
+    train: str = "builtin:finsent/train.csv"
+    validation: str | None = "builtin:finsent/validation.csv"
+    test: str | None = "builtin:finsent/test.csv"
+    format: str = "auto"              # auto (from the extension), csv, tsv, jsonl
+    encoding: str = "utf-8"
+    # What a row is: classification (text and label phrased by prompt_template, the label word as completion;
+    # task accuracy is measured), prompt-completion (two columns), or text (loss on every token).
+    records: str = "classification"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_template: str = SENTIMENT_PROMPT   # records: classification; {text} is replaced by the row's text
+    max_length: int = 128             # tokens of prompt + completion (chat template included)
+    max_train: int | None = None      # a seeded, stratified sample of this many training records (None: all)
+    split_fractions: list[float] = field(default_factory=lambda: [0.15, 0.15])
+
+    def __post_init__(self):
+        _choice("data", "format", self.format, ("auto", "csv", "tsv", "jsonl"))
+        _choice("data", "records", self.records, RECORD_KINDS)
+        if "{text}" not in self.prompt_template:
+            raise RecipeError("data.prompt_template must contain {text}, where each record's text goes")
+        if not 8 <= self.max_length <= 8192:
+            raise RecipeError(f"data.max_length must be between 8 and 8192 tokens, not {self.max_length}")
+        if self.max_train is not None and self.max_train < 2:
+            raise RecipeError("data.max_train must be at least 2 records (or left out: all)")
+
+
+@dataclass
+class LMStudentConfig:
+    # Cut from the teacher (Minitron): keep `layers` of its layers, chosen by measured importance, and remove
+    # `ffn` of every layer's MLP neurons by activation importance on `calibration` training texts; then distill.
+    layers: int = 10
+    layer_importance: str = "cosine"  # cosine: 1 - cos(hidden in, out) (ShortGPT's BI); loss: LM loss without it
+    ffn: float = 0.0                  # fraction of MLP neurons removed in every layer
+    calibration: int = 64
+    loss: str = "forward-kl"          # forward-kl (Minitron's pick after pruning), reverse-kl, skew-kl, skew-reverse-kl
+    temperature: float = 1.0
+    alpha: float = 1.0                # weight of the KD loss; 1 - alpha on the completion tokens' cross-entropy
+    top_k: int = 64                   # the teacher's logits cached as its top-k per position
+    epochs: float = 2.0
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+
+    def __post_init__(self):
+        _positive(self, "layers", "calibration", "temperature", "top_k", "epochs", "learning_rate", "batch_size")
+        _choice("student", "layer_importance", self.layer_importance, LAYER_IMPORTANCE)
+        _choice("student", "loss", self.loss, KD_LOSSES)
+        if not 0.0 <= self.ffn < 1.0:
+            raise RecipeError(f"student.ffn must be a fraction in [0, 1), not {self.ffn}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise RecipeError(f"student.alpha must be in [0, 1], not {self.alpha}")
+
+
+@dataclass
+class LMCompressConfig:
+    quant: list[str] = field(default_factory=lambda: ["int4"])  # QuantSpecs: int4 (8da4w g32), int4-g64, int8 ...
+
+
+@dataclass
+class LMBenchConfig:
+    prompt_lengths: list[int] = field(default_factory=lambda: [64, 128])
+    new_tokens: int = 32
+    rounds: int = 3
+    threads: int = 0                  # 0: the runtime's default (all cores)
+    prompts: int = 8                  # parity prompts (validation records) per exported variant
+
+    def __post_init__(self):
+        _positive(self, "new_tokens", "rounds", "prompts")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise RecipeError("bench.prompt_lengths must list positive prompt lengths, e.g. [64, 128]")
+
+
+@dataclass
+class GenerationRecipe(RecipeBase):
+    """A text-generation recipe."""
+    version: int = RECIPE_VERSION
+    task: str = "text-generation"
+    name: str = "finsent-lm"
+    seed: int = 0
+    teacher: LMTeacherConfig = field(default_factory=LMTeacherConfig)
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    student: LMStudentConfig = field(default_factory=LMStudentConfig)
+    compress: LMCompressConfig = field(default_factory=LMCompressConfig)
+    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig("android", "executorch")])
+    bench: LMBenchConfig = field(default_factory=LMBenchConfig)
+    max_seq_len: int = 256            # the exported KV cache's positions: prompt + generated tokens
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def __post_init__(self):
+        check_header(self)
+        for target in self.targets:
+            if (target.target, target.format or "executorch") != ("android", "executorch"):
+                raise RecipeError(f"a text-generation recipe exports to android/executorch in this release, not "
+                                  f"{target.target}/{target.format or 'its default'}; use `targets: [android]`")
+        if self.max_seq_len < self.data.max_length:
+            raise RecipeError(f"max_seq_len {self.max_seq_len} must be at least data.max_length "
+                              f"{self.data.max_length}: the exported cache must hold a whole record")

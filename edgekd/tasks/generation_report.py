@@ -1,0 +1,150 @@
+"""The report of a text-generation run: teacher and students side by side, size, speed and quality.
+
+Reads only what the stages wrote (RUN/plan.json, each export manifest, RUN/bench) and writes report.md,
+report.html and report.json into the run folder. Every ratio is taken from one bench run.
+"""
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgekd.manifest import atomic_write_text, read_manifest, verify_stage
+from edgekd.report import run_variants
+
+SCHEMA = "edgekd.report-llm/1"
+_TITLES = {"teacher": "Teacher (fine-tuned)", "student": "Student (distilled)"}
+
+
+def _title(role: str, quant: str) -> str:
+    return _TITLES.get(role, "Student") + ("" if quant == "fp32" else f", {quant}")
+
+
+def collect(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    exports, failed = run_variants(run_dir)
+    bench = read_manifest(run_dir / "bench", "bench")["metrics"] if (run_dir / "bench").is_dir() else None
+    measured = {row["name"]: row for row in (bench or {}).get("results", [])}
+    variants = []
+    for path in exports:
+        manifest = verify_stage(path, "export")
+        test, row = manifest["metrics"]["test"], measured.get(path.name, {})
+        accuracy = test.get("task_accuracy")
+        variants.append({
+            "name": path.name, "role": manifest["role"], "quant": manifest["quant"]["name"],
+            "title": _title(manifest["role"], manifest["quant"]["name"]),
+            "artifact": str((path / manifest["artifact"]).relative_to(run_dir)),
+            "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"],
+            "perplexity": test["perplexity"]["perplexity"],
+            "task_accuracy": accuracy and {k: accuracy[k] for k in ("accuracy", "low", "high", "n")},
+            "parity": manifest["metrics"]["parity"],
+            **{k: row.get(k) for k in ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb",
+                                       "load_ms")},
+        })
+    eager = {row["model"]: row for row in measured.values() if row["runtime"] == "torch"}
+    summary = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "run": str(run_dir), "variants": variants, "failed": failed, "eager": eager,
+               "ratios": _ratios(variants, eager),
+               "bench": bench and {k: bench.get(k) for k in ("ratios_at_prompt_tokens", "new_tokens", "rounds",
+                                                              "threads", "machine", "versions", "skipped")}}
+    return summary
+
+
+def _ratios(variants: list[dict], eager: dict) -> list[dict]:
+    """Each student .pte over the teacher's fp32 .pte (size, decode and prefill speed), and over PyTorch eager
+    fp32 of the same student: the done-when figures, all from one bench run."""
+    teacher = next((v for v in variants if v["role"] == "teacher"), None)
+    found = []
+    for v in variants:
+        if v["role"] == "teacher" or v.get("decode_tokens_per_s") is None:
+            continue
+        if teacher and teacher.get("decode_tokens_per_s"):
+            found.append({"variant": v["name"], "over": teacher["name"],
+                          "size_ratio": teacher["size_bytes"] / v["size_bytes"],
+                          "decode_speedup": v["decode_tokens_per_s"] / teacher["decode_tokens_per_s"],
+                          "prefill_speedup": v["prefill_tokens_per_s"] / teacher["prefill_tokens_per_s"]})
+        base = eager.get("student")
+        if base and base.get("decode_tokens_per_s"):
+            found.append({"variant": v["name"], "over": base["name"],
+                          "decode_speedup": v["decode_tokens_per_s"] / base["decode_tokens_per_s"]})
+    return found
+
+
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{unit}"
+
+
+def _accuracy(acc: dict | None) -> str:
+    return "—" if not acc else f"{acc['accuracy']:.1%} ({acc['low']:.1%} to {acc['high']:.1%})"
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    variants = summary["variants"]
+    at = (summary.get("bench") or {}).get("ratios_at_prompt_tokens")
+    header = ["Metric"] + [v["title"] for v in variants]
+    rows = [
+        ["Model size (.pte)"] + [_fmt(v["size_bytes"] / 1e6, ".1f", " MB") for v in variants],
+        ["Parameters"] + [_fmt(v["params"] / 1e6, ".1f", " M") for v in variants],
+        [f"Time to first token ({at} prompt tokens)"] + [_fmt(v["ttft_ms"], ".0f", " ms") for v in variants],
+        ["Prefill tokens/s"] + [_fmt(v["prefill_tokens_per_s"], ".0f") for v in variants],
+        ["Decode tokens/s"] + [_fmt(v["decode_tokens_per_s"], ".1f") for v in variants],
+        ["Peak memory (RSS)"] + [_fmt(v["peak_rss_mb"], ".0f", " MB") for v in variants],
+        ["Perplexity (test completions)"] + [_fmt(v["perplexity"], ".3f") for v in variants],
+        ["Task accuracy (test, 95 % CI)"] + [_accuracy(v["task_accuracy"]) for v in variants],
+    ]
+    return header, rows
+
+
+def ratio_lines(summary: dict) -> list[str]:
+    lines = []
+    for r in summary["ratios"]:
+        if "size_ratio" in r:
+            lines.append(f"{r['variant']}: {r['size_ratio']:.1f}x smaller than {r['over']}, "
+                         f"{r['decode_speedup']:.1f}x its decode tokens/s, {r['prefill_speedup']:.1f}x its prefill")
+        else:
+            lines.append(f"{r['variant']}: {r['decode_speedup']:.1f}x the decode tokens/s of {r['over']}")
+    return lines
+
+
+def render_markdown(summary: dict) -> str:
+    header, rows = table_rows(summary)
+    out = ["# edgekd report: text generation", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += [""] + [f"- {line}" for line in ratio_lines(summary)]
+    eager = summary["eager"]
+    if eager:
+        out += ["", "PyTorch eager fp32 (`generate`, same run): " + ", ".join(
+            f"{name} {row['decode_tokens_per_s']:.1f} decode tokens/s" for name, row in eager.items())]
+    for failure in summary["failed"]:
+        out += ["", f"**{failure['name']} failed its gate**: {failure['reason']}"]
+    bench = summary.get("bench")
+    if bench:
+        out += ["", f"Measured on {bench['machine']['cpu']} ({bench['machine']['cores']} cores, {bench['threads']} "
+                    f"threads): medians of {bench['rounds']} interleaved rounds, {bench['new_tokens']} new tokens, "
+                    f"executorch {bench['versions'].get('executorch')}, torch {bench['versions'].get('torch')}. "
+                    f"Perplexity and task accuracy of a quantized .pte are its PyTorch reference's, which the "
+                    f"export gate matched."]
+    return "\n".join(out) + "\n"
+
+
+def render_html(summary: dict) -> str:
+    header, rows = table_rows(summary)
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    notes = "".join(f"<li>{html.escape(line)}</li>" for line in ratio_lines(summary))
+    failed = "".join(f"<p><b>{html.escape(f['name'])} failed its gate</b>: {html.escape(f['reason'])}</p>"
+                     for f in summary["failed"])
+    return (f"<!doctype html><meta charset='utf-8'><title>edgekd report</title>"
+            f"<style>body{{font-family:sans-serif}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}</style>"
+            f"<h1>edgekd report: text generation</h1><table><tr>{cells}</tr>{body}</table><ul>{notes}</ul>{failed}")
+
+
+def write_report(run_dir: Path) -> dict:
+    summary = collect(run_dir)
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "report.md", render_markdown(summary))
+    atomic_write_text(run_dir / "report.html", render_html(summary))
+    atomic_write_text(run_dir / "report.json", json.dumps(summary, indent=2) + "\n")
+    return summary

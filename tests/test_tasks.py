@@ -1,0 +1,45 @@
+"""The task seam: a recipe names its task, which decides its sections; an unknown task is one line."""
+import pytest
+import yaml
+
+from edgekd.errors import RecipeError
+from edgekd.recipe import Recipe, builtin_recipe_text, recipe_from_dict
+from edgekd.tasks import TASKS, get_task
+
+
+def test_a_recipe_without_task_is_a_classification_recipe():
+    recipe = recipe_from_dict({})
+    assert isinstance(recipe, Recipe) and recipe.task == "text-classification"
+    assert recipe_from_dict({"task": "text-classification"}) == recipe
+
+
+def test_an_unknown_task_names_the_known_ones():
+    with pytest.raises(RecipeError, match=r"task 'text-generaton' .*did you mean 'text-generation'.*known: "
+                                          r"text-classification, text-generation"):
+        recipe_from_dict({"task": "text-generaton"})
+
+
+def test_every_task_module_provides_the_seam():
+    for name in TASKS:
+        task = get_task(name)
+        assert task.RECIPE().task == name and callable(task.run)
+        recipe = recipe_from_dict(yaml.safe_load(builtin_recipe_text(name)))
+        assert type(recipe) is task.RECIPE and recipe.task == name
+
+
+def test_a_task_checks_its_own_keys():
+    # A classifier key in a generation recipe is unknown there, and the line lists the keys that are known.
+    with pytest.raises(RecipeError, match=r"unknown key 'student.augment'.*known: layers"):
+        recipe_from_dict({"task": "text-generation", "student": {"augment": 4}})
+    with pytest.raises(RecipeError, match=r"student.loss must be forward-kl.*did you mean 'reverse-kl'"):
+        recipe_from_dict({"task": "text-generation", "student": {"loss": "revers-kl"}})
+    with pytest.raises(RecipeError, match=r"data.prompt_template must contain \{text\}"):
+        recipe_from_dict({"task": "text-generation", "data": {"prompt_template": "no slot"}})
+    with pytest.raises(RecipeError, match=r"android/executorch in this release, not ios"):
+        recipe_from_dict({"task": "text-generation", "targets": ["ios"]})
+
+
+def test_generation_model_paths_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    recipe = recipe_from_dict({"task": "text-generation", "teacher": {"model": "teacher"}}, tmp_path)
+    assert recipe.teacher.model == str(tmp_path / "teacher")
