@@ -11,9 +11,10 @@ Layout of a cache file (`LAYOUT`), P = number of label positions over the whole 
 Only label positions are stored: prompts and padding carry no loss. Size for a realistic case, 1,300 examples x
 40 completion tokens at k = 64: 52,000 rows x 64 x (2 + 4) bytes = 20.0 MB, where the full fp32 logits of
 SmolLM2's 49,152-token vocabulary at the same positions would be 52,000 x 49,152 x 4 bytes = 10.2 GB.
-fp16 log-probabilities: `tests/test_lm_distill.py` checks the KD loss from a fp16 cache against the same loss
-from fp32 values (within 1e-3 relative); fp16 keeps about 3.3 significant digits, so a top-k probability p is
-off by at most about p * |log p| * 2^-11.
+fp16 log-probabilities are accurate enough: on SmolLM2-135M-Instruct (the built-in GGUF, dequantized) as teacher
+and a 15-of-30-layer cut of it as student, over four finance sentences, the loss from fp16 values differed from
+the fp32 one by at most 2e-4 relative (forward, reverse and skew KL, T = 1 and 2, k = 16 and 64); the mean rest
+mass there was 0.24 at k = 16 and 0.14 at k = 64. `tests/test_lm_distill.py` checks 1e-3 on a tiny decoder.
 """
 from __future__ import annotations
 

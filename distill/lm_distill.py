@@ -59,6 +59,11 @@ def lm_collator(pad_id: int, pad_to_multiple_of: int = 8):
     return collate
 
 
+def check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise RecipeError(f"alpha {alpha} must be in [0, 1]: 1 is KD only, 0 is the no-teacher baseline")
+
+
 class LMDistillationTrainer(Trainer):
     """Trainer whose training loss is alpha * lm_kd_loss(student, cached teacher top-k) + (1 - alpha) * CE.
 
@@ -70,8 +75,7 @@ class LMDistillationTrainer(Trainer):
                  skew: float = 0.1, alpha: float = 1.0, **kwargs):
         _divergence(kind)
         check_kd_args(temperature, skew)
-        if not 0.0 <= alpha <= 1.0:
-            raise RecipeError(f"alpha {alpha} must be in [0, 1]: 1 is KD only, 0 is the no-teacher baseline")
+        check_alpha(alpha)
         if alpha > 0 and teacher_topk is None:
             raise RecipeError("alpha > 0 needs the teacher's top-k cache; give teacher_topk or set alpha: 0")
         super().__init__(*args, **kwargs)
@@ -180,8 +184,7 @@ def _check(student, teacher, records: list[dict], out: Path, kind, temperature, 
     """Everything that can be refused before the teacher or the Trainer runs."""
     _divergence(kind)
     check_kd_args(temperature, skew)
-    if not 0.0 <= alpha <= 1.0:
-        raise RecipeError(f"alpha {alpha} must be in [0, 1]: 1 is KD only, 0 is the no-teacher baseline")
+    check_alpha(alpha)
     vocab_s = student.get_output_embeddings().weight.shape[0]
     vocab_t = teacher.get_output_embeddings().weight.shape[0]
     if vocab_s != vocab_t:

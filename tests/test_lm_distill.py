@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from edgekd.distill.lm_cache import as_records, teacher_topk
+from edgekd.distill.lm_cache import as_records, cache_key, teacher_topk
 from edgekd.distill.lm_distill import LMDistillationTrainer, LMRecords, distill_lm, lm_collator, lm_validation
 from edgekd.distill.lm_losses import causal_ce, lm_kd_loss
 from edgekd.distill.training import training_args
@@ -109,7 +109,11 @@ def test_the_cache_is_reused_for_the_same_key_and_recomputed_for_another(setup, 
         before = len(calls)
         assert not teacher_topk(teacher, *other, tmp_path, batch_size=16)[1]
         assert len(calls) > before
-    assert len(list(tmp_path.glob("teacher-topk-*.safetensors"))) == 4 and not list(tmp_path.glob("*.tmp-*"))
+    files = list(tmp_path.glob("teacher-topk-*.safetensors"))
+    assert len(files) == 4 and not list(tmp_path.glob("*.tmp-*"))
+    rows = sum(sum(1 for label in r["labels"][1:] if label != -100) for r in records)
+    size = (tmp_path / f"teacher-topk-{cache_key('digest-a', records, 8)}.safetensors").stat().st_size
+    assert first.values.shape == (rows, 8) and size < rows * 8 * (2 + 4) + 4096   # the layout's arithmetic
 
 
 def test_cache_rows_are_the_teachers_top_k_at_label_positions_and_fp16_is_accurate(setup, tmp_path):
