@@ -71,6 +71,10 @@ class LMDistillationTrainer(Trainer):
     Evaluation loss is the plain next-token CE (exp of it is the perplexity).
     """
 
+    # compute_loss returns a per-batch mean over label tokens (it ignores num_items_in_batch), so the Trainer must
+    # divide it by the gradient-accumulation steps; for a decoder that accepts loss kwargs it otherwise would not.
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args, teacher_topk: TopK | None, kind: str = "forward", temperature: float = 1.0,
                  skew: float = 0.1, alpha: float = 1.0, **kwargs):
         _divergence(kind)

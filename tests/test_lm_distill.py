@@ -159,6 +159,27 @@ def test_padding_never_enters_the_training_loss_and_the_index_is_kept(setup, tmp
     assert trainer.compute_loss(student, shuffled).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_a_step_under_gradient_accumulation_takes_its_share_of_the_batch_mean(setup, tmp_path):
+    """The loss is a per-batch mean, so with 2 accumulation steps each step's gradient is half of it (the Trainer
+    would skip that division for a decoder that takes loss kwargs unless told the loss is not scaled)."""
+    teacher, train, _ = setup
+    records = as_records(train[:4])
+    top, _ = teacher_topk(teacher, records, 8, "d", tmp_path)
+    student = decoder(2, 1)
+    args = training_args(tmp_path / "run", epochs=1, learning_rate=1e-3, batch_size=4, seed=0, eval_strategy="no",
+                         save_strategy="no", load_best_model_at_end=False, gradient_accumulation_steps=2)
+    trainer = LMDistillationTrainer(model=student, args=args, teacher_topk=top, alpha=0.5)
+    trainer.current_gradient_accumulation_steps = 2
+    batch = lm_collator(0)(LMRecords(records).rows)
+    student.train()
+    trainer.compute_loss(student, dict(batch)).backward()
+    full = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    trainer.training_step(student, dict(batch), num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+    for whole, step in zip(full, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(step, whole / 2)
+
+
 def test_batches_and_records_give_the_same_examples(setup):
     _, train, _ = setup
     batch = lm_collator(0)(LMRecords(as_records(train[:5])).rows)
