@@ -70,8 +70,9 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
     """Fine-tune `model` (a *ForCausalLM) on `train_records`; write it and `tokenizer` to `out` atomically.
 
     Returns (and writes to out/finetune_metrics.json) validation perplexity before and after. Checkpoints go to
-    `checkpoints` (default: a hidden sibling of `out`), a rerun resumes from the newest, and they are deleted
-    once `out` is written. All records are encoded before any training, so bad input stops it in one line.
+    `checkpoints` (default: a hidden sibling of `out` keyed by the model's config, the records and the settings),
+    a rerun resumes from the newest, and they are deleted once `out` is written. All records are encoded
+    before any training, so bad input stops it in one line.
     """
     from transformers import Trainer, set_seed
 
@@ -85,7 +86,11 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
     before = perplexity(model, batches(validation, collate, batch_size))
     set_seed(seed)  # LoRA's A matrices are drawn here, before the Trainer seeds itself
     trained = _with_lora(model, lora) if lora is not None else model
-    checkpoints = Path(checkpoints) if checkpoints else out.parent / f".{out.name}.checkpoints"
+    if checkpoints is None:
+        key = _run_key(model, train_records + validation_records, [epochs, learning_rate, batch_size, seed, lora,
+                                                                    max_length])
+        checkpoints = out.parent / f".{out.name}.checkpoints-{key}"
+    checkpoints = Path(checkpoints)
     args = training_args(checkpoints, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                          per_device_eval_batch_size=batch_size, metric_for_best_model="loss", greater_is_better=False,
                          prediction_loss_only=True, label_names=["labels"])  # no [N, L, vocab] logits kept in eval
@@ -100,6 +105,15 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
         _save(model, tokenizer, metrics, out)
     drop_checkpoints(checkpoints, out)
     return metrics
+
+
+def _run_key(model, records: list[Record], settings: list) -> str:
+    """What the checkpoints belong to (the model's config, the data, the settings): a rerun with any of them
+    changed starts afresh instead of resuming another run's checkpoints."""
+    from edgekd.manifest import stage_key
+
+    data = [[r.prompt, r.completion] for r in records]
+    return stage_key({"config": model.config.to_dict(), "settings": [str(s) for s in settings]}, {"data": data})
 
 
 def _save(model, tokenizer, metrics: dict, out: Path) -> None:

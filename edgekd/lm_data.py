@@ -65,7 +65,7 @@ def from_classification(split: Split, template: str = FINSENT_TEMPLATE, where: s
         raise DataError(f"the prompt template {_short(template)!r} has no {{text}} placeholder; add {{text}} "
                         f"where the row's text goes")
     # str.replace, not str.format: braces in the data or the template are text, not fields.
-    return [Record(template.replace("{text}", text), label, label, f"{where}row {i + 1}" if where else f"row {i + 1}")
+    return [Record(template.replace("{text}", text), label, label, f"{where}, row {i + 1}" if where else f"row {i + 1}")
             for i, (text, label) in enumerate(zip(split.texts, split.labels))]
 
 

@@ -63,6 +63,24 @@ def test_lora_is_merged_back_into_a_plain_model_that_loads_with_the_auto_class(t
     assert torch.equal(loaded.model.embed_tokens.weight, untrained.model.embed_tokens.weight)  # LoRA left it
 
 
+def test_a_rerun_after_a_crash_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from edgekd.distill import lm_finetune
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after training, before the teacher was written
+
+    monkeypatch.setattr(lm_finetune, "_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "teacher")
+    assert not (tmp_path / "teacher").exists() and len(list(tmp_path.glob(".teacher.checkpoints-*"))) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    _, metrics = run(tmp_path, "teacher")
+    assert "resuming from" in capsys.readouterr().err
+    assert metrics["validation"]["perplexity"] < 0.5 * metrics["validation_before"]["perplexity"]
+    assert (tmp_path / "teacher" / "model.safetensors").is_file() and not list(tmp_path.glob(".teacher.*"))
+
+
 def test_bad_input_stops_before_training_and_writes_nothing(tmp_path):
     tokenizer = tiny_tokenizer()
     model = tiny_llama(len(tokenizer))
