@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgekd.architecture import family_of
 from edgekd.distill.training import drop_checkpoints, last_checkpoint, quiet_progress, training_args
-from edgekd.errors import ModelError, RecipeError, StageError
+from edgekd.errors import DataError, ModelError, RecipeError, StageError
 from edgekd.lm_data import Collator, Record, batches, encode
 from edgekd.lm_metrics import perplexity
 from edgekd.manifest import is_primary_process
@@ -66,7 +66,7 @@ def _check_out(out: Path) -> None:
 
 def finetune_lm(model, tokenizer, train_records: list[Record], validation_records: list[Record], out: Path,
                 epochs: float, learning_rate: float, batch_size: int, seed: int, lora: LoraSettings | None = None,
-                max_length: int = 512, checkpoints: Path | None = None) -> dict:
+                max_length: int | None = None, checkpoints: Path | None = None) -> dict:
     """Fine-tune `model` (a *ForCausalLM) on `train_records`; write it and `tokenizer` to `out` atomically.
 
     Returns (and writes to out/finetune_metrics.json) validation perplexity before and after. Checkpoints go to
@@ -78,6 +78,11 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
 
     out = Path(out)
     _check_out(out)
+    context = getattr(model.config, "max_position_embeddings", None)
+    max_length = max_length or min(512, context or 512)  # None: 512 tokens, or the model's context if shorter
+    if context and max_length > context:
+        raise DataError(f"max_length {max_length} is longer than the model's context of {context} tokens; "
+                        f"set max_length to at most {context}")
     train = encode(tokenizer, train_records, max_length)
     validation = encode(tokenizer, validation_records, max_length)
     if lora is not None:

@@ -89,6 +89,9 @@ def test_bad_input_stops_before_training_and_writes_nothing(tmp_path):
         finetune_lm(model, tokenizer, bad, records(1), tmp_path / "t", epochs=1, learning_rate=1e-3, batch_size=4,
                     seed=0)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="max_length 256 is longer than the model's context of 128 tokens"):
+        finetune_lm(model, tokenizer, records(1), records(1), tmp_path / "t", epochs=1, learning_rate=1e-3,
+                    batch_size=4, seed=0, max_length=256)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not edgekd's")
     with pytest.raises(StageError, match="not empty"):
