@@ -119,6 +119,25 @@ def _gguf_kwargs(spec: str) -> tuple[str, dict]:
     return str(file.parent), {"gguf_file": file.name}
 
 
+def _load_gguf_llm(spec: str):
+    """The built-in GGUF LLM as a plain float32 model. dequantize=True unpacks every weight into a dense Linear
+    and drops the GGUF quantizer; without it transformers may keep the model marked as quantized (packed blocks,
+    or only the mark), and then the Trainer refuses to train it and save_pretrained to save it."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    folder, kwargs = _gguf_kwargs(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load {spec}: {str(exc).strip().splitlines()[0]}; {LLM_INSTALL}") from None
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        raise ModelError(f"{spec} loaded still marked as GGUF-quantized (transformers "
+                         f"{__import__('transformers').__version__}); edgekd needs it dequantized to train it")
+    return model.eval()
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Pickle files a Hugging Face or training-script folder keeps beside the weights; never weights themselves.
 _NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
@@ -334,14 +353,10 @@ def load_causal_lm(spec: str, trust_remote_code: bool = False, allow_pickle: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    if spec != BUILTIN_LLM:
-        return _load(AutoModelForCausalLM, spec, allow_pickle, trust_remote_code=trust_remote_code,
-                     dtype=torch.float32).eval()
-    folder, kwargs = _gguf_kwargs(spec)
-    try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load {spec}: {str(exc).strip().splitlines()[0]}; {LLM_INSTALL}") from None
+    if spec == BUILTIN_LLM:
+        return _load_gguf_llm(spec)
+    return _load(AutoModelForCausalLM, spec, allow_pickle, trust_remote_code=trust_remote_code,
+                 dtype=torch.float32).eval()
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False, allow_pickle: bool = False):

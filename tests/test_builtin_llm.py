@@ -38,7 +38,7 @@ def test_the_installed_gguf_matches_its_pin():
 
 
 @needs_builtin
-def test_the_builtin_loads_as_a_30_layer_llama_that_generates():
+def test_the_builtin_loads_as_a_30_layer_llama_that_generates_trains_and_saves(tmp_path):
     pytest.importorskip("gguf")
     tokenizer = models.load_tokenizer(models.BUILTIN_LLM)
     model = models.load_causal_lm(models.BUILTIN_LLM)
@@ -53,6 +53,15 @@ def test_the_builtin_loads_as_a_30_layer_llama_that_generates():
     assert out.shape[1] > prompt["input_ids"].shape[1] and "Paris" in answer, answer
     fingerprint = models.model_fingerprint(models.BUILTIN_LLM)
     assert fingerprint["sha256"] == models.BUILTIN_LLM_SHA256
+    # A plain dense model, not one marked GGUF-quantized: the Trainer would refuse to fine-tune that.
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert all(type(m).__name__ == "Linear" for m in model.modules() if "Linear" in type(m).__name__)
+    validate_quantization_for_training(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
 
 
 @pytest.fixture
