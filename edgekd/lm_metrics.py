@@ -1,0 +1,93 @@
+"""Causal-LM metrics: perplexity, next-token agreement with the teacher, and task accuracy of greedy completions.
+
+Batches are the standard causal-LM batches of edgekd.lm_data (`input_ids`, `attention_mask`, `labels` [B, L],
+labels -100 where there is no loss); the logits at position t predict token t + 1. Figures are token-weighted
+over label positions, not averages of batch means, so the batch size and padding do not change them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgekd.intervals import wilson
+from edgekd.lm_data import Record, eos_id, prompt_ids
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _shifted(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, L-1, V] float32, targets [B, L-1]): the prediction at t for the label at t + 1."""
+    device = _device(model)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return logits[:, :-1].float(), batch["labels"][:, 1:].to(device)
+
+
+@torch.no_grad()
+def perplexity(model, batches) -> dict:
+    """exp of the mean negative log-likelihood per label token: {"perplexity", "nll", "tokens"}."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        logits, targets = _shifted(model, batch)
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="sum").item()
+        tokens += int((targets != -100).sum())
+    if not tokens:
+        raise ValueError("perplexity needs at least one label token (labels other than -100)")
+    return {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+
+
+def _proportion(name: str, hits: int, n: int) -> dict:
+    low, high = wilson(hits, n)  # at 0 % or 100 % rounding can put a bound 1e-17 past the estimate: clamp
+    return {name: hits / n, "low": min(low, hits / n), "high": max(high, hits / n), "n": n}
+
+
+@torch.no_grad()
+def token_agreement(student, teacher, batches) -> dict:
+    """Share of label positions where the student's top-1 next token is the teacher's, with a Wilson 95 %
+    interval (over tokens, which are not independent: read it as a lower bound on the uncertainty)."""
+    student.eval()
+    teacher.eval()
+    hits, n = 0, 0
+    for batch in batches:
+        student_logits, targets = _shifted(student, batch)
+        teacher_logits, _ = _shifted(teacher, batch)
+        scored = targets != -100
+        hits += int((student_logits.argmax(-1) == teacher_logits.argmax(-1).to(scored.device))[scored].sum())
+        n += int(scored.sum())
+    if not n:
+        raise ValueError("token agreement needs at least one label token (labels other than -100)")
+    return _proportion("agreement", hits, n)
+
+
+def first_word(text: str) -> str:
+    """The answer word of a completion: its first word, lower case, without surrounding punctuation."""
+    words = text.strip().lower().split()
+    return words[0].strip(".,;:!?\"'()[]") if words else ""
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 4, batch_size: int = 16) -> dict:
+    """Accuracy of the greedy completion of each labelled record's prompt: its first word against the label word
+    (strip, lower case). {"accuracy", "low", "high", "n", "correct": [bool per record], "answers": [str]}."""
+    labelled = [r for r in records if r.label is not None]
+    if not labelled:
+        raise ValueError("task accuracy needs records with a label (a classification file phrased as prompts)")
+    model.eval()
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
+    answers = []
+    for start in range(0, len(labelled), batch_size):
+        prompts = [prompt_ids(tokenizer, r.prompt) for r in labelled[start:start + batch_size]]
+        width = max(map(len, prompts))
+        # Left padding: every prompt ends at the last column, so the generated tokens follow it directly.
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=eos_id(tokenizer))
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    correct = [first_word(answer) == r.label.strip().lower() for answer, r in zip(answers, labelled)]
+    return {**_proportion("accuracy", sum(correct), len(correct)), "correct": correct, "answers": answers}
