@@ -179,3 +179,10 @@ def test_a_slow_tokenizer_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ExportError, match=r"not a fast one.*use_fast=True"):
         export_decoder(tiny_decoder(1), tmp_path / "m.pte", get_spec("fp32"), MAX_SEQ_LEN, tokenizer=Slow())
     assert not list(tmp_path.iterdir())
+
+
+def test_a_variant_that_cannot_load_is_one_line(tmp_path):
+    broken = tmp_path / "broken.pte"
+    broken.write_bytes(b"not a program")
+    with pytest.raises(BenchError, match="variant 'broken' failed to load in a fresh process: "):
+        DecoderVariant("broken", str(broken), "executorch").footprint()
