@@ -89,23 +89,30 @@ def delegation_summary(graph_module) -> dict:
     }
 
 
+def load_program(file: Path, threads: int = 0):
+    """(program, its "forward" method, load ms): a .pte loaded with the ExecuTorch runtime, the quantized kernels
+    registered. `threads`: XNNPACK's thread pool size (0: its default), set before load_method, the only time
+    it takes effect."""
+    with native_stderr_filtered():  # load_method prints cpuinfo's [cpuinfo_utils.cpp:...] probes to fd 2
+        import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co.
+        from executorch.runtime import Runtime
+
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            _unsafe_reset_threadpool(threads)
+        start = time.perf_counter()
+        program = Runtime.get().load_program(Path(file))
+        method = program.load_method("forward")
+        return program, method, (time.perf_counter() - start) * 1e3
+
+
 class ExecuTorchRunner:
     """A loaded .pte method: call(ids, mask) -> logits. Records the load time."""
 
     runtime = "executorch"
 
     def __init__(self, file: Path, threads: int = 0):
-        with native_stderr_filtered():  # load_method prints cpuinfo's [cpuinfo_utils.cpp:...] probes to fd 2
-            import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co.
-            from executorch.runtime import Runtime
-
-            if threads:
-                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-                _unsafe_reset_threadpool(threads)  # only effective before load_method
-            start = time.perf_counter()
-            self.program = Runtime.get().load_program(Path(file))
-            self.method = self.program.load_method("forward")
-            self.load_ms = (time.perf_counter() - start) * 1e3
+        self.program, self.method, self.load_ms = load_program(file, threads)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         return self.method.execute([ids, mask])[0].numpy()

@@ -13,10 +13,20 @@ where n is 1..max_seq_len and input_pos the position of tokens[0, 0] in the cach
 then each new token is fed at the next position. Constant methods carry what ExecuTorch's runners read:
 get_bos_id (where the model has one), get_eos_ids, get_max_seq_len, get_max_context_len, get_vocab_size,
 use_kv_cache, enable_dynamic_shape.
+
+Beside the .pte: `tokenizer.json` (the HF fast tokenizer's file, read by ExecuTorch's text runner and
+pytorch-tokenizers; checked to encode like the HF tokenizer) and `generation_config.json`.
+
+Tied embeddings (SmolLM2): an fp32 .pte stores the shared matrix twice, as the constant the portable
+aten.embedding reads and inside the XNNPACK blob of the LM head (XNNPACK has no gather to read its copy); measured
+tied = untied size, perf/README.md. Undelegating the head would store it once at the price of a portable
+vocab x hidden matmul per token, so it stays. int4 keeps two different tensors (int4 embedding, 8da4w head).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,8 +36,10 @@ import torch
 from edgekd.architecture import FAMILIES
 from edgekd.compress.quant import QuantSpec, linear_config, quantize_embeddings
 from edgekd.errors import ExportError
-from edgekd.targets.executorch import delegation_summary
+from edgekd.targets.executorch import delegation_summary, load_program
 from edgekd.targets.native_log import native_stderr_filtered
+
+_log = logging.getLogger("edgekd.export")
 
 # The decoder families whose HF modules export through the static-cache wrapper: the architecture map's Llama
 # layout (SmolLM2 is a LlamaForCausalLM).
@@ -128,46 +140,127 @@ class DecoderWithCache(torch.nn.Module):
         return out.logits[:, -1, :]
 
 
+@contextlib.contextmanager
+def _phase(timings: dict, name: str):
+    """Record the seconds the block takes as timings[name] (and log it: a long export shows where it is)."""
+    start = time.perf_counter()
+    _log.info("export phase %s ...", name)
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+    _log.info("export phase %s: %.1f s", name, timings[name])
+
+
 def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tokenizer=None,
                    eos_ids=None) -> dict:
     """Quantize a copy of `model` per `spec`, export it with a static KV cache of `max_seq_len` positions, lower
-    it to XNNPACK and write `out_file` (atomically). `model` itself is left as it was.
+    it to XNNPACK and write `out_file`, and beside it `generation_config.json` and (given a fast `tokenizer`)
+    `tokenizer.json`, all atomically. `model` itself is left as it was.
 
-    Returns the details: size, signature, metadata, delegation summary, timings, and for a quantized spec
-    "reference": the torchao-quantized model in PyTorch the .pte is proven against."""
+    Returns the details: size, signature, metadata, delegation summary, the seconds of each phase ("phases_s":
+    quantize, torch_export, to_edge_transform_and_lower, to_executorch, save), the companion files, and for a
+    quantized spec "reference": the torchao-quantized model in PyTorch the .pte is proven against."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     check_decoder(model, max_seq_len)
     bos, eos = special_ids(model, tokenizer, eos_ids)
-    started = time.perf_counter()
-    quantized = quantize_decoder(model, spec)
+    companions = companion_files(model, tokenizer)  # a slow tokenizer is refused here, before the export
+    if "tokenizer.json" in companions:
+        _check_tokenizer_text(companions["tokenizer.json"], tokenizer)
+    phases = {}
+    with _phase(phases, "quantize"):
+        quantized = quantize_decoder(model, spec)
     wrapper = DecoderWithCache(copy.deepcopy(quantized), max_seq_len).eval()
     tokens, input_pos = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    with torch.no_grad():
+    with _phase(phases, "torch_export"), torch.no_grad():
         # strict (dynamo): non-strict tracing lifts the cache tensors twice (as buffers and as constants), and
         # torch 2.13's run_decompositions then fails ("expected compiled_fn to be GraphModule").
         program = torch.export.export(wrapper, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=True)
-    exported = time.perf_counter()
     metadata = {"get_eos_ids": eos, "get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
                 "get_vocab_size": int(model.config.vocab_size), "use_kv_cache": True, "enable_dynamic_shape": True}
     if bos is not None:
         metadata["get_bos_id"] = bos
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    with _phase(phases, "to_edge_transform_and_lower"):
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
     delegation = delegation_summary(edge.exported_program().graph_module)
-    # Constant propagation folds torchao's dequantize of quantized embeddings into embedding_byte & co.
-    buffer = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)).buffer
+    with _phase(phases, "to_executorch"):
+        # Constant propagation folds torchao's dequantize of quantized embeddings into embedding_byte & co.
+        buffer = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)).buffer
     out_file = Path(out_file)
-    partial = out_file.with_name(f".{out_file.name}.partial")
-    partial.write_bytes(buffer)
-    os.replace(partial, out_file)
+    with _phase(phases, "save"):
+        beside = {out_file.with_name(name): text.encode() for name, text in companions.items()}
+        _write_atomically({out_file: buffer, **beside})
     details = {**delegation, "file": str(out_file), "size_bytes": out_file.stat().st_size, "spec": spec.to_dict(),
-               "max_seq_len": max_seq_len, "signature": SIGNATURE, "metadata": metadata,
-               "export_s": round(exported - started, 2), "lower_s": round(time.perf_counter() - exported, 2)}
+               "max_seq_len": max_seq_len, "signature": SIGNATURE, "metadata": metadata, "phases_s": phases,
+               "export_s": round(phases["quantize"] + phases["torch_export"], 2),
+               "lower_s": round(sum(phases.values()) - phases["quantize"] - phases["torch_export"], 2),
+               "companions": sorted(companions)}
     if not spec.is_float:
         details["reference"] = quantized
     return details
+
+
+def companion_files(model, tokenizer=None) -> dict[str, str]:
+    """What goes beside the .pte: name -> text. `generation_config.json` always; `tokenizer.json` (the Hugging
+    Face fast tokenizer's own file, which ExecuTorch's text runner and pytorch-tokenizers read) given a tokenizer."""
+    files = {"generation_config.json": model.generation_config.to_json_string(use_diff=False)}
+    if tokenizer is not None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ExportError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast one, and the ExecuTorch "
+                              f"runners read a tokenizer.json; load it with AutoTokenizer.from_pretrained(..., "
+                              f"use_fast=True)")
+        files["tokenizer.json"] = tokenizer.backend_tokenizer.to_str()
+    return files
+
+
+def _write_atomically(files: dict[Path, bytes]) -> None:
+    """Each file written as a hidden partial sibling first, then all renamed: no half file under a final name."""
+    partials = {path: path.with_name(f".{path.name}.partial") for path in files}
+    try:
+        for path, data in files.items():
+            partials[path].write_bytes(data)
+    except BaseException:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+        raise
+    for path, partial in partials.items():
+        os.replace(partial, path)
+
+
+# What the tokenizer check encodes: words, digits, punctuation, spaces, accents and a non-Latin script.
+TOKENIZER_CHECK_TEXT = "Operating profit rose to EUR 13.1 mn,  up 51 % (Q3/2024): café, naïve — 利润增长。"
+
+
+def _check_tokenizer_text(text_json: str, tokenizer) -> None:
+    """check_tokenizer_json on the tokenizer.json about to be written (where pytorch-tokenizers is installed)."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("pytorch_tokenizers") is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "tokenizer.json"
+        file.write_text(text_json)
+        check_tokenizer_json(file, tokenizer, TOKENIZER_CHECK_TEXT)
+
+
+def check_tokenizer_json(file: Path, tokenizer, text: str) -> list[int]:
+    """The ids pytorch-tokenizers' C++ HF tokenizer (what ExecuTorch apps link) gives `text` from `file`; an
+    ExportError if they differ from `tokenizer`'s (no special tokens added by either)."""
+    from pytorch_tokenizers import CppHFTokenizer
+
+    with native_stderr_filtered():  # it logs its regex set-up to fd 2
+        native = CppHFTokenizer()
+        native.load(str(file))
+        got = list(native.encode(text, 0, 0))
+    want = tokenizer.encode(text, add_special_tokens=False)
+    if got != want:
+        fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ExportError(f"pytorch-tokenizers reads {file} differently from the Hugging Face tokenizer "
+                          f"(ids differ from token {fork} of {len(want)} on {text[:40]!r}); an app using it would "
+                          f"feed the model other tokens: export with a tokenizer whose tokenizer.json both read alike")
+    return got
 
 
 class DecoderRunner:
@@ -176,17 +269,8 @@ class DecoderRunner:
     runtime = "executorch"
 
     def __init__(self, file: Path, threads: int = 0):
-        with native_stderr_filtered():  # load_method prints cpuinfo's probes to fd 2
-            import executorch.kernels.quantized  # noqa: F401  registers embedding_byte & co. (int8 embeddings)
-            from executorch.runtime import Runtime
-
-            if threads:
-                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-                _unsafe_reset_threadpool(threads)  # only effective before load_method
-            start = time.perf_counter()
-            self.program = Runtime.get().load_program(Path(file))
-            self.method = self.program.load_method("forward")
-            self.load_ms = (time.perf_counter() - start) * 1e3
+        self.program, self.method, self.load_ms = load_program(file, threads)
+        with native_stderr_filtered():
             self.metadata = {name: self.program.load_method(name).execute([])
                              for name in self.program.method_names if name != "forward"}
         self.max_seq_len = int(self.metadata["get_max_seq_len"][0])

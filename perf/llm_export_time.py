@@ -1,0 +1,90 @@
+"""Where the export of a decoder LM to ExecuTorch spends its time: each phase of `export_decoder`, fp32 and int4.
+
+    OMP_NUM_THREADS=1 python perf/llm_export_time.py [--quants int4,fp32] [--layers 30] [--max-seq-len 256]
+
+The model has SmolLM2-135M's shape (perf/llm_decode.py: LlamaForCausalLM, 30 layers x 576, 9 heads, 3 KV heads,
+FFN 1536, vocabulary 49,152, tied embeddings) with random weights from a config; export time does not depend on
+the weights. One export per quant through edgekd.targets.llm_executorch.export_decoder (transformers' static-cache
+wrapper, XNNPACK; int4 = the `int4` QuantSpec: 8da4w group 32, int4 embeddings, no HQQ), timed per phase:
+quantize (torchao quantize_), torch_export (strict), to_edge_transform_and_lower, to_executorch, save. Each phase
+is logged as it ends, and the results file is rewritten after each export, so a run stopped midway keeps what
+finished. Records perf/results/llm_export_time.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_decode import SMOLLM2_135M  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "llm_export_time.json"
+PHASES = ("quantize", "torch_export", "to_edge_transform_and_lower", "to_executorch", "save")
+
+
+def main(argv=None) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgekd.benchmarks.host import cpu_model
+    from edgekd.compress.quant import get_spec
+    from edgekd.targets.llm_executorch import export_decoder
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quants", default="int4,fp32")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("edgekd.export").setLevel(logging.INFO)
+
+    torch.manual_seed(0)
+    shape = {**SMOLLM2_135M, "num_hidden_layers": args.layers}
+    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    record = {"command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)"),
+                                   "python perf/llm_export_time.py", *argv]),
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform(),
+                          "torch_threads": torch.get_num_threads()},
+              "versions": _versions(),
+              "model": {"shape": "SmolLM2-135M" if args.layers == 30 else f"SmolLM2-135M width, {args.layers} layers",
+                        **shape, "parameters": sum(p.numel() for p in model.parameters()),
+                        "weights": "random (from a config)"},
+              "max_seq_len": args.max_seq_len, "exports": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for quant in args.quants.split(","):
+            started = time.perf_counter()
+            details = export_decoder(model, Path(tmp) / f"{quant}.pte", get_spec(quant), args.max_seq_len)
+            record["exports"][quant] = {"total_s": round(time.perf_counter() - started, 1),
+                                        "phases_s": details["phases_s"],
+                                        "size_mb": round(details["size_bytes"] / 1e6, 2),
+                                        "delegated_nodes": details["delegated_nodes"],
+                                        "non_delegated_nodes": details["non_delegated_nodes"]}
+            args.out.parent.mkdir(exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+    print(f"{record['model']['shape']}, max_seq_len {args.max_seq_len}, torch threads {torch.get_num_threads()}")
+    print(f"{'quant':<6} " + " ".join(f"{p:>28}" for p in PHASES) + f" {'total s':>8} {'size MB':>8}")
+    for quant, row in record["exports"].items():
+        cells = " ".join(f"{row['phases_s'][p]:>20.1f} ({row['phases_s'][p] / row['total_s']:>4.0%})" for p in PHASES)
+        print(f"{quant:<6} {cells} {row['total_s']:>8.1f} {row['size_mb']:>8.2f}")
+    print(f"recorded in {args.out}")
+    return 0
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    return {name: metadata.version(name) for name in ("torch", "executorch", "torchao", "transformers")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
