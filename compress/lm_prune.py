@@ -1,0 +1,311 @@
+"""A decoder LM student cut by depth and pruned by width, ranked by activations on a small calibration set.
+
+    HF *ForCausalLM ─▶ layer_importance() ─▶ choose_layers() ─▶ prune_decoder() ─▶ (smaller *ForCausalLM, plan)
+
+The recipe is Minitron's (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
+Distillation"; Sreenivas et al. 2024, "LLM Pruning and Distillation in Practice"): importance from a forward
+pass over calibration text, then structural removal, then distillation (distill/, not here).
+
+- Depth: a block's importance is 1 - cosine(hidden in, hidden out) averaged over real tokens (ShortGPT's and
+  Minitron's "block importance"), or the LM loss increase on label positions when the block is skipped.
+  The first and last blocks are kept by default (see `choose_layers`).
+- Width: an MLP neuron's importance is the mean |activation| at the down projection's input; an attention
+  head's is the mean L2 norm of its slice of the output projection's input. Grouped KV heads are respected:
+  whole KV groups go with their query heads, and every kept group keeps the same number of query heads.
+  Every layer keeps the same counts, so the family's config fields (intermediate_size, num_attention_heads,
+  num_key_value_heads; head_dim unchanged) describe the student and it round-trips through
+  save_pretrained / from_pretrained with the Auto classes.
+
+Batches are Hugging Face causal-LM batches: input_ids [B, L] int64, attention_mask [B, L] (1 = real token),
+labels [B, L] with -100 where no loss is taken; logits at t predict token t + 1. Where a family keeps its
+layers, heads, KV groups and MLP comes from edgekd/architecture.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from edgekd.architecture import family_of, get_path, set_path
+from edgekd.compress.prune import _slice_linear
+from edgekd.errors import DataError, RecipeError
+
+PLAN_VERSION = 1
+LAYER_METHODS = ("cosine", "loss")
+PRUNE_USE = "decoder pruning (compress.lm_prune)"
+PRUNE_FIX = "use a Llama, Qwen2/Qwen3 or SmolLM decoder, or skip pruning"
+
+
+def _family(model):
+    return family_of(model, PRUNE_USE, PRUNE_FIX)
+
+
+def _hidden(output):
+    """A block's hidden states [B, L, D]: some families return them alone, others first in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _real(batch) -> torch.Tensor:
+    """[B, L] bool: the real (non-padding) tokens."""
+    return batch["attention_mask"].bool()
+
+
+def _forward(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def lm_loss(model, batches: list[dict]) -> float:
+    """Mean next-token cross-entropy over every label position of `batches` (each token weighs the same)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = _forward(model, batch).logits[:, :-1].float()   # [B, L-1, vocab]: position t predicts t + 1
+        labels = batch["labels"][:, 1:]                           # [B, L-1]
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                         reduction="sum"))
+        count += int((labels != -100).sum())
+    if not count:
+        raise DataError("the calibration batches have no label positions (every label is -100), so no loss can be "
+                        "measured; give batches whose labels hold the token ids")
+    return total / count
+
+
+@dataclass
+class Activations:
+    """What one calibration pass saw, averaged over real tokens."""
+    block: torch.Tensor      # [layers]: 1 - cosine(block input, block output)
+    heads: torch.Tensor      # [layers, query heads]: L2 norm of each head's output (the o projection's input)
+    neurons: torch.Tensor    # [layers, intermediate]: |activation| at the down projection's input
+    tokens: int
+
+
+@torch.no_grad()
+def activation_importance(model, batches: list[dict]) -> Activations:
+    """One forward pass over `batches` with hooks on every block, its o projection and its down projection."""
+    family = _family(model)
+    layers, head_dim = family.layer_list(model), family.head_dim(model.config)
+    heads = family.layer_heads(layers[0], model.config)
+    block = torch.zeros(len(layers), dtype=torch.float64)
+    head_norm = torch.zeros(len(layers), heads, dtype=torch.float64)
+    neurons = torch.zeros(len(layers), family.mlp(layers[0])[1].in_features, dtype=torch.float64)
+    real = {}  # the current batch's [B, L] mask, read by the hooks
+
+    def on_block(i):
+        def hook(module, args, kwargs, output):
+            before = (args[0] if args else kwargs["hidden_states"])[real["mask"]].double()  # [N, D]
+            after = _hidden(output)[real["mask"]].double()
+            block[i] += (1 - torch.nn.functional.cosine_similarity(before, after, dim=-1)).sum()
+        return hook
+
+    def on_o(i):
+        def hook(module, args):
+            x = args[0][real["mask"]].double()                           # [N, heads x head_dim]
+            head_norm[i] += x.view(x.shape[0], -1, head_dim).norm(dim=-1).sum(0)
+        return hook
+
+    def on_down(i):
+        def hook(module, args):
+            neurons[i] += args[0][real["mask"]].double().abs().sum(0)   # [intermediate]
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(on_block(i), with_kwargs=True))
+        handles.append(family.projections(layer)["o"].register_forward_pre_hook(on_o(i)))
+        handles.append(family.mlp(layer)[1].register_forward_pre_hook(on_down(i)))
+    tokens = 0
+    model.eval()
+    try:
+        for batch in batches:
+            real["mask"] = _real(batch)
+            tokens += int(real["mask"].sum())
+            _forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not tokens:
+        raise DataError("the calibration batches have no real tokens (attention_mask is all 0); give some text")
+    return Activations(block=(block / tokens).float(), heads=(head_norm / tokens).float(),
+                       neurons=(neurons / tokens).float(), tokens=tokens)
+
+
+@contextlib.contextmanager
+def _skipped(layer):
+    """Within the block, `layer` passes its input through unchanged (its output replaced by its input)."""
+    def identity(module, args, kwargs, output):
+        before = args[0] if args else kwargs["hidden_states"]
+        return (before, *output[1:]) if isinstance(output, tuple) else before
+
+    handle = layer.register_forward_hook(identity, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def layer_importance(model, batches: list[dict], method: str = "cosine") -> list[float]:
+    """Importance of each block [layers]: "cosine", 1 - cosine(in, out) over real tokens (one pass); or "loss",
+    the LM loss on label positions with the block skipped minus the full model's (one pass per block)."""
+    if method not in LAYER_METHODS:
+        raise RecipeError(f"layer importance method {method!r} is not one of {', '.join(LAYER_METHODS)}")
+    if method == "cosine":
+        return activation_importance(model, batches).block.tolist()
+    base = lm_loss(model, batches)
+    scores = []
+    for layer in _family(model).layer_list(model):
+        with _skipped(layer):
+            scores.append(lm_loss(model, batches) - base)
+    return scores
+
+
+def choose_layers(importance: list[float], keep: int, protect_ends: bool = True) -> list[int]:
+    """The `keep` most important layers, in order (0-based).
+
+    With `protect_ends` (and keep >= 2) the first and last layers are always kept: Minitron (Sreenivas et al.
+    2024, Sec. 4.2, and Muralidharan et al. 2024) found them the most important by LM loss, and ShortGPT's
+    block importance under-rates the last one on some models; perf/lm_prune.py records their ranks on
+    SmolLM2-135M."""
+    total = len(importance)
+    if not isinstance(keep, int) or not 0 < keep <= total:
+        raise RecipeError(f"layers {keep!r}: a decoder of {total} layers keeps 1 to {total} of them; "
+                          f"choose layers from 1 to {total}")
+    protected = [0, total - 1] if protect_ends and keep >= 2 and total >= 2 else []
+    rest = sorted((i for i in range(total) if i not in protected), key=lambda i: importance[i], reverse=True)
+    return sorted(protected + rest[: keep - len(protected)])
+
+
+# --- shape checks -------------------------------------------------------------------------------------------------
+def attention_shape(family, config, kv_groups: int | None, heads: int | None) -> tuple[int, int]:
+    """(KV heads kept, query heads kept in all) for a requested student shape, or one RecipeError line."""
+    total_heads, total_kv = family.num_heads(config), family.num_kv_heads(config)
+    per_group = total_heads // total_kv
+    kv = total_kv if kv_groups is None else kv_groups
+    if not isinstance(kv, int) or not 0 < kv <= total_kv:
+        raise RecipeError(f"kv_groups {kv_groups!r}: the model has {total_kv} KV heads ({total_heads} query heads, "
+                          f"{per_group} per KV head); choose kv_groups from 1 to {total_kv}")
+    valid = [kv * n for n in range(1, per_group + 1)]
+    wanted = kv * per_group if heads is None else heads
+    if wanted not in valid:
+        raise RecipeError(f"heads {heads!r}: with {kv} KV heads every KV head serves the same number of query heads "
+                          f"(at most {per_group}, as in the model), so heads must be one of "
+                          f"{', '.join(map(str, valid))}")
+    return kv, wanted
+
+
+def check_shape(model, layers: int | None, ffn_fraction: float | None, kv_groups: int | None,
+                heads: int | None) -> None:
+    """One RecipeError line for a student shape `prune_decoder` cannot build, before any work."""
+    family = _family(model)
+    total = family.num_layers(model.config)
+    if layers is not None and (not isinstance(layers, int) or not 0 < layers <= total):
+        raise RecipeError(f"layers {layers!r}: the model has {total} layers; choose layers from 1 to {total}")
+    if ffn_fraction is not None and not (isinstance(ffn_fraction, (int, float)) and 0 < ffn_fraction <= 1):
+        raise RecipeError(f"ffn_fraction {ffn_fraction!r} is the fraction of MLP neurons kept; choose a number in "
+                          f"(0, 1], e.g. 0.5")
+    attention_shape(family, model.config, kv_groups, heads)
+
+
+def kept_neurons(size: int, fraction: float) -> int:
+    """MLP neurons kept for `fraction`: a multiple of 32 (int4 groups and SIMD kernels) where size >= 64, >= 32."""
+    kept = max(1, round(fraction * size))
+    return max(32, kept // 32 * 32) if size >= 64 and kept < size else kept
+
+
+# --- cutting ------------------------------------------------------------------------------------------------------
+def _sliced(linear: torch.nn.Linear, keep: list[int], dim: int) -> torch.nn.Linear:
+    new = _slice_linear(linear, torch.tensor(keep, dtype=torch.long), dim)
+    return new.to(dtype=linear.weight.dtype, device=linear.weight.device)
+
+
+def _keep_attention(family, layer, groups: list[int], heads: list[int], head_dim: int, per_group: int) -> None:
+    """Shrink one layer's attention to KV heads `groups` and query heads `heads` (absolute indices), in place."""
+    def rows(indices):
+        return [h * head_dim + i for h in indices for i in range(head_dim)]
+
+    projections = family.projections(layer)
+    set_path(layer, family.q, _sliced(projections["q"], rows(heads), 0))
+    set_path(layer, family.k, _sliced(projections["k"], rows(groups), 0))
+    set_path(layer, family.v, _sliced(projections["v"], rows(groups), 0))
+    set_path(layer, family.o, _sliced(projections["o"], rows(heads), 1))
+    if family.kv_group_attr:
+        setattr(get_path(layer, family.attention), family.kv_group_attr, per_group)
+
+
+def _keep_neurons(family, layer, neurons: list[int]) -> None:
+    inputs, output = family.mlp(layer)
+    for path, linear in zip(family.mlp_in, inputs):
+        set_path(layer, path, _sliced(linear, neurons, 0))
+    set_path(layer, family.mlp_out, _sliced(output, neurons, 1))
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
+
+
+def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fraction: float | None = None,
+                  kv_groups: int | None = None, heads: int | None = None, layer_method: str = "cosine",
+                  protect_ends: bool = True):
+    """A pruned copy of decoder `model` and the plan (what was kept, counts, importance), for the manifest.
+
+    layers: blocks kept (by `layer_method`); ffn_fraction: fraction of MLP neurons kept in every layer; kv_groups:
+    KV heads kept (whole groups, with their query heads); heads: query heads kept in all (the same number per
+    kept group). None keeps that dimension whole. Width is measured on the depth-cut model, the one it prunes.
+    `model` itself is left as it was."""
+    family = _family(model)
+    check_shape(model, layers, ffn_fraction, kv_groups, heads)
+    if layer_method not in LAYER_METHODS:
+        raise RecipeError(f"layer_method {layer_method!r} is not one of {', '.join(LAYER_METHODS)}")
+    config = model.config
+    total = family.num_layers(config)
+    head_dim, total_heads = family.head_dim(config), family.num_heads(config)
+    per_group_before = total_heads // family.num_kv_heads(config)
+    kv, kept_heads = attention_shape(family, config, kv_groups, heads)
+    plan = {"version": PLAN_VERSION, "method": "minitron activation importance",
+            "calibration": {"batches": len(batches), "tokens": sum(int(_real(b).sum()) for b in batches)}}
+
+    pruned = copy.deepcopy(model).eval()
+    kept_layers = list(range(total))
+    if layers is not None and layers < total:
+        scores = layer_importance(model, batches, layer_method)
+        kept_layers = choose_layers(scores, layers, protect_ends)
+        family.keep_layers(pruned, kept_layers)
+        plan["layers"] = {"kept": kept_layers, "of": total, "method": layer_method, "protect_ends": protect_ends,
+                          "importance": [round(s, 6) for s in scores]}
+    ffn_size = family.mlp(family.layer_list(pruned)[0])[1].in_features
+    ffn_kept = ffn_size if ffn_fraction is None else kept_neurons(ffn_size, ffn_fraction)
+    if ffn_kept == ffn_size and kept_heads == total_heads:
+        return pruned, plan
+
+    acts = activation_importance(pruned, batches)
+    per_group = kept_heads // kv
+    attention = {"kv_heads": kv, "heads": kept_heads, "head_dim": head_dim, "kept_kv_heads": [], "kept_heads": [],
+                 "head_importance": []}
+    mlp = {"kept": ffn_kept, "of": ffn_size, "importance_share_kept": []}
+    for i, layer in enumerate(family.layer_list(pruned)):
+        if kept_heads < total_heads:
+            by_head = acts.heads[i].view(-1, per_group_before)                # [KV heads, query heads per group]
+            groups = _top(by_head.sum(1), kv)
+            chosen = [g * per_group_before + h for g in groups for h in _top(by_head[g], per_group)]
+            _keep_attention(family, layer, groups, chosen, head_dim, per_group)
+            attention["kept_kv_heads"].append(groups)
+            attention["kept_heads"].append(chosen)
+            attention["head_importance"].append([round(float(s), 6) for s in acts.heads[i]])
+        if ffn_kept < ffn_size:
+            neurons = _top(acts.neurons[i], ffn_kept)
+            _keep_neurons(family, layer, neurons)
+            share = acts.neurons[i][neurons].sum() / acts.neurons[i].sum().clamp_min(1e-12)
+            mlp["importance_share_kept"].append(round(float(share), 6))
+    if kept_heads < total_heads:
+        setattr(pruned.config, family.heads_field, kept_heads)
+        if family.kv_heads_field:
+            setattr(pruned.config, family.kv_heads_field, kv)
+        if family.head_dim_field:  # explicit: a default of hidden / heads would now be wrong
+            setattr(pruned.config, family.head_dim_field, head_dim)
+        plan["attention"] = {**attention, "of_kv_heads": family.num_kv_heads(config), "of_heads": total_heads}
+    if ffn_kept < ffn_size:
+        setattr(pruned.config, family.ffn_field, ffn_kept)
+        plan["mlp"] = mlp
+    return pruned, plan
