@@ -52,6 +52,15 @@ def _real(batch) -> torch.Tensor:
     return batch["attention_mask"].bool()
 
 
+def _real_tokens(batches: list[dict]) -> int:
+    """Real tokens in `batches`; one DataError line where there are none (nothing to measure)."""
+    tokens = sum(int(_real(b).sum()) for b in batches)
+    if not tokens:
+        raise DataError("the calibration batches have no real tokens (no batches, or attention_mask all 0); "
+                        "give some calibration text")
+    return tokens
+
+
 def _forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
@@ -60,16 +69,16 @@ def _forward(model, batch):
 @torch.no_grad()
 def lm_loss(model, batches: list[dict]) -> float:
     """Mean next-token cross-entropy over every label position of `batches` (each token weighs the same)."""
-    total, count = 0.0, 0
+    count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    if not count:
+        raise DataError("the calibration batches have no label positions (every label is -100), so no loss can be "
+                        "measured; give batches whose labels hold the token ids")
+    total = 0.0
     for batch in batches:
         logits = _forward(model, batch).logits[:, :-1].float()   # [B, L-1, vocab]: position t predicts t + 1
         labels = batch["labels"][:, 1:]                           # [B, L-1]
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                          reduction="sum"))
-        count += int((labels != -100).sum())
-    if not count:
-        raise DataError("the calibration batches have no label positions (every label is -100), so no loss can be "
-                        "measured; give batches whose labels hold the token ids")
     return total / count
 
 
@@ -103,7 +112,7 @@ def activation_importance(model, batches: list[dict]) -> Activations:
     def on_o(i):
         def hook(module, args):
             x = args[0][real["mask"]].double()                           # [N, heads x head_dim]
-            head_norm[i] += x.view(x.shape[0], -1, head_dim).norm(dim=-1).sum(0)
+            head_norm[i] += x.view(x.shape[0], heads, head_dim).norm(dim=-1).sum(0)
         return hook
 
     def on_down(i):
@@ -111,23 +120,20 @@ def activation_importance(model, batches: list[dict]) -> Activations:
             neurons[i] += args[0][real["mask"]].double().abs().sum(0)   # [intermediate]
         return hook
 
+    tokens = _real_tokens(batches)  # before any hook is attached
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(on_block(i), with_kwargs=True))
         handles.append(family.projections(layer)["o"].register_forward_pre_hook(on_o(i)))
         handles.append(family.mlp(layer)[1].register_forward_pre_hook(on_down(i)))
-    tokens = 0
     model.eval()
     try:
         for batch in batches:
             real["mask"] = _real(batch)
-            tokens += int(real["mask"].sum())
             _forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    if not tokens:
-        raise DataError("the calibration batches have no real tokens (attention_mask is all 0); give some text")
     return Activations(block=(block / tokens).float(), heads=(head_norm / tokens).float(),
                        neurons=(neurons / tokens).float(), tokens=tokens)
 
@@ -264,7 +270,7 @@ def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fra
     per_group_before = total_heads // family.num_kv_heads(config)
     kv, kept_heads = attention_shape(family, config, kv_groups, heads)
     plan = {"version": PLAN_VERSION, "method": "minitron activation importance",
-            "calibration": {"batches": len(batches), "tokens": sum(int(_real(b).sum()) for b in batches)}}
+            "calibration": {"batches": len(batches), "tokens": _real_tokens(batches)}}
 
     pruned = copy.deepcopy(model).eval()
     kept_layers = list(range(total))

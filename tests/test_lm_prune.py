@@ -38,13 +38,15 @@ def batches(n: int = 3, seed: int = 0) -> list[dict]:
 
 
 def build(family: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
     shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape))
+    if family == "qwen2":  # biased q/k/v projections
+        return Qwen2ForCausalLM(Qwen2Config(**shape))
     return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **shape))
 
 
@@ -165,7 +167,7 @@ def test_same_number_of_query_heads_kept_per_group(family):
     assert logits(pruned, batches()[0]).shape == (8, 24, VOCAB)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2"])
 def test_pruned_model_saves_and_reloads_with_identical_logits(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -210,6 +212,18 @@ def test_bad_student_shape_is_one_line_before_any_work(kwargs, words):
     with pytest.raises(RecipeError) as error:
         prune_decoder(model, [], **kwargs)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_batches_without_labels_or_tokens_are_one_line():
+    from edgekd.errors import DataError
+
+    model, batch = build("llama").eval(), batches(1)[0]
+    with pytest.raises(DataError, match="no label positions"):
+        prune_decoder(model, [{**batch, "labels": torch.full_like(batch["labels"], -100)}], layers=3,
+                      layer_method="loss")
+    with pytest.raises(DataError, match="no real tokens"):
+        prune_decoder(model, [{**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])}],
+                      ffn_fraction=0.5)
 
 
 @pytest.mark.slow
