@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,7 @@ class Activations:
     block: torch.Tensor      # [layers]: 1 - cosine(block input, block output)
     heads: torch.Tensor      # [layers, query heads]: L2 norm of each head's output (the o projection's input)
     neurons: torch.Tensor    # [layers, intermediate]: |activation| at the down projection's input
+    channels: torch.Tensor   # [hidden]: |output| of every norm over the hidden channels, summed over the norms
     tokens: int
 
 
@@ -100,6 +102,7 @@ def activation_importance(model, batches: list[dict]) -> Activations:
     block = torch.zeros(len(layers), dtype=torch.float64)
     head_norm = torch.zeros(len(layers), heads, dtype=torch.float64)
     neurons = torch.zeros(len(layers), family.mlp(layers[0])[1].in_features, dtype=torch.float64)
+    channels = torch.zeros(getattr(model.config, family.hidden_field), dtype=torch.float64)
     real = {}  # the current batch's [B, L] mask, read by the hooks
 
     def on_block(i):
@@ -120,12 +123,16 @@ def activation_importance(model, batches: list[dict]) -> Activations:
             neurons[i] += args[0][real["mask"]].double().abs().sum(0)   # [intermediate]
         return hook
 
+    def on_norm(module, args, output):  # Minitron's embedding-channel importance: the norms' outputs
+        channels.add_(_hidden(output)[real["mask"]].double().abs().sum(0))
+
     tokens = _real_tokens(batches)  # before any hook is attached
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(on_block(i), with_kwargs=True))
         handles.append(family.projections(layer)["o"].register_forward_pre_hook(on_o(i)))
         handles.append(family.mlp(layer)[1].register_forward_pre_hook(on_down(i)))
+        handles += [get_path(layer, path).register_forward_hook(on_norm) for path in family.layer_norms]
     model.eval()
     try:
         for batch in batches:
@@ -135,7 +142,7 @@ def activation_importance(model, batches: list[dict]) -> Activations:
         for handle in handles:
             handle.remove()
     return Activations(block=(block / tokens).float(), heads=(head_norm / tokens).float(),
-                       neurons=(neurons / tokens).float(), tokens=tokens)
+                       neurons=(neurons / tokens).float(), channels=(channels / tokens).float(), tokens=tokens)
 
 
 @contextlib.contextmanager
@@ -202,7 +209,7 @@ def attention_shape(family, config, kv_groups: int | None, heads: int | None) ->
 
 
 def check_shape(model, layers: int | None, ffn_fraction: float | None, kv_groups: int | None,
-                heads: int | None) -> None:
+                heads: int | None, hidden_fraction: float | None = None) -> None:
     """One RecipeError line for a student shape `prune_decoder` cannot build, before any work."""
     family = _family(model)
     total = family.num_layers(model.config)
@@ -212,6 +219,12 @@ def check_shape(model, layers: int | None, ffn_fraction: float | None, kv_groups
         raise RecipeError(f"ffn_fraction {ffn_fraction!r} is the fraction of MLP neurons kept; choose a number in "
                           f"(0, 1], e.g. 0.5")
     attention_shape(family, model.config, kv_groups, heads)
+    if hidden_fraction is not None and not (isinstance(hidden_fraction, (int, float)) and 0 < hidden_fraction <= 1):
+        raise RecipeError(f"hidden_fraction {hidden_fraction!r} is the fraction of hidden (embedding) channels kept; "
+                          f"choose a number in (0, 1], e.g. 0.75")
+    if hidden_fraction is not None and hidden_fraction < 1 and not family.layer_norms:
+        raise RecipeError(f"hidden-channel pruning of {family.name} models is not supported (the architecture map "
+                          f"does not list their norms); leave hidden_fraction unset")
 
 
 def kept_neurons(size: int, fraction: float) -> int:
@@ -247,21 +260,57 @@ def _keep_neurons(family, layer, neurons: list[int]) -> None:
     set_path(layer, family.mlp_out, _sliced(output, neurons, 1))
 
 
+def _keep_channels(family, model, channels: list[int]) -> None:
+    """Shrink the hidden size to `channels` everywhere, in place: the embedding (and a tied lm_head with it),
+    every norm, the columns of the linears that read the residual stream and the rows of those that write it."""
+    index = torch.tensor(channels, dtype=torch.long)
+    embedding = family.embedding(model)
+    new = torch.nn.Embedding(embedding.num_embeddings, len(channels), padding_idx=embedding.padding_idx,
+                             dtype=embedding.weight.dtype, device=embedding.weight.device)
+    new.weight.data.copy_(embedding.weight.data[:, index])
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    set_path(model.base_model, family.embeddings, new)
+    if tied:
+        head.weight, head.in_features = new.weight, len(channels)
+    elif head is not None:
+        model.set_output_embeddings(_sliced(head, channels, 1))
+    norms = [family.norm(model)] if family.final_norm else []
+    for layer in family.layer_list(model):
+        norms += [get_path(layer, path) for path in family.layer_norms]
+        projections = family.projections(layer)
+        for name in ("q", "k", "v"):
+            set_path(layer, getattr(family, name), _sliced(projections[name], channels, 1))
+        set_path(layer, family.o, _sliced(projections["o"], channels, 0))
+        inputs, output = family.mlp(layer)
+        for path, linear in zip(family.mlp_in, inputs):
+            set_path(layer, path, _sliced(linear, channels, 1))
+        set_path(layer, family.mlp_out, _sliced(output, channels, 0))
+    # An RMS norm over fewer channels divides by a smaller mean square; scaling its weight by sqrt(old / new) keeps
+    # its output where the removed channels carried no energy (exact for silent channels but for the norm's eps).
+    scale = math.sqrt(embedding.embedding_dim / len(channels))
+    for norm in norms:
+        norm.weight = torch.nn.Parameter(norm.weight.data[index] * scale)
+    setattr(model.config, family.hidden_field, len(channels))
+
+
 def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
 
 
 def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fraction: float | None = None,
-                  kv_groups: int | None = None, heads: int | None = None, layer_method: str = "cosine",
-                  protect_ends: bool = True):
+                  kv_groups: int | None = None, heads: int | None = None, hidden_fraction: float | None = None,
+                  layer_method: str = "cosine", protect_ends: bool = True):
     """A pruned copy of decoder `model` and the plan (what was kept, counts, importance), for the manifest.
 
     layers: blocks kept (by `layer_method`); ffn_fraction: fraction of MLP neurons kept in every layer; kv_groups:
     KV heads kept (whole groups, with their query heads); heads: query heads kept in all (the same number per
-    kept group). None keeps that dimension whole. Width is measured on the depth-cut model, the one it prunes.
+    kept group); hidden_fraction: fraction of hidden (embedding) channels kept, by Minitron's norm-output
+    importance (the RMS norms' weights rescaled for the fewer channels they average over).
+    None keeps that dimension whole. Width is measured on the depth-cut model, the one it prunes.
     `model` itself is left as it was."""
     family = _family(model)
-    check_shape(model, layers, ffn_fraction, kv_groups, heads)
+    check_shape(model, layers, ffn_fraction, kv_groups, heads, hidden_fraction)
     if layer_method not in LAYER_METHODS:
         raise RecipeError(f"layer_method {layer_method!r} is not one of {', '.join(LAYER_METHODS)}")
     config = model.config
@@ -282,7 +331,9 @@ def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fra
                           "importance": [round(s, 6) for s in scores]}
     ffn_size = family.mlp(family.layer_list(pruned)[0])[1].in_features
     ffn_kept = ffn_size if ffn_fraction is None else kept_neurons(ffn_size, ffn_fraction)
-    if ffn_kept == ffn_size and kept_heads == total_heads:
+    hidden = getattr(config, family.hidden_field)
+    hidden_kept = hidden if hidden_fraction is None else kept_neurons(hidden, hidden_fraction)
+    if ffn_kept == ffn_size and kept_heads == total_heads and hidden_kept == hidden:
         return pruned, plan
 
     acts = activation_importance(pruned, batches)
@@ -314,4 +365,12 @@ def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fra
     if ffn_kept < ffn_size:
         setattr(pruned.config, family.ffn_field, ffn_kept)
         plan["mlp"] = mlp
+    if hidden_kept < hidden:
+        channels = _top(acts.channels, hidden_kept)
+        _keep_channels(family, pruned, channels)
+        if family.head_dim_field:
+            setattr(pruned.config, family.head_dim_field, head_dim)
+        share = acts.channels[channels].sum() / acts.channels.sum().clamp_min(1e-12)
+        plan["hidden"] = {"kept": hidden_kept, "of": hidden, "channels": channels,
+                          "importance_share_kept": round(float(share), 6)}
     return pruned, plan

@@ -37,12 +37,13 @@ def batches(n: int = 3, seed: int = 0) -> list[dict]:
     return out
 
 
-def build(family: str):
+def build(family: str, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
     shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                 tie_word_embeddings=tied)
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape))
     if family == "qwen2":  # biased q/k/v projections
@@ -66,16 +67,24 @@ def train(model, steps: int = 40):
 _TRAINED = {}
 
 
-def trained(family: str, planted: int = PLANTED):
+def trained(family: str, planted: int = PLANTED, tied: bool = False):
     """A trained tiny decoder whose layer `planted` is the identity (o and down projections zero, frozen)."""
-    if (family, planted) not in _TRAINED:
-        model = build(family)
+    if (family, planted, tied) not in _TRAINED:
+        model = build(family, tied)
         layer = model.model.layers[planted]
         for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
             torch.nn.init.zeros_(linear.weight)
             linear.weight.requires_grad_(False)
-        _TRAINED[family, planted] = train(model)
-    return _TRAINED[family, planted]
+        _TRAINED[family, planted, tied] = train(model)
+    return _TRAINED[family, planted, tied]
+
+
+def no_eps(model, width: int):
+    """`model` with eps 0 in its norms over `width` hidden channels (not Qwen3's per-head q/k norms)."""
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon") and module.weight.shape == (width,):
+            module.variance_epsilon = 0.0
+    return model
 
 
 def logits(model, batch):
@@ -167,13 +176,40 @@ def test_same_number_of_query_heads_kept_per_group(family):
     assert logits(pruned, batches()[0]).shape == (8, 24, VOCAB)
 
 
+@pytest.mark.parametrize("family, tied", [("llama", True), ("qwen3", False)])
+def test_silent_hidden_channels_are_pruned_everywhere_exactly(family, tied, tmp_path):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(trained(family, tied=tied))
+    silent = list(range(1, 64, 2))  # never written to the residual stream: the embedding's and writers' rows zero
+    model.get_input_embeddings().weight.data[:, silent] = 0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.data[silent] = 0
+        layer.mlp.down_proj.weight.data[silent] = 0
+    no_eps(model, 64)  # then the rescaled norms give exactly the same outputs
+    pruned, plan = prune_decoder(model, batches(), hidden_fraction=0.5)
+    kept = list(range(0, 64, 2))
+    assert plan["hidden"]["channels"] == kept and pruned.config.hidden_size == 32 and pruned.config.head_dim == 16
+    assert pruned.get_input_embeddings().weight.shape == (VOCAB, 32) and pruned.model.norm.weight.shape == (32,)
+    assert (pruned.lm_head.weight is pruned.get_input_embeddings().weight) == tied
+    # (with the config's eps 1e-6 the logits moved by up to 9e-3 of a max 8.6)
+    torch.testing.assert_close(logits(pruned, batches()[0]), logits(model, batches()[0]), atol=1e-5, rtol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    reloaded = no_eps(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), 32)
+    torch.testing.assert_close(logits(reloaded, batches()[0]), logits(pruned, batches()[0]), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", [*FAMILIES, "qwen2"])
 def test_pruned_model_saves_and_reloads_with_identical_logits(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, data = trained(family), batches()
-    pruned, plan = prune_decoder(model, data, layers=3, ffn_fraction=0.5, kv_groups=1, layer_method="loss")
-    assert set(plan) >= {"layers", "mlp", "attention", "calibration"} and plan["calibration"]["tokens"] == 3 * 160
+    pruned, plan = prune_decoder(model, data, layers=3, ffn_fraction=0.5, kv_groups=1, hidden_fraction=0.5,
+                                 layer_method="loss")
+    assert set(plan) >= {"layers", "mlp", "attention", "hidden", "calibration"}
+    assert plan["calibration"]["tokens"] == 3 * 160
     pruned.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(pruned)
@@ -186,7 +222,7 @@ def test_pruned_model_saves_and_reloads_with_identical_logits(family, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruning_nothing_changes_nothing(family):
     model, data = trained(family), batches()
-    for kwargs in ({}, {"layers": 4, "ffn_fraction": 1.0, "kv_groups": 2, "heads": 4}):
+    for kwargs in ({}, {"layers": 4, "ffn_fraction": 1.0, "kv_groups": 2, "heads": 4, "hidden_fraction": 1.0}):
         pruned, plan = prune_decoder(model, data, **kwargs)
         assert pruned is not model and "layers" not in plan and "mlp" not in plan and "attention" not in plan
         torch.testing.assert_close(logits(pruned, data[0]), logits(model, data[0]), atol=0, rtol=0)
@@ -204,6 +240,7 @@ def test_pruning_nothing_changes_nothing(family):
     ({"layers": 5}, "choose layers from 1 to 4"),
     ({"ffn_fraction": 0}, "choose a number in (0, 1]"),
     ({"ffn_fraction": 1.5}, "choose a number in (0, 1]"),
+    ({"hidden_fraction": -0.5}, "choose a number in (0, 1], e.g. 0.75"),
     ({"layers": 3, "layer_method": "random"}, "is not one of cosine, loss"),
 ])
 def test_bad_student_shape_is_one_line_before_any_work(kwargs, words):
@@ -232,7 +269,8 @@ def test_pruned_decoder_exports_with_fp32_parity(tmp_path):
     from edgekd.compress.quant import get_spec
     from edgekd.targets.llm_executorch import DecoderRunner, decoder_parity, export_decoder
 
-    pruned, _ = prune_decoder(trained("qwen3"), batches(), layers=3, ffn_fraction=0.5, kv_groups=1)
+    pruned, _ = prune_decoder(trained("qwen3"), batches(), layers=3, ffn_fraction=0.5, kv_groups=1,
+                              hidden_fraction=0.5)
     out = tmp_path / "student.pte"
     export_decoder(pruned, out, get_spec("fp32"), max_seq_len=32)
     generator = torch.Generator().manual_seed(2)
