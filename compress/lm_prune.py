@@ -298,6 +298,57 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
 
 
+def _prune_heads(family, model, acts: Activations, kv: int, kept_heads: int) -> dict:
+    """In every layer keep the `kv` KV groups of the largest summed head norms, and in each the same number of
+    query heads of the largest norms; the config follows. Returns the plan's attention entry."""
+    config = model.config
+    total_heads, head_dim = family.num_heads(config), family.head_dim(config)
+    before, per_group = total_heads // family.num_kv_heads(config), kept_heads // kv
+    plan = {"kv_heads": kv, "of_kv_heads": family.num_kv_heads(config), "heads": kept_heads, "of_heads": total_heads,
+            "head_dim": head_dim, "kept_kv_heads": [], "kept_heads": [], "head_importance": []}
+    for i, layer in enumerate(family.layer_list(model)):
+        by_head = acts.heads[i].view(-1, before)                      # [KV heads, query heads per group]
+        groups = _top(by_head.sum(1), kv)
+        chosen = [g * before + h for g in groups for h in _top(by_head[g], per_group)]
+        _keep_attention(family, layer, groups, chosen, head_dim, per_group)
+        plan["kept_kv_heads"].append(groups)
+        plan["kept_heads"].append(chosen)
+        plan["head_importance"].append([round(float(s), 6) for s in acts.heads[i]])
+    setattr(config, family.heads_field, kept_heads)
+    if family.kv_heads_field:
+        setattr(config, family.kv_heads_field, kv)
+    if family.head_dim_field:  # explicit: a default of hidden / heads would now be wrong
+        setattr(config, family.head_dim_field, head_dim)
+    return plan
+
+
+def _share(scores: torch.Tensor, kept: list[int]) -> float:
+    """The fraction of the importance that the kept units hold."""
+    return round(float(scores[kept].sum() / scores.sum().clamp_min(1e-12)), 6)
+
+
+def _prune_mlp(family, model, acts: Activations, kept: int) -> dict:
+    """In every layer keep the `kept` neurons of the largest mean |activation|. Returns the plan's mlp entry."""
+    plan = {"kept": kept, "of": acts.neurons.shape[1], "importance_share_kept": []}
+    for i, layer in enumerate(family.layer_list(model)):
+        neurons = _top(acts.neurons[i], kept)
+        _keep_neurons(family, layer, neurons)
+        plan["importance_share_kept"].append(_share(acts.neurons[i], neurons))
+    setattr(model.config, family.ffn_field, kept)
+    return plan
+
+
+def _prune_hidden(family, model, acts: Activations, kept: int) -> dict:
+    """Keep the `kept` hidden channels of the largest norm outputs. Returns the plan's hidden entry."""
+    head_dim = family.head_dim(model.config)
+    channels = _top(acts.channels, kept)
+    _keep_channels(family, model, channels)
+    if family.head_dim_field:  # explicit: a default of hidden / heads would now be wrong
+        setattr(model.config, family.head_dim_field, head_dim)
+    return {"kept": kept, "of": acts.channels.numel(), "channels": channels,
+            "importance_share_kept": _share(acts.channels, channels)}
+
+
 def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fraction: float | None = None,
                   kv_groups: int | None = None, heads: int | None = None, hidden_fraction: float | None = None,
                   layer_method: str = "cosine", protect_ends: bool = True):
@@ -315,8 +366,7 @@ def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fra
         raise RecipeError(f"layer_method {layer_method!r} is not one of {', '.join(LAYER_METHODS)}")
     config = model.config
     total = family.num_layers(config)
-    head_dim, total_heads = family.head_dim(config), family.num_heads(config)
-    per_group_before = total_heads // family.num_kv_heads(config)
+    total_heads = family.num_heads(config)
     kv, kept_heads = attention_shape(family, config, kv_groups, heads)
     plan = {"version": PLAN_VERSION, "method": "minitron activation importance",
             "calibration": {"batches": len(batches), "tokens": _real_tokens(batches)}}
@@ -337,40 +387,10 @@ def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fra
         return pruned, plan
 
     acts = activation_importance(pruned, batches)
-    per_group = kept_heads // kv
-    attention = {"kv_heads": kv, "heads": kept_heads, "head_dim": head_dim, "kept_kv_heads": [], "kept_heads": [],
-                 "head_importance": []}
-    mlp = {"kept": ffn_kept, "of": ffn_size, "importance_share_kept": []}
-    for i, layer in enumerate(family.layer_list(pruned)):
-        if kept_heads < total_heads:
-            by_head = acts.heads[i].view(-1, per_group_before)                # [KV heads, query heads per group]
-            groups = _top(by_head.sum(1), kv)
-            chosen = [g * per_group_before + h for g in groups for h in _top(by_head[g], per_group)]
-            _keep_attention(family, layer, groups, chosen, head_dim, per_group)
-            attention["kept_kv_heads"].append(groups)
-            attention["kept_heads"].append(chosen)
-            attention["head_importance"].append([round(float(s), 6) for s in acts.heads[i]])
-        if ffn_kept < ffn_size:
-            neurons = _top(acts.neurons[i], ffn_kept)
-            _keep_neurons(family, layer, neurons)
-            share = acts.neurons[i][neurons].sum() / acts.neurons[i].sum().clamp_min(1e-12)
-            mlp["importance_share_kept"].append(round(float(share), 6))
     if kept_heads < total_heads:
-        setattr(pruned.config, family.heads_field, kept_heads)
-        if family.kv_heads_field:
-            setattr(pruned.config, family.kv_heads_field, kv)
-        if family.head_dim_field:  # explicit: a default of hidden / heads would now be wrong
-            setattr(pruned.config, family.head_dim_field, head_dim)
-        plan["attention"] = {**attention, "of_kv_heads": family.num_kv_heads(config), "of_heads": total_heads}
+        plan["attention"] = _prune_heads(family, pruned, acts, kv, kept_heads)
     if ffn_kept < ffn_size:
-        setattr(pruned.config, family.ffn_field, ffn_kept)
-        plan["mlp"] = mlp
+        plan["mlp"] = _prune_mlp(family, pruned, acts, ffn_kept)
     if hidden_kept < hidden:
-        channels = _top(acts.channels, hidden_kept)
-        _keep_channels(family, pruned, channels)
-        if family.head_dim_field:
-            setattr(pruned.config, family.head_dim_field, head_dim)
-        share = acts.channels[channels].sum() / acts.channels.sum().clamp_min(1e-12)
-        plan["hidden"] = {"kept": hidden_kept, "of": hidden, "channels": channels,
-                          "importance_share_kept": round(float(share), 6)}
+        plan["hidden"] = _prune_hidden(family, pruned, acts, hidden_kept)
     return pruned, plan
