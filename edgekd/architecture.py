@@ -51,6 +51,8 @@ class Family:
     per_layer_fields: tuple[str, ...] = ()  # config lists with one entry per layer: cut with the layers
     layer_index: str | None = None        # layer -> its own index (a decoder's KV-cache slot): renumbered on a cut
     head_pruning: bool = True             # False where one per-head tensor serves every layer (MPNet's position bias)
+    kv_group_attr: str | None = None      # attention attribute: query heads per KV head (set when that changes)
+    layer_norms: tuple[str, ...] = ()     # layer -> norms over the hidden channels (cut with them; decoders)
 
     # --- the config -----------------------------------------------------------------------
     def num_layers(self, config) -> int:
@@ -134,7 +136,8 @@ FAMILIES = (
            q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
            mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj", attention="self_attn",
            head_count_attrs=(), kv_heads_field="num_key_value_heads", head_dim_field="head_dim",
-           final_norm="norm", per_layer_fields=("layer_types",), layer_index="self_attn.layer_idx"),
+           final_norm="norm", per_layer_fields=("layer_types",), layer_index="self_attn.layer_idx",
+           kv_group_attr="num_key_value_groups", layer_norms=("input_layernorm", "post_attention_layernorm")),
 )
 
 
