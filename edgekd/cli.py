@@ -16,7 +16,8 @@ from edgekd.errors import EdgeKDError
 from edgekd.tasks import DEFAULT_TASK, TASKS
 
 EXAMPLES = {
-    "demo": "edgekd demo --out runs/demo\n  edgekd demo --print-recipe > my-recipe.yaml",
+    "demo": "edgekd demo --out runs/demo\n  edgekd demo --print-recipe > my-recipe.yaml\n"
+            "  edgekd demo --task text-generation --print-recipe > my-lm.yaml",
     "run": "edgekd run my-recipe.yaml --out runs/mine",
     "finetune": "edgekd finetune --recipe my-recipe.yaml --out runs/mine/finetune",
     "distill": "edgekd distill --recipe my-recipe.yaml --teacher runs/mine/finetune --out runs/mine/distill",

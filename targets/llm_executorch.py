@@ -252,7 +252,12 @@ def check_tokenizer_json(file: Path, tokenizer, text: str) -> list[int]:
 
     with native_stderr_filtered():  # it logs its regex set-up to fd 2
         native = CppHFTokenizer()
-        native.load(str(file))
+        try:
+            native.load(str(file))
+        except RuntimeError as exc:  # e.g. a pre-tokenizer the C++ library does not implement
+            raise ExportError(f"pytorch-tokenizers, the tokenizer library ExecuTorch apps link, cannot read this "
+                              f"model's tokenizer.json ({exc}), so an app could not feed it text; use a model "
+                              f"whose tokenizer is BPE, tiktoken or SentencePiece (Llama, Qwen, SmolLM are)") from None
         got = list(native.encode(text, 0, 0))
     want = tokenizer.encode(text, add_special_tokens=False)
     if got != want:

@@ -37,3 +37,19 @@ def tiny_llama(vocab_size: int = 256, layers: int = 2, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_bpe_tokenizer(texts: list[str], vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts` (GPT-2 style, as SmolLM2's): one pytorch-tokenizers reads,
+    so a .pte's tokenizer.json can be checked in ExecuTorch's own tokenizer library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", unk_token="<unk>",
+                                   eos_token="</s>")

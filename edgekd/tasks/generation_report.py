@@ -42,6 +42,7 @@ def collect(run_dir: Path) -> dict:
             **{k: row.get(k) for k in ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb",
                                        "load_ms")},
         })
+    variants.sort(key=lambda v: ({"teacher": 0, "student": 1}.get(v["role"], 2), -v["size_bytes"]))
     eager = {row["model"]: row for row in measured.values() if row["runtime"] == "torch"}
     summary = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "run": str(run_dir), "variants": variants, "failed": failed, "eager": eager,

@@ -1,0 +1,64 @@
+"""The text-generation chain end to end on a tiny random decoder: fine-tune, prune + distill, three .pte
+variants gated against their own references, bench, report; a rerun reuses every stage."""
+import json
+
+import pytest
+from lm_tiny import tiny_bpe_tokenizer, tiny_llama
+
+from edgekd.cli import main
+from edgekd.lm_data import FINSENT_TEMPLATE
+
+from conftest import make_rows, write_csv
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lm_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    splits = {name: make_rows(n, seed) for name, n, seed in (("train", 48, 1), ("validation", 12, 2), ("test", 12, 3))}
+    for name, rows in splits.items():
+        write_csv(root / f"{name}.csv", rows)
+    texts = [FINSENT_TEMPLATE] + [r["text"] + " " + r["label"] for rows in splits.values() for r in rows]
+    teacher = tiny_llama(vocab_size=320, layers=4)
+    teacher.save_pretrained(root / "teacher")
+    tiny_bpe_tokenizer(texts).save_pretrained(root / "teacher")
+    recipe = {
+        "task": "text-generation", "name": "tiny-lm",
+        "teacher": {"model": "teacher", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
+        "data": {"train": "train.csv", "validation": "validation.csv", "test": "test.csv", "max_length": 112},
+        "student": {"layers": 2, "ffn": 0.5, "calibration": 8, "top_k": 16, "epochs": 1, "batch_size": 8,
+                    "learning_rate": 1e-3},
+        "compress": {"quant": ["int4"]}, "max_seq_len": 128,
+        "bench": {"prompt_lengths": [8, 16], "new_tokens": 4, "rounds": 1, "prompts": 2, "threads": 1},
+    }
+    import yaml
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def test_the_generation_chain_runs_and_reports(lm_recipe, capsys):
+    out = lm_recipe / "run"
+    assert main(["run", str(lm_recipe / "recipe.yaml"), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = [v["name"] for v in summary["variants"]]
+    assert names == ["teacher-fp32-android-executorch", "student-fp32-android-executorch",
+                     "student-int4-android-executorch"]
+    teacher, student, int4 = summary["variants"]
+    assert int4["size_bytes"] < student["size_bytes"] < teacher["size_bytes"]
+    for v in summary["variants"]:
+        assert v["parity"]["passed"] and v["decode_tokens_per_s"] > 0 and v["ttft_ms"] > 0
+        assert v["perplexity"] > 1 and 0 <= v["task_accuracy"]["accuracy"] <= 1
+    distill = json.loads((out / "distill" / "manifest.json").read_text())
+    assert distill["plan"]["layers"]["of"] == 4 and len(distill["plan"]["layers"]["kept"]) == 2
+    assert distill["plan"]["mlp"]["kept"] == 64
+    ratios = {(r["variant"], r["over"]) for r in summary["ratios"]}
+    assert ("student-int4-android-executorch", "teacher-fp32-android-executorch") in ratios
+    report = (out / "report.md").read_text()
+    assert "Decode tokens/s" in report and "Task accuracy" in report
+    pte = out / "export" / "student-int4-android-executorch"
+    assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in pte.iterdir()}
+
+    # A rerun finds every stage done.
+    assert main(["run", str(lm_recipe / "recipe.yaml"), "--out", str(out)]) == 0
+    assert "finetune ..." in capsys.readouterr().err
