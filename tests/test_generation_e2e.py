@@ -3,12 +3,12 @@ variants gated against their own references, bench, report; a rerun reuses every
 import json
 
 import pytest
-from lm_tiny import tiny_bpe_tokenizer, tiny_llama
 
 from edgekd.cli import main
 from edgekd.lm_data import FINSENT_TEMPLATE
 
 from conftest import make_rows, write_csv
+from lm_tiny import tiny_bpe_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.slow
 

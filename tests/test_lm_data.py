@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-from lm_tiny import tiny_tokenizer
 
 from edgekd import lm_data
 from edgekd.data import read_split, resolve_path
 from edgekd.errors import DataError, ModelError
 from edgekd.lm_data import Collator, Record, encode, from_classification, read_prompt_completion, read_text
 from edgekd.recipe import DataConfig
+
+from lm_tiny import tiny_tokenizer
 
 
 def write_jsonl(path, rows):

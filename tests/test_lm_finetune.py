@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from lm_tiny import tiny_llama, tiny_tokenizer
 
 from edgekd.distill.lm_finetune import METRICS_FILE, LoraSettings, finetune_lm, lora_targets
 from edgekd.errors import DataError, RecipeError, StageError
 from edgekd.lm_data import Collator, Record, batches, encode
 from edgekd.lm_metrics import perplexity
+
+from lm_tiny import tiny_llama, tiny_tokenizer
 
 PAIRS = [("Kestrel Mining profit fell", "negative"), ("Norlund Bank record sales", "positive"),
          ("Vireo Pharma moved its office", "neutral"), ("Arcadia Telecom shares slumped", "negative"),

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-from lm_tiny import tiny_llama, tiny_tokenizer
 
 from edgekd.data import Split
 from edgekd.lm_data import Collator, Record, batches, encode, from_classification
 from edgekd.lm_metrics import first_word, perplexity, task_accuracy, token_agreement
 
 from conftest import make_rows
+from lm_tiny import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,17 @@ def test_generation_model_paths_are_relative_to_the_recipe(tmp_path):
     (tmp_path / "teacher").mkdir()
     recipe = recipe_from_dict({"task": "text-generation", "teacher": {"model": "teacher"}}, tmp_path)
     assert recipe.teacher.model == str(tmp_path / "teacher")
+
+
+def test_a_generation_recipe_is_checked_against_the_teacher_before_training(tmp_path):
+    from edgekd.pipeline import run
+
+    from lm_tiny import tiny_llama
+
+    tiny_llama(layers=2).save_pretrained(tmp_path / "teacher")
+    base = {"task": "text-generation", "teacher": {"model": "teacher"}}
+    with pytest.raises(RecipeError, match=r"student.layers 10: the teacher has 2 layers; choose 1 to 2"):
+        run(recipe_from_dict(base, tmp_path), tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"max_seq_len 256 is longer than the teacher's context of 128"):
+        run(recipe_from_dict({**base, "student": {"layers": 1}}, tmp_path), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written

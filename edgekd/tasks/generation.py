@@ -276,6 +276,36 @@ def bench(recipe: GenerationRecipe, exports: list[Path], eager: dict[str, Path],
     return stage.metrics
 
 
+def preflight(recipe: GenerationRecipe) -> None:
+    """The recipe against the teacher's config, before any training: a decoder this chain exports, a student
+    depth it has, a context that holds max_seq_len; one RecipeError line each."""
+    from transformers import AutoConfig
+
+    from edgekd.errors import RecipeError
+    from edgekd.models import BUILTIN_LLM, _gguf_kwargs, resolve_model
+    from edgekd.targets.llm_executorch import DECODER_TYPES
+
+    cfg = recipe.teacher
+    source, kwargs = (_gguf_kwargs(cfg.model) if cfg.model == BUILTIN_LLM
+                      else (resolve_model(cfg.model, cfg.allow_pickle), {}))
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"teacher.model {cfg.model}: cannot read its config ({str(exc).splitlines()[0][:200]}); "
+                          f"give a Hugging Face model folder or hub id") from None
+    if config.model_type not in DECODER_TYPES:
+        raise RecipeError(f"teacher.model {cfg.model} is a {config.model_type!r} model; a text-generation recipe takes "
+                          f"a decoder LM of model type {', '.join(DECODER_TYPES)}")
+    layers = config.num_hidden_layers
+    if recipe.student.layers > layers:
+        raise RecipeError(f"student.layers {recipe.student.layers}: the teacher has {layers} layers; choose 1 to "
+                          f"{layers} (fewer make the student smaller and faster)")
+    context = getattr(config, "max_position_embeddings", None)
+    if context and recipe.max_seq_len > context:
+        raise RecipeError(f"max_seq_len {recipe.max_seq_len} is longer than the teacher's context of {context} "
+                          f"tokens; set max_seq_len (and data.max_length) to at most {context}")
+
+
 def run(recipe: GenerationRecipe, out: Path) -> dict:
     """fine-tune -> distill (prune + KD) -> export every variant -> bench -> report, into `out`."""
     from edgekd.compress.quant import get_spec
@@ -285,6 +315,7 @@ def run(recipe: GenerationRecipe, out: Path) -> dict:
 
     for name in recipe.compress.quant:
         get_spec(name)  # an unknown spec name: one line with the known ones, before any training
+    preflight(recipe)
     data = load_records(recipe)
     claim_run_dir(out)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
