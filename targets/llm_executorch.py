@@ -52,7 +52,10 @@ SIGNATURE = {"method": "forward",
 
 # Parity rules, measured on tiny random-weight Llama and Qwen3 decoders (2 layers x 64, vocab 256), 16 random
 # prompts of 2-23 tokens, 32 new tokens each. fp32: greedy tokens equal on every prompt (Llama 16/16), logits
-# within FP32_LOGIT_TOLERANCE at every position of the path (measured max |diff| 2.4e-7). Quantized (int4 8da4w
+# within FP32_LOGIT_TOLERANCE at every position of the path (measured max |diff| 2.4e-7). The rule asks the same
+# next token only where the reference's top-2 margin exceeds twice that tolerance: at a closer tie rounding may
+# pick the other token, and a free-running path then forks without the export being wrong (free-running equality
+# is reported beside it). Quantized (int4 8da4w
 # g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently from torchao's
 # reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin (Llama: 10/16
 # prompts equal, 78 % of tokens before the first fork); so the rule feeds the reference's greedy path to the .pte
@@ -360,9 +363,14 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
                                + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
         diff = (pte_logits - ref_logits).abs().amax(dim=1)
         scale = 1 + ref_logits.abs().amax(dim=1) if quantized else torch.ones_like(diff)
+        # A position is decisive when the reference's top-2 margin exceeds twice the fp32 tolerance: there a
+        # correct fp32 export cannot pick another token; below it, rounding may (a fork at a near-tie, not a bug).
+        top2 = ref_logits.topk(2, dim=1).values
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * FP32_LOGIT_TOLERANCE
+        same = pte_logits.argmax(1) == ref_logits.argmax(1)
         fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),
-                     "forced_equal": int((pte_logits.argmax(1) == ref_logits.argmax(1)).sum()),
+                     "forced_equal": int(same.sum()), "decisive_differ": int((decisive & ~same).sum()),
                      "forced_length": len(want), "prefill_logit_diff": diff[0].item(),
                      "worst_logit_diff": (diff / scale).max().item()})
     forced = sum(r["forced_equal"] for r in rows) / sum(r["forced_length"] for r in rows)
@@ -372,8 +380,9 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
         rule = (f"teacher-forced top-1 agreement >= {QUANT_MIN_AGREEMENT:.0%}, logits within "
                 f"{QUANT_LOGIT_TOLERANCE} x (1 + max |logit|) at every position")
     else:
-        passed = all(r["tokens_equal"] for r in rows) and worst <= FP32_LOGIT_TOLERANCE
-        rule = f"greedy tokens equal on every prompt, logits within {FP32_LOGIT_TOLERANCE} at every position"
+        passed = not any(r["decisive_differ"] for r in rows) and worst <= FP32_LOGIT_TOLERANCE
+        rule = (f"logits within {FP32_LOGIT_TOLERANCE} and the same next token at every position of the greedy "
+                f"path (teacher-forced) whose top-2 margin exceeds {2 * FP32_LOGIT_TOLERANCE}")
     return {"passed": passed, "rule": rule, "prompts": len(rows), "prompts_equal": sum(r["tokens_equal"] for r in rows),
             "free_running_agreement": sum(r["first_fork"] for r in rows) / sum(r["length"] for r in rows),
             "teacher_forced_agreement": forced, "worst_logit_diff": worst,
