@@ -301,16 +301,13 @@ def verify_bundle(path: Path) -> dict:
         raise BundleError(f"the bundle's labels differ from the PyTorch student's on {differ} of {len(texts)} "
                           f"test texts (a float model must agree on every one)")
     if not expected["float"] and expected["runtime_labels"] is not None:
-        from edgekd.targets.export import MIN_AGREEMENT
-
+        # A quantized model is checked against its own labels (the artifact in the same runtime on Hugging Face
+        # ids): what the bundle adds (the C tokenizer, softmax, argmax) must change nothing. Its agreement with
+        # the fp32 student is quantization, judged at export by the accuracy budget; here it is reported.
         runtime_differ = sum(a != b for a, b in zip(labels, expected["runtime_labels"]))
         if runtime_differ:
             raise BundleError(f"the bundle's labels differ from the artifact's own (Hugging Face ids, same runtime) "
                               f"on {runtime_differ} of {len(texts)} test texts")
-        needed = MIN_AGREEMENT.get(expected["quant"].split("-")[0], 0.99)
-        if 1 - differ / len(texts) < needed:
-            raise BundleError(f"the bundle's labels differ from the PyTorch student's on {differ} of {len(texts)} "
-                              f"test texts, more than the {1 - needed:.0%} a {expected['quant']} model may")
     return result
 
 

@@ -139,8 +139,8 @@ Softmax over the {len(labels)} logits, then the label of the largest (`labels.js
 - On the machine that made the bundle (`edgekd bundle --verify`): every file's sha256; the C tokenizer, compiled
   with the system C compiler, gives exactly the Hugging Face ids and masks for every text of
   `verify/expected.json`; the model, run in its host runtime on those C-tokenized inputs, with softmax and argmax
-  as the calling code does them, gives the PyTorch student's labels (a quantized model: the artifact's own labels,
-  and agreement with PyTorch within the export's parity threshold). Core ML runs only on Apple hardware: for an
+  as the calling code does them, gives the PyTorch student's labels (a quantized model: the artifact's own labels;
+  its agreement with PyTorch is reported). Core ML runs only on Apple hardware: for an
   iOS bundle the model step is skipped on other machines and says so.
 - Not verified by edgekd: the Kotlin, Swift and C++ calling code and the JNI glue were not compiled against the
   ExecuTorch, LiteRT, Core ML or TFLite Micro SDKs, nor run on a device. They are short and mirror the steps

@@ -32,8 +32,6 @@ from edgekd.targets import Format, Reference, RuntimeUnavailable
 from edgekd.targets.graph import INPUT_NAMES, MIN_LENGTH, ExportWrapper, encode_fixed, encode_unpadded, run_graph
 
 FP32_TOLERANCE = 1e-4          # max |logit difference| of a float artifact vs PyTorch
-# Top-1 agreement with the PyTorch student that `edgekd bundle --verify` asks of a quantized bundle.
-MIN_AGREEMENT = {"fp16": 0.99, "int8": 0.99, "int4": 0.97, "lut4": 0.97}
 # Validation accuracy points a quantized artifact may lose against its fp32 model when the recipe sets
 # no compress.budget; judged on the paired 95 % interval of the loss (see _check_budget).
 DEFAULT_BUDGET_POINTS = 2.0
