@@ -35,7 +35,7 @@ def no_models(monkeypatch):
 
     import edgekd.data
     import edgekd.models
-    import edgekd.pipeline
+    import edgekd.tasks.classification
 
     for name in ("distill.finetune", "distill.distill", "compress.compress", "targets.export", "benchmarks.stage",
                  "bundle"):
@@ -45,7 +45,7 @@ def no_models(monkeypatch):
         raise AssertionError("a model or the data was read before --out was checked")
 
     for module, name in ((edgekd.models, "resolve_model"), (edgekd.data, "load_dataset"),
-                         (edgekd.pipeline, "load_dataset")):
+                         (edgekd.tasks.classification, "load_dataset")):
         monkeypatch.setattr(module, name, forbidden)
 
 
