@@ -34,11 +34,11 @@ class LoraSettings:
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
-            raise RecipeError(f"teacher.lora.r must be a whole number of at least 1, not {self.r!r}")
+            raise RecipeError(f"teacher.lora_rank (LoRA r) must be a whole number of at least 1, not {self.r!r}")
         if not self.alpha > 0:
-            raise RecipeError(f"teacher.lora.alpha must be positive, not {self.alpha!r}")
+            raise RecipeError(f"LoRA alpha must be positive, not {self.alpha!r}")
         if not 0 <= self.dropout < 1:
-            raise RecipeError(f"teacher.lora.dropout must be in [0, 1), not {self.dropout!r}")
+            raise RecipeError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
 
 
 def lora_targets(model) -> list[str]:

@@ -25,7 +25,7 @@ def lm_recipe(tmp_path_factory):
     tiny_bpe_tokenizer(texts).save_pretrained(root / "teacher")
     recipe = {
         "task": "text-generation", "name": "tiny-lm",
-        "teacher": {"model": "teacher", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
+        "teacher": {"model": "teacher", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "lora_rank": 4},
         "data": {"train": "train.csv", "validation": "validation.csv", "test": "test.csv", "max_length": 112},
         "student": {"layers": 2, "ffn": 0.5, "calibration": 8, "top_k": 16, "epochs": 1, "batch_size": 8,
                     "learning_rate": 1e-3},

@@ -99,7 +99,7 @@ def test_bad_input_stops_before_training_and_writes_nothing(tmp_path):
         finetune_lm(model, tokenizer, records(1), records(1), tmp_path / "mine", epochs=1, learning_rate=1e-3,
                     batch_size=4, seed=0)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not edgekd's"
-    with pytest.raises(RecipeError, match="lora.r"):
+    with pytest.raises(RecipeError, match="lora_rank"):
         LoraSettings(r=0)
     assert lora_targets(model) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

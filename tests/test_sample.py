@@ -113,7 +113,7 @@ def test_export_calibrates_and_checks_parity_on_every_label(sorted_dataset, tiny
     """The exporter gets a stratified calibration sample and parity runs on a stratified validation sample,
     both recorded in the artifact's manifest (before: the first rows, 5 of 12 labels and 2 of 12)."""
     from edgekd.compress.quant import get_spec
-    from edgekd.targets import Format
+    from edgekd.targets import Format, Reference
     from edgekd.targets.export import PARITY_TEXTS, export_artifact
     from edgekd.targets.graph import ExportWrapper
 
@@ -127,7 +127,9 @@ def test_export_calibrates_and_checks_parity_on_every_label(sorted_dataset, tiny
         seen["calibration"] = [by_ids[tuple(ids[0].tolist())] for ids, _ in calibration]
         out_file.write_bytes(b"artifact")
         seen["model"] = ExportWrapper(model).eval()
-        return {}
+        # Its own reference (as a backend's quantized graph would be): the gate's parity run uses the sample.
+        return {"reference": Reference("the fake backend's graph", lambda ids, mask: seen["model"](ids, mask)
+                                       .detach().numpy(), 1.0)}
 
     def runner(file, threads):
         def run(ids, mask):

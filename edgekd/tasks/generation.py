@@ -132,7 +132,7 @@ def finetune(recipe: GenerationRecipe, data: LMDataset, out: Path) -> dict:
         if cfg.epochs > 0:
             work = out.parent / f".{out.name}.work"  # outside the stage's temporary folder: checkpoints survive
             shutil.rmtree(work, ignore_errors=True)
-            lora = LoraSettings(rank=cfg.lora_rank) if cfg.lora_rank else None
+            lora = LoraSettings(r=cfg.lora_rank, alpha=2.0 * cfg.lora_rank) if cfg.lora_rank else None  # alpha 2r
             stage.extra["training"] = finetune_lm(
                 model, tokenizer, data.train, data.validation, work, epochs=cfg.epochs,
                 learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=recipe.seed, lora=lora,
