@@ -9,7 +9,7 @@ the report reads exactly those, never whatever else sits in RUN/export/.
 """
 from __future__ import annotations
 
-import time
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,8 +17,8 @@ import yaml
 
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.data import load_dataset
-from edgekd.errors import EdgeKDError, GateError, RecipeProblems
-from edgekd.pipeline import log
+from edgekd.errors import EdgeKDError, RecipeProblems
+from edgekd.pipeline import export_variants, exported, raise_if_failed, timed
 from edgekd.recipe import Recipe
 from edgekd.targets import Format, get_format
 
@@ -85,47 +85,29 @@ def run(recipe: Recipe, out: Path) -> dict:
     from edgekd.distill.distill import distill
     from edgekd.distill.finetune import finetune
     from edgekd.manifest import read_manifest
-    from edgekd.report import write_plan, write_report
+    from edgekd.report import write_report
     from edgekd.targets.export import export_artifact
 
     out = Path(out)
     claim_run_dir(out)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    def stage(label: str, target: Path, func, *args):
-        started = time.time()
-        log(f"{label} ...")
-        func(*args)
-        log(f"{label}: {time.time() - started:.0f} s")
-        return target
-
-    stage("finetune", out / "finetune", finetune, recipe, dataset, out / "finetune")
-    stage("distill", out / "distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
-    stage("compress", out / "compress", compress, recipe, dataset, out / "distill", out / "compress",
+    timed("finetune", finetune, recipe, dataset, out / "finetune")
+    timed("distill", distill, recipe, dataset, out / "finetune", out / "distill", out / ".cache")
+    timed("compress", compress, recipe, dataset, out / "distill", out / "compress",
           out / "finetune", plan[0].fmt, plan[0].options)  # the first target's format and options
     if recipe.compress.budget is not None:  # export what the search chose
         chosen = read_manifest(out / "compress")["plan"]["quant"]
         plan = variant_plan(recipe, [spec["name"] for spec in chosen])
-    outcomes = {name: {"status": "pending"} for name, *_ in plan}
-    write_plan(out, outcomes)
-    artifacts = []
-    for name, source, role, spec, fmt, options, asked in plan:
-        model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
-        try:
-            artifacts.append(stage(f"export {name}", out / "export" / name, export_artifact, out / source, source,
-                                   fmt, spec, dataset, out / "export" / name, role, model_name,
-                                   recipe.bench.threads, options, asked, recipe.compress.budget))
-            outcomes[name] = {"status": "exported"}
-        except GateError as exc:  # a variant that fails its gate does not throw the others away
-            log(f"export {name}: failed: {exc}")
-            outcomes[name] = {"status": "failed", "reason": str(exc)}
-        write_plan(out, outcomes)
+    outcomes = export_variants(out, {
+        name: partial(export_artifact, out / source, source, fmt, spec, dataset, out / "export" / name, role,
+                      f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}", recipe.bench.threads,
+                      options, asked, recipe.compress.budget)
+        for name, source, role, spec, fmt, options, asked in plan})
+    artifacts = exported(out, outcomes)
     if artifacts:
-        stage("bench", out / "bench", bench, artifacts, out / "bench", recipe.bench.iterations,
-              recipe.bench.warmup, recipe.bench.threads)
+        timed("bench", bench, artifacts, out / "bench", recipe.bench.iterations, recipe.bench.warmup,
+              recipe.bench.threads)
     summary = write_report(out)
-    failed = [name for name, outcome in outcomes.items() if outcome["status"] == "failed"]
-    if failed:
-        raise GateError(f"{len(failed)} of {len(plan)} variants failed their gate ({', '.join(failed)}); the "
-                        f"report of the others, with the reasons, is in {out / 'report.html'}")
+    raise_if_failed(outcomes, out / "report.html")
     return summary

@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
 
 from edgekd.errors import DataError, GateError
-from edgekd.pipeline import log
+from edgekd.pipeline import export_variants, exported, raise_if_failed, timed
 from edgekd.tasks.generation_recipe import GenerationRecipe
 
 RECIPE = GenerationRecipe
@@ -310,7 +310,6 @@ def run(recipe: GenerationRecipe, out: Path) -> dict:
     """fine-tune -> distill (prune + KD) -> export every variant -> bench -> report, into `out`."""
     from edgekd.compress.quant import get_spec
     from edgekd.manifest import claim_run_dir
-    from edgekd.report import write_plan
     from edgekd.tasks.generation_report import write_report
 
     for name in recipe.compress.quant:
@@ -320,38 +319,19 @@ def run(recipe: GenerationRecipe, out: Path) -> dict:
     claim_run_dir(out)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    def stage(label: str, func, *args):
-        started = time.time()
-        log(f"{label} ...")
-        result = func(*args)
-        log(f"{label}: {time.time() - started:.0f} s")
-        return result
-
-    stage("finetune", finetune, recipe, data, out / "finetune")
-    stage("distill", distill, recipe, data, out / "finetune", out / "distill", out / ".cache")
+    timed("finetune", finetune, recipe, data, out / "finetune")
+    timed("distill", distill, recipe, data, out / "finetune", out / "distill", out / ".cache")
     plan = [("teacher-fp32", "finetune", "fp32", "teacher"), ("student-fp32", "distill", "fp32", "student")]
     plan += [(f"student-{q}", "distill", q, "compressed") for q in recipe.compress.quant if q != "fp32"]
-    outcomes = {f"{name}-android-executorch": {"status": "pending"} for name, *_ in plan}
-    write_plan(out, outcomes)
-    exports = []
-    for name, source, quant, role in plan:
-        variant = f"{name}-android-executorch"
-        model_name = f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}"
-        try:
-            stage(f"export {variant}", export, recipe, data, out / source, source, quant, out / "export" / variant,
-                  role, model_name)
-            exports.append(out / "export" / variant)
-            outcomes[variant] = {"status": "exported"}
-        except GateError as exc:  # a variant that fails its gate does not throw the others away
-            log(f"export {variant}: failed: {exc}")
-            outcomes[variant] = {"status": "failed", "reason": str(exc)}
-        write_plan(out, outcomes)
+    outcomes = export_variants(out, {
+        f"{name}-android-executorch": partial(export, recipe, data, out / source, source, quant,
+                                              out / "export" / f"{name}-android-executorch", role,
+                                              f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}")
+        for name, source, quant, role in plan})
+    exports = exported(out, outcomes)
     if exports:
-        stage("bench", bench, recipe, exports, {"teacher": out / "finetune", "student": out / "distill"},
+        timed("bench", bench, recipe, exports, {"teacher": out / "finetune", "student": out / "distill"},
               out / "bench")
     summary = write_report(out)
-    failed = [name for name, outcome in outcomes.items() if outcome["status"] == "failed"]
-    if failed:
-        raise GateError(f"{len(failed)} of {len(plan)} variants failed their gate ({', '.join(failed)}); the "
-                        f"report of the others, with the reasons, is in {out / 'report.md'}")
+    raise_if_failed(outcomes, out / "report.md")
     return summary
