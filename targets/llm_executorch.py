@@ -5,7 +5,9 @@
 The path is transformers' own ExecuTorch integration (`TorchExportableModuleWithStaticCache`): it takes the HF
 model object as it is, so a cut or pruned student exports with no weight remapping and no params.json, which
 ExecuTorch's own LLM export (`export_llama_lib`, its own Llama-style Transformer) would need. The cache is a set
-of mutable buffers in the program, updated in place; attention is aten SDPA, no custom ops.
+of mutable buffers in the program, updated in place. Attention is ExecuTorch's `llama::custom_sdpa` (registered
+with transformers' AttentionInterface, as optimum-executorch does): causal over the cache up to the current
+position, so the graph has no mask and no repeated KV heads: faster to lower and to decode than aten SDPA.
 
 Program signature (recorded in the details as "signature"):
     forward(tokens [1, n] int64, input_pos [1] int64) -> logits [1, vocab] float32, of the last position
@@ -119,6 +121,30 @@ def quantize_decoder(model, spec: QuantSpec):
     return quantized
 
 
+CUSTOM_SDPA = "edgekd_custom_sdpa"
+
+
+def _custom_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, scaling=None, **kwargs):
+    """transformers' attention call, answered by `llama::custom_sdpa`: query [1, heads, n, dim] against the whole
+    static cache (key/value [1, kv heads, max_seq_len, dim]), causal from position_ids[0, 0]."""
+    start_pos = position_ids[0][0].item()
+    out = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                      start_pos=start_pos, attn_mask=None, drpout_p=0.0, is_causal=True,
+                                      scale=scaling)
+    return out, None
+
+
+def _use_custom_sdpa(model) -> None:
+    """Point `model` at llama::custom_sdpa; no mask is built for it (the op is causal by itself)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers llama::custom_sdpa
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(CUSTOM_SDPA, _custom_sdpa_attention)
+    AttentionMaskInterface.register(CUSTOM_SDPA, lambda *args, **kwargs: None)
+    model.config._attn_implementation = CUSTOM_SDPA
+
+
 class DecoderWithCache(torch.nn.Module):
     """forward(tokens [1, n], input_pos [1]) -> last-position logits [1, vocab], the cache updated in place.
 
@@ -173,7 +199,9 @@ def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tok
     phases = {}
     with _phase(phases, "quantize"):
         quantized = quantize_decoder(model, spec)
-    wrapper = DecoderWithCache(copy.deepcopy(quantized), max_seq_len).eval()
+    exported = copy.deepcopy(quantized)  # the reference keeps transformers' own attention
+    _use_custom_sdpa(exported)
+    wrapper = DecoderWithCache(exported, max_seq_len).eval()
     tokens, input_pos = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     with _phase(phases, "torch_export"), torch.no_grad():
@@ -277,6 +305,8 @@ class DecoderRunner:
     runtime = "executorch"
 
     def __init__(self, file: Path, threads: int = 0):
+        with native_stderr_filtered():
+            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the kernel of llama::custom_sdpa
         self.program, self.method, self.load_ms = load_program(file, threads)
         with native_stderr_filtered():
             self.metadata = {name: self.program.load_method(name).execute([])
