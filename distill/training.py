@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ def collator(tokenizer):
 
 def quiet_progress(trainer):
     """`trainer` with its progress bars (rate, ETA) but, instead of the raw log dicts the Trainer prints to
-    the terminal ({'loss': ...}), one edgekd line per epoch: `[edgekd] epoch 2: loss 0.563`."""
+    the terminal ({'loss': ...}), one edgekd line per epoch: `[edgekd] epoch 2: loss 0.563`. Where the bars are
+    off (the Trainer's default below INFO logging), a line each tenth of the steps says how far it is and how
+    long is left: an LLM epoch on a CPU takes minutes."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
     class BarsOnly(ProgressCallback):
@@ -34,12 +37,28 @@ def quiet_progress(trainer):
                           f"validation accuracy {logs['eval_accuracy']:.4f}")
                 print(f"[edgekd] epoch {logs['epoch']:g}: {figure}", file=sys.stderr, flush=True)
 
+    class StepLines(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first = time.perf_counter(), state.global_step  # a resumed run starts past 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            every, done = max(1, state.max_steps // 10), state.global_step - self.first
+            if state.is_world_process_zero and done and state.global_step % every == 0 \
+                    and state.global_step < state.max_steps:
+                per_step = (time.perf_counter() - self.start) / done
+                left = per_step * (state.max_steps - state.global_step)
+                print(f"[edgekd] step {state.global_step}/{state.max_steps}: {per_step:.1f} s a step, about "
+                      f"{_duration(left)} left", file=sys.stderr, flush=True)
+
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
-    if not trainer.args.disable_tqdm:
-        trainer.add_callback(BarsOnly)
+    trainer.add_callback(StepLines if trainer.args.disable_tqdm else BarsOnly)
     trainer.add_callback(EpochLines)
     return trainer
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def training_args(output_dir: Path, *, epochs: float, learning_rate: float, batch_size: int, seed: int,

@@ -166,3 +166,24 @@ def test_training_shows_bars_but_not_the_trainers_log_dicts(tmp_path, capfd, dis
     assert "'loss'" not in out + err and "train_runtime" not in out + err
     assert "[edgekd] epoch 1: loss " in err  # edgekd's own line per logged step/epoch
     assert ("it/s" in err or "s/it" in err) != disable_tqdm  # the bar, with its rate, unless turned off
+
+
+def test_without_bars_a_line_each_tenth_of_the_steps_says_how_long_is_left(tmp_path, capfd):
+    """An LLM epoch on a CPU takes minutes: where the Trainer's bars are off, edgekd says where it is."""
+    import re
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, Trainer
+
+    from edgekd.distill.training import quiet_progress, training_args
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
+    rows = [{"input_ids": torch.tensor([1, 5 + i % 7, 2]), "attention_mask": torch.ones(3, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(40)]
+    args = training_args(tmp_path, epochs=1, learning_rate=1e-3, batch_size=2, seed=0, eval_strategy="no",
+                         save_strategy="no", load_best_model_at_end=False, disable_tqdm=True)
+    quiet_progress(Trainer(model=model, args=args, train_dataset=rows)).train()
+    steps = re.findall(r"\[edgekd\] step (\d+)/20: [\d.]+ s a step, about \d+ s left", capfd.readouterr().err)
+    assert steps == [str(s) for s in range(2, 20, 2)]  # every tenth of 20 steps, none at the end
