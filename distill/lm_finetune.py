@@ -96,9 +96,13 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
                                                                     max_length])
         checkpoints = out.parent / f".{out.name}.checkpoints-{key}"
     checkpoints = Path(checkpoints)
+    # With more than one epoch the best epoch by validation loss is kept; with one there is nothing to choose, and
+    # the validation pass each epoch would only cost time (the perplexity after training is measured below).
+    choose = {} if epochs > 1 else {"eval_strategy": "no", "load_best_model_at_end": False}
     args = training_args(checkpoints, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                          per_device_eval_batch_size=batch_size, metric_for_best_model="loss", greater_is_better=False,
-                         prediction_loss_only=True, label_names=["labels"])  # no [N, L, vocab] logits kept in eval
+                         prediction_loss_only=True, label_names=["labels"],  # no [N, L, vocab] logits kept in eval
+                         **choose)
     trainer = Trainer(model=trained, args=args, train_dataset=train, eval_dataset=validation, data_collator=collate)
     quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(checkpoints))
     model = trainer.model.merge_and_unload() if lora is not None else trainer.model

@@ -109,7 +109,7 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
         "runtimes": _runtimes(results, bench, price) if bench else None,
         "price_per_core_hour": price,
         "baseline": finetune["metrics"].get("baseline") if finetune else None,
-        "stages": _stage_times(root, exports),
+        "stages": stage_times(root, exports),
         "search": _search(root),
         "notes": _notes(bench, price),
         "intervals": ("Accuracy intervals: Wilson 95 % score intervals over the test texts. Teacher-student "
@@ -237,7 +237,7 @@ def _ratio(teacher: dict, variant: dict) -> dict:
             "accuracy_delta_ci95_points": interval}
 
 
-def _stage_times(run_dir: Path, exports: list[Path]) -> list[dict]:
+def stage_times(run_dir: Path, exports: list[Path]) -> list[dict]:
     """Wall time of each stage from its manifest (export: the reported variants added up)."""
     rows = []
     for name in ("finetune", "distill", "compress", "export", "bench"):

@@ -50,12 +50,16 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, capsys):
         assert v["parity"]["passed"] and v["decode_tokens_per_s"] > 0 and v["ttft_ms"] > 0
         assert v["perplexity"] > 1 and 0 <= v["task_accuracy"]["accuracy"] <= 1
     distill = json.loads((out / "distill" / "manifest.json").read_text())
+    finetune = json.loads((out / "finetune" / "manifest.json").read_text())
+    # An fp32 .pte computes its model (the gate holds it to 1e-4): its quality is its source stage's, not remeasured.
+    assert teacher["perplexity"] == finetune["metrics"]["test"]["perplexity"]["perplexity"]
+    assert student["perplexity"] == distill["metrics"]["test"]["perplexity"]["perplexity"]
     assert distill["plan"]["layers"]["of"] == 4 and len(distill["plan"]["layers"]["kept"]) == 2
     assert distill["plan"]["mlp"]["kept"] == 64
     ratios = {(r["variant"], r["over"]) for r in summary["ratios"]}
     assert ("student-int4-android-executorch", "teacher-fp32-android-executorch") in ratios
     report = (out / "report.md").read_text()
-    assert "Decode tokens/s" in report and "Task accuracy" in report
+    assert "Decode tokens/s" in report and "Task accuracy" in report and "Stage wall times: finetune" in report
     pte = out / "export" / "student-int4-android-executorch"
     assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in pte.iterdir()}
 

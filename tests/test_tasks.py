@@ -57,3 +57,30 @@ def test_a_generation_recipe_is_checked_against_the_teacher_before_training(tmp_
     with pytest.raises(RecipeError, match=r"max_seq_len 256 is longer than the teacher's context of 128"):
         run(recipe_from_dict({**base, "student": {"layers": 1}}, tmp_path), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_generation_samples_of_train_and_eval_records_are_seeded_and_stratified(tmp_path):
+    """max_train / max_eval cut the splits to seeded, stratified samples, never their first rows: real data
+    arrives sorted by label."""
+    from collections import Counter
+
+    from edgekd.tasks.generation import load_records
+
+    from conftest import write_csv
+
+    for name, n in (("train", 90), ("validation", 60), ("test", 60)):  # sorted by label, as real data arrives
+        write_csv(tmp_path / f"{name}.csv", [{"text": f"{name} text {i}", "label": ["negative", "neutral",
+                                                                                    "positive"][i * 3 // n]}
+                                             for i in range(n)])
+    base = {"task": "text-generation", "data": {"train": "train.csv", "validation": "validation.csv",
+                                                "test": "test.csv", "max_train": 30, "max_eval": 12}}
+    data = load_records(recipe_from_dict(base, tmp_path))
+    assert [len(data.train), len(data.validation), len(data.test)] == [30, 12, 12]
+    for split, per_label in ((data.train, 10), (data.validation, 4), (data.test, 4)):
+        assert Counter(r.label for r in split) == {"negative": per_label, "neutral": per_label, "positive": per_label}
+    again = load_records(recipe_from_dict(base, tmp_path))
+    assert [r.prompt for r in again.test] == [r.prompt for r in data.test]  # seeded
+    other = load_records(recipe_from_dict({**base, "seed": 1}, tmp_path))
+    assert [r.prompt for r in other.test] != [r.prompt for r in data.test]
+    with pytest.raises(RecipeError, match="data.max_eval must be at least 2"):
+        recipe_from_dict({"task": "text-generation", "data": {"max_eval": 1}})

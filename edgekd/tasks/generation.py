@@ -84,22 +84,29 @@ def load_records(recipe: GenerationRecipe) -> LMDataset:
     validation = read(cfg.validation) if cfg.validation else None
     if validation is None:
         train, validation = split_off(train, val_frac / (1 - test_frac), recipe.seed + 1)
-    if cfg.max_train is not None and len(train) > cfg.max_train:
-        keep = stratified_sample([str(r.label) for r in train], cfg.max_train, recipe.seed, "max_train")
-        train = [train[i] for i in sorted(keep)]
+    def sample(records: list, size: int | None, purpose: str) -> list:
+        if size is None or len(records) <= size:
+            return records
+        return [records[i] for i in sorted(stratified_sample([str(r.label) for r in records], size, recipe.seed,
+                                                              purpose))]
+
+    train = sample(train, cfg.max_train, "max_train")
+    validation, test = sample(validation, cfg.max_eval, "max_eval"), sample(test, cfg.max_eval, "max_eval-test")
     for name, split in (("validation", validation), ("test", test)):
         if not split:
             raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
     return LMDataset(train, validation, test, labelled)
 
 
-def _evaluate(model, tokenizer, records: list, max_length: int, labelled: bool, teacher=None) -> dict:
-    """Perplexity on the completions of `records`, task accuracy where they are labelled, agreement with `teacher`."""
+def _evaluate(model, tokenizer, records: list, max_length: int, labelled: bool, teacher=None,
+              known_perplexity: dict | None = None) -> dict:
+    """Perplexity on the completions of `records` (`known_perplexity`: already measured on them), task accuracy
+    where they are labelled, agreement with `teacher`."""
     from edgekd.lm_data import Collator, batches, encode
     from edgekd.lm_metrics import perplexity, task_accuracy, token_agreement
 
     rows, collate = encode(tokenizer, records, max_length), Collator(tokenizer)
-    metrics = {"perplexity": perplexity(model, batches(rows, collate))}
+    metrics = {"perplexity": known_perplexity or perplexity(model, batches(rows, collate))}
     if teacher is not None:
         metrics["agreement"] = token_agreement(model, teacher, batches(rows, collate))
     if labelled:
@@ -143,8 +150,10 @@ def finetune(recipe: GenerationRecipe, data: LMDataset, out: Path) -> dict:
             model.save_pretrained(stage.path)
             tokenizer.save_pretrained(stage.path)
         copy_licenses(cfg.model, stage.path)
+        measured = {"validation": stage.extra["training"]["validation"]} if cfg.epochs > 0 else {}
         stage.metrics = {split: _evaluate(model, tokenizer, getattr(data, split), recipe.data.max_length,
-                                          data.labelled) for split in ("validation", "test")}
+                                          data.labelled, known_perplexity=measured.get(split))
+                         for split in ("validation", "test")}
         stage.metrics["params"] = count_parameters(model)
         stage.extra["max_length"] = recipe.data.max_length
     return stage.metrics
@@ -233,8 +242,11 @@ def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_st
             raise GateError(f"{artifact} fails its export gate against its own reference ({parity['rule']}): "
                             f"top-1 {parity['teacher_forced_agreement']:.1%}, worst logit difference "
                             f"{parity['worst_logit_diff']:.3g}; nothing written")
-        # Quality of what ships: the quantized model in PyTorch is what the .pte computes, within the gate above.
-        stage.metrics = {"test": _evaluate(reference, tokenizer, data.test, recipe.data.max_length, data.labelled),
+        # Quality of what ships: the model in PyTorch is what the .pte computes, within the gate above; an fp32
+        # .pte's is its source stage's (the same model on the same records), a quantized one's is measured here.
+        quality = (read_manifest(model_dir)["metrics"]["test"] if spec.is_float else
+                   _evaluate(reference, tokenizer, data.test, recipe.data.max_length, data.labelled))
+        stage.metrics = {"test": quality,
                          "parity": {k: v for k, v in parity.items() if k != "per_prompt"},
                          "params": count_parameters(model), "load_ms": runner.load_ms}
         for name in ("LICENSE", "NOTICE"):

@@ -59,6 +59,9 @@ class LMDataConfig:
     prompt_template: str = SENTIMENT_PROMPT   # records: classification; {text} is replaced by the row's text
     max_length: int = 128             # tokens of prompt + completion (chat template included)
     max_train: int | None = None      # a seeded, stratified sample of this many training records (None: all)
+    # Validation and test each cut to a seeded, stratified sample of this many records (None: all). Every
+    # metric runs the models over them several times: on a CPU this is where an LLM run's minutes go.
+    max_eval: int | None = None
     split_fractions: list[float] = field(default_factory=lambda: [0.15, 0.15])
 
     def __post_init__(self):
@@ -68,8 +71,9 @@ class LMDataConfig:
             raise RecipeError("data.prompt_template must contain {text}, where each record's text goes")
         if not 8 <= self.max_length <= 8192:
             raise RecipeError(f"data.max_length must be between 8 and 8192 tokens, not {self.max_length}")
-        if self.max_train is not None and self.max_train < 2:
-            raise RecipeError("data.max_train must be at least 2 records (or left out: all)")
+        for key in ("max_train", "max_eval"):
+            if getattr(self, key) is not None and getattr(self, key) < 2:
+                raise RecipeError(f"data.{key} must be at least 2 records (or left out: all)")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgekd.manifest import atomic_write_text, read_manifest, verify_stage
-from edgekd.report import run_variants
+from edgekd.report import run_variants, stage_times
 
 SCHEMA = "edgekd.report-llm/1"
 _TITLES = {"teacher": "Teacher (fine-tuned)", "student": "Student (distilled)"}
@@ -46,7 +46,7 @@ def collect(run_dir: Path) -> dict:
     eager = {row["model"]: row for row in measured.values() if row["runtime"] == "torch"}
     summary = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "run": str(run_dir), "variants": variants, "failed": failed, "eager": eager,
-               "ratios": _ratios(variants, eager),
+               "ratios": _ratios(variants, eager), "stages": stage_times(run_dir, exports),
                "bench": bench and {k: bench.get(k) for k in ("ratios_at_prompt_tokens", "new_tokens", "rounds",
                                                               "threads", "machine", "versions", "skipped")}}
     return summary
@@ -120,6 +120,8 @@ def render_markdown(summary: dict) -> str:
             f"{name} {row['decode_tokens_per_s']:.1f} decode tokens/s" for name, row in eager.items())]
     for failure in summary["failed"]:
         out += ["", f"**{failure['name']} failed its gate**: {failure['reason']}"]
+    if summary["stages"]:
+        out += ["", "Stage wall times: " + ", ".join(f"{s['stage']} {s['wall_s']:.0f} s" for s in summary["stages"])]
     bench = summary.get("bench")
     if bench:
         out += ["", f"Measured on {bench['machine']['cpu']} ({bench['machine']['cores']} cores, {bench['threads']} "

@@ -1,0 +1,84 @@
+"""The distilled decoder student against the same student trained without its teacher, over seeds.
+
+    python perf/lm_kd_vs_ce.py --teacher-run runs/perf-lm-demo [--seeds 0,1,2] [--out runs/perf-lm-kd]
+
+The teacher is the fine-tuned one of a finished generation run (`--teacher-run`: its RUN/finetune stage, e.g.
+from `python perf/lm_demo.py`), the recipe is that run's own (RUN/recipe.yaml). For each seed, the chain's
+distill stage (edgekd.tasks.generation.distill: the same pruning plan from the teacher by measured importance,
+then training) runs twice with everything else equal: student.alpha 1 (forward KL on the teacher's cached top-k,
+the recipe's default) and student.alpha 0 (cross-entropy on the completions alone: no teacher). The seed picks the
+training and evaluation samples, the calibration texts and the training order, the same for both arms.
+Reports test and validation perplexity of the completions and test task accuracy (greedy label word), per seed
+and as means; records perf/results/lm_kd_vs_ce.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "lm_kd_vs_ce.json"
+ARMS = {"distilled (alpha 1)": 1.0, "no teacher (alpha 0)": 0.0}
+
+
+def main(argv=None) -> int:
+    import yaml
+
+    from edgekd.benchmarks.host import cpu_model
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.tasks.generation import distill, load_records
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-run", type=Path, required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", type=Path, default=Path("runs/perf-lm-kd"))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    base = recipe_from_dict(yaml.safe_load((args.teacher_run / "recipe.yaml").read_text()))
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for arm, alpha in ARMS.items():
+            recipe = replace(base, seed=seed, student=replace(base.student, alpha=alpha))
+            data = load_records(recipe)
+            started = time.time()
+            metrics = distill(recipe, data, args.teacher_run / "finetune", args.out / f"seed{seed}-alpha{alpha:g}",
+                              args.out / ".cache")
+            test, val = metrics["test"], metrics["validation"]
+            rows.append({"seed": seed, "arm": arm, "alpha": alpha, "wall_s": round(time.time() - started, 1),
+                         "test_perplexity": test["perplexity"]["perplexity"],
+                         "validation_perplexity": val["perplexity"]["perplexity"],
+                         "test_task_accuracy": (test.get("task_accuracy") or {}).get("accuracy"),
+                         "test_task_n": (test.get("task_accuracy") or {}).get("n"),
+                         "test_agreement_with_teacher": test["agreement"]["agreement"]})
+            print(json.dumps(rows[-1]), flush=True)
+    means = {arm: {key: sum(r[key] for r in rows if r["arm"] == arm) / sum(r["arm"] == arm for r in rows)
+                   for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy",
+                               "test_agreement_with_teacher")} for arm in ARMS}
+    kd, ce = ARMS
+    wins = {key: sum(a[key] < b[key] if "perplexity" in key else a[key] > b[key]
+                     for a, b in zip([r for r in rows if r["arm"] == kd], [r for r in rows if r["arm"] == ce]))
+            for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy")}
+    print(f"\n{'seed':>4} {'arm':<22} {'test ppl':>9} {'val ppl':>9} {'test acc':>9} {'agree':>7}")
+    for r in rows:
+        print(f"{r['seed']:>4} {r['arm']:<22} {r['test_perplexity']:9.3f} {r['validation_perplexity']:9.3f} "
+              f"{100 * r['test_task_accuracy']:8.1f}% {100 * r['test_agreement_with_teacher']:6.1f}%")
+    for arm, m in means.items():
+        print(f"mean {arm:<22} {m['test_perplexity']:9.3f} {m['validation_perplexity']:9.3f} "
+              f"{100 * m['test_task_accuracy']:8.1f}% {100 * m['test_agreement_with_teacher']:6.1f}%")
+    print(f"seeds where the distilled student is better: {wins} of {len(rows) // 2}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "command": " ".join(["python perf/lm_kd_vs_ce.py", *argv]), "machine": {"cpu": cpu_model(),
+                                                                                "os": platform.platform()},
+        "teacher_run": str(args.teacher_run), "recipe": base.to_dict(), "rows": rows, "means": means,
+        "distilled_better": wins}, indent=2) + "\n")
+    print(f"recorded in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
