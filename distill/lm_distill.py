@@ -124,8 +124,8 @@ def lm_validation(student, teacher, records: list[dict], pad_id: int, batch_size
         totals["loss"] += float(causal_ce(logits, labels)) * tokens
         if teacher is not None:
             t_logp = teacher(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            values, indices = t_logp.topk(t_logp.shape[-1], -1)
-            totals["kl"] += float(lm_kd_loss(logits, values, indices, labels, "forward")) * tokens
+            every = torch.arange(t_logp.shape[-1], device=t_logp.device).expand_as(t_logp)  # the whole vocabulary
+            totals["kl"] += float(lm_kd_loss(logits, t_logp, every, labels, "forward")) * tokens
         totals["tokens"] += tokens
     if not totals["tokens"]:
         raise DataError("the validation data has no label tokens (every label is -100); give completions to score")

@@ -11,7 +11,7 @@ import math
 import torch
 
 from edgekd.intervals import wilson
-from edgekd.lm_data import Record, eos_id, prompt_ids
+from edgekd.lm_data import Collator, Record, encode, eos_id, prompt_ids
 
 
 def _device(model) -> torch.device:
@@ -69,19 +69,13 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'()[]") if words else ""
 
 
-@torch.no_grad()
-def task_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 4, batch_size: int = 16) -> dict:
-    """Accuracy of the greedy completion of each labelled record's prompt: its first word against the label word
-    (strip, lower case). {"accuracy", "low", "high", "n", "correct": [bool per record], "answers": [str]}."""
-    labelled = [r for r in records if r.label is not None]
-    if not labelled:
-        raise ValueError("task accuracy needs records with a label (a classification file phrased as prompts)")
-    model.eval()
+def _greedy_answers(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The greedy completion of each record's prompt, decoded without special tokens (batched, left-padded)."""
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
     answers = []
-    for start in range(0, len(labelled), batch_size):
-        prompts = [prompt_ids(tokenizer, r.prompt) for r in labelled[start:start + batch_size]]
+    for start in range(0, len(records), batch_size):
+        prompts = [prompt_ids(tokenizer, r.prompt) for r in records[start:start + batch_size]]
         width = max(map(len, prompts))
         # Left padding: every prompt ends at the last column, so the generated tokens follow it directly.
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -89,5 +83,71 @@ def task_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int =
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=eos_id(tokenizer))
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    correct = [first_word(answer) == r.label.strip().lower() for answer, r in zip(answers, labelled)]
+    return answers
+
+
+def _graded(answers: list[str], records: list[Record]) -> dict:
+    correct = [first_word(answer) == r.label.strip().lower() for answer, r in zip(answers, records)]
     return {**_proportion("accuracy", sum(correct), len(correct)), "correct": correct, "answers": answers}
+
+
+def _labelled(records: list[Record]) -> list[Record]:
+    labelled = [r for r in records if r.label is not None]
+    if not labelled:
+        raise ValueError("task accuracy needs records with a label (a classification file phrased as prompts)")
+    return labelled
+
+
+@torch.no_grad()
+def task_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int = 4, batch_size: int = 16) -> dict:
+    """Accuracy of the greedy completion of each labelled record's prompt: its first word against the label word
+    (strip, lower case). {"accuracy", "low", "high", "n", "correct": [bool per record], "answers": [str]}."""
+    labelled = _labelled(records)
+    model.eval()
+    return _graded(_greedy_answers(model, tokenizer, labelled, max_new_tokens, batch_size), labelled)
+
+
+@torch.no_grad()
+def score_records(model, tokenizer, records: list[Record], max_length: int, teacher=None, max_new_tokens: int = 4,
+                  batch_size: int = 16) -> dict:
+    """perplexity(), token_agreement() with `teacher` and, where the records are labelled, task_accuracy(), from
+    one teacher-forced pass of each model over the encoded records.
+
+    A record whose whole completion and eos (at most max_new_tokens) the model predicts token for token is one
+    greedy decoding reproduces: its answer is the completion, with no decoding. Only the other records are
+    decoded ("decoded" counts them). {"perplexity", "agreement" (with a teacher), "task_accuracy" (labelled)}."""
+    model.eval()
+    if teacher is not None:
+        teacher.eval()
+    rows, collate, eos = encode(tokenizer, records, max_length), Collator(tokenizer), eos_id(tokenizer)
+    total, tokens, hits, reproduced = 0.0, 0, 0, []
+    for start in range(0, len(rows), batch_size):
+        logits, targets = _shifted(model, collate(rows[start:start + batch_size]))
+        scored = targets != -100
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="sum").item()
+        tokens += int(scored.sum())
+        predicted = logits.argmax(-1)
+        if teacher is not None:
+            teacher_logits, _ = _shifted(teacher, collate(rows[start:start + batch_size]))
+            hits += int((predicted == teacher_logits.argmax(-1).to(predicted.device))[scored].sum())
+        reproduced += ((predicted == targets) | ~scored).all(dim=1).tolist()
+    if not tokens:
+        raise ValueError("perplexity needs at least one label token (labels other than -100)")
+    metrics = {"perplexity": {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}}
+    if teacher is not None:
+        metrics["agreement"] = _proportion("agreement", hits, tokens)
+    if any(r.label is not None for r in records):
+        answers = {}
+        for i, (record, row, same) in enumerate(zip(records, rows, reproduced)):
+            completion = [t for t in row["labels"] if t != -100]
+            if record.label is not None and same and completion[-1] == eos and len(completion) <= max_new_tokens:
+                answers[i] = tokenizer.decode(completion, skip_special_tokens=True)
+        rest = [i for i, r in enumerate(records) if r.label is not None and i not in answers]
+        if rest:
+            answers.update(zip(rest, _greedy_answers(model, tokenizer, [records[i] for i in rest], max_new_tokens,
+                                                     batch_size)))
+        order = sorted(answers)
+        metrics["task_accuracy"] = {**_graded([answers[i] for i in order], [records[i] for i in order]),
+                                    "decoded": len(rest)}
+    return metrics

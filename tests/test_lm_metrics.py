@@ -8,7 +8,7 @@ import torch
 
 from edgekd.data import Split
 from edgekd.lm_data import Collator, Record, batches, encode, from_classification
-from edgekd.lm_metrics import first_word, perplexity, task_accuracy, token_agreement
+from edgekd.lm_metrics import first_word, perplexity, score_records, task_accuracy, token_agreement
 
 from conftest import make_rows
 from lm_tiny import tiny_llama, tiny_tokenizer
@@ -91,3 +91,45 @@ def test_first_word_and_records_without_labels():
     assert first_word("  Positive.\nThe news is good") == "positive" and first_word("") == ""
     with pytest.raises(ValueError, match="records with a label"):
         task_accuracy(None, tiny_tokenizer(), [Record("profit fell", "negative")])
+
+
+def test_one_scoring_pass_gives_what_the_three_metrics_give(setup):
+    tokenizer, model, records, encoded = setup
+    other = tiny_llama(len(tokenizer), seed=1)
+    scores = score_records(model, tokenizer, records, max_length=64, teacher=other, max_new_tokens=3, batch_size=4)
+    alone = perplexity(model, batches(encoded, Collator(tokenizer), 4))
+    assert scores["perplexity"]["tokens"] == alone["tokens"]
+    assert scores["perplexity"]["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5)
+    assert scores["agreement"] == token_agreement(model, other, batches(encoded, Collator(tokenizer), 4))
+    greedy = task_accuracy(model, tokenizer, records, max_new_tokens=3, batch_size=4)
+    assert scores["task_accuracy"]["answers"] == greedy["answers"]
+    assert scores["task_accuracy"]["correct"] == greedy["correct"]
+    assert "agreement" not in score_records(model, tokenizer, records, max_length=64)
+
+
+def answers_positive_then_stops(tokenizer):
+    """A tiny Llama whose layers add nothing: after the token "positive" it says eos, after any other "positive"."""
+    model = planted(tokenizer, "positive")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids("positive"), 0] = 1.0
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 10.0  # the RMS norm makes that row 8 x 10 = 80
+    return model
+
+
+def test_a_completion_the_model_reproduces_is_not_decoded_again(setup):
+    """Greedy decoding of a record whose completion and eos the model predicts teacher-forced gives that
+    completion: those records skip generation, and the answers are those of decoding every record."""
+    tokenizer, _, records, _ = setup
+    model = answers_positive_then_stops(tokenizer)
+    scores = score_records(model, tokenizer, records, max_length=64, max_new_tokens=3)
+    greedy = task_accuracy(model, tokenizer, records, max_new_tokens=3)
+    assert greedy["answers"] == ["positive"] * len(records)  # the model really stops after its word
+    assert scores["task_accuracy"]["answers"] == greedy["answers"]
+    assert scores["task_accuracy"]["correct"] == greedy["correct"] == [r.label == "positive" for r in records]
+    assert scores["task_accuracy"]["decoded"] == sum(r.label != "positive" for r in records) < len(records)
+    # A completion longer than max_new_tokens is decoded: greedy decoding would have stopped short of it.
+    assert score_records(model, tokenizer, records, 64, max_new_tokens=1)["task_accuracy"]["decoded"] == len(records)

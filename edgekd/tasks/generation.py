@@ -98,20 +98,14 @@ def load_records(recipe: GenerationRecipe) -> LMDataset:
     return LMDataset(train, validation, test, labelled)
 
 
-def _evaluate(model, tokenizer, records: list, max_length: int, labelled: bool, teacher=None,
-              known_perplexity: dict | None = None) -> dict:
-    """Perplexity on the completions of `records` (`known_perplexity`: already measured on them), task accuracy
-    where they are labelled, agreement with `teacher`."""
-    from edgekd.lm_data import Collator, batches, encode
-    from edgekd.lm_metrics import perplexity, task_accuracy, token_agreement
+def _evaluate(model, tokenizer, records: list, max_length: int, teacher=None) -> dict:
+    """Perplexity on the completions of `records`, task accuracy where they are labelled, agreement with `teacher`:
+    one teacher-forced pass of each model (edgekd.lm_metrics.score_records)."""
+    from edgekd.lm_metrics import score_records
 
-    rows, collate = encode(tokenizer, records, max_length), Collator(tokenizer)
-    metrics = {"perplexity": known_perplexity or perplexity(model, batches(rows, collate))}
-    if teacher is not None:
-        metrics["agreement"] = token_agreement(model, teacher, batches(rows, collate))
-    if labelled:
-        accuracy = task_accuracy(model, tokenizer, records, ANSWER_TOKENS)
-        metrics["task_accuracy"] = {k: v for k, v in accuracy.items() if k not in ("answers",)}
+    metrics = score_records(model, tokenizer, records, max_length, teacher, ANSWER_TOKENS)
+    if "task_accuracy" in metrics:
+        metrics["task_accuracy"] = {k: v for k, v in metrics["task_accuracy"].items() if k != "answers"}
     return metrics
 
 
@@ -150,9 +144,7 @@ def finetune(recipe: GenerationRecipe, data: LMDataset, out: Path) -> dict:
             model.save_pretrained(stage.path)
             tokenizer.save_pretrained(stage.path)
         copy_licenses(cfg.model, stage.path)
-        measured = {"validation": stage.extra["training"]["validation"]} if cfg.epochs > 0 else {}
-        stage.metrics = {split: _evaluate(model, tokenizer, getattr(data, split), recipe.data.max_length,
-                                          data.labelled, known_perplexity=measured.get(split))
+        stage.metrics = {split: _evaluate(model, tokenizer, getattr(data, split), recipe.data.max_length)
                          for split in ("validation", "test")}
         stage.metrics["params"] = count_parameters(model)
         stage.extra["max_length"] = recipe.data.max_length
@@ -203,7 +195,7 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
         for name in ("LICENSE", "NOTICE"):
             if (Path(teacher_dir) / name).is_file():
                 shutil.copyfile(Path(teacher_dir) / name, stage.path / name)
-        stage.metrics = {split: _evaluate(student, tokenizer, getattr(data, split), length, data.labelled, teacher)
+        stage.metrics = {split: _evaluate(student, tokenizer, getattr(data, split), length, teacher)
                          for split in ("validation", "test")}
         stage.metrics["params"] = count_parameters(student)
         stage.extra.update({"plan": plan, "max_length": length})
@@ -245,7 +237,7 @@ def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_st
         # Quality of what ships: the model in PyTorch is what the .pte computes, within the gate above; an fp32
         # .pte's is its source stage's (the same model on the same records), a quantized one's is measured here.
         quality = (read_manifest(model_dir)["metrics"]["test"] if spec.is_float else
-                   _evaluate(reference, tokenizer, data.test, recipe.data.max_length, data.labelled))
+                   _evaluate(reference, tokenizer, data.test, recipe.data.max_length))
         stage.metrics = {"test": quality,
                          "parity": {k: v for k, v in parity.items() if k != "per_prompt"},
                          "params": count_parameters(model), "load_ms": runner.load_ms}
