@@ -29,7 +29,7 @@ def lm_recipe(tmp_path_factory):
         "data": {"train": "train.csv", "validation": "validation.csv", "test": "test.csv", "max_length": 112},
         "student": {"layers": 2, "ffn": 0.5, "calibration": 8, "top_k": 16, "epochs": 1, "batch_size": 8,
                     "learning_rate": 1e-3},
-        "compress": {"quant": ["int4"]}, "max_seq_len": 128,
+        "compress": {"quant": ["fp32", "int4"]}, "max_seq_len": 128,
         "bench": {"prompt_lengths": [8, 16], "new_tokens": 4, "rounds": 1, "prompts": 2, "threads": 1},
     }
     import yaml
