@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from edgekd.errors import DataError, RecipeError, StageError
+from edgekd.lm_metrics import label_logits
 
 LAYOUT = "edgekd-lm-topk-v1: values [P,k] f16 log-probs, indices [P,k] i32, offsets [N+1] i64; label positions"
 
@@ -66,11 +67,6 @@ def _rows(batch: dict) -> Iterable[dict]:
         yield {"input_ids": row_ids[:n].tolist(), "labels": row_labels[:n].tolist(), "attention_mask": [1] * n}
 
 
-def label_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions t whose logits carry a loss (labels[t + 1] != -100). labels [L] -> t [n]."""
-    return (labels[1:] != -100).nonzero().flatten()
-
-
 @dataclass
 class TopK:
     """A loaded cache (module docstring for the layout)."""
@@ -82,21 +78,19 @@ class TopK:
     def k(self) -> int:
         return self.values.shape[-1]
 
-    def dense(self, index: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows of examples `index` [B] placed at their label positions of `labels` [B, L] (right padded):
-        (values [B, L, k] float32, indices [B, L, k] int64); other positions hold zeros, which the loss skips."""
-        b, length = labels.shape
-        values = torch.zeros(b, length, self.k, dtype=torch.float32)
-        indices = torch.zeros(b, length, self.k, dtype=torch.int64)
+    def rows(self, index: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached rows of examples `index` [B], in their order and then left to right, as label_logits
+        gives the student's: (values [N, k] float32, indices [N, k] int64). `labels` [B, L] checks the counts."""
+        spans = []
         for row, i in enumerate(index.tolist()):
             start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-            where = label_positions(labels[row].cpu())
-            if len(where) != end - start:
-                raise StageError(f"example {i} has {len(where)} label positions but the teacher cache holds "
-                                 f"{end - start}; the cache belongs to other data: delete it and rerun")
-            values[row, where] = self.values[start:end].float()
-            indices[row, where] = self.indices[start:end].long()
-        return values, indices
+            if int((labels[row, 1:] != -100).sum()) != end - start:
+                raise StageError(f"example {i} has {int((labels[row, 1:] != -100).sum())} label positions but the "
+                                 f"teacher cache holds {end - start}; the cache belongs to other data: delete it and "
+                                 f"rerun")
+            spans.append(torch.arange(start, end))
+        take = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        return self.values[take].float(), self.indices[take].long()
 
 
 def cache_key(teacher_digest: str, records: list[dict], k: int) -> str:
@@ -131,7 +125,6 @@ def _compute(teacher, records: list[dict], k: int, batch_size: int) -> TopK:
 
     was_training = teacher.training
     teacher.eval()
-    device = next(teacher.parameters()).device
     values, indices, counts = [], [], [0]
     for start in tqdm(range(0, len(records), batch_size), desc="teacher top-k", unit="batch"):
         chunk = records[start:start + batch_size]
@@ -141,13 +134,14 @@ def _compute(teacher, records: list[dict], k: int, batch_size: int) -> TopK:
         for row, r in enumerate(chunk):
             ids[row, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
             mask[row, :len(r["input_ids"])] = 1
-        logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits   # [b, length, V]
+        labels = torch.full((len(chunk), length), -100, dtype=torch.int64)
         for row, r in enumerate(chunk):
-            where = label_positions(torch.tensor(r["labels"])).to(device)
-            top = logits[row, where].float().log_softmax(-1).topk(k, -1)                    # [n, k]
-            values.append(top.values.half().cpu())
-            indices.append(top.indices.int().cpu())
-            counts.append(len(where))
+            labels[row, :len(r["labels"])] = torch.tensor(r["labels"])
+        logits, _, rows = label_logits(teacher, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        top = logits.log_softmax(-1).topk(k, -1)                                           # [N, k], row by row
+        values.append(top.values.half().cpu())
+        indices.append(top.indices.int().cpu())
+        counts += torch.bincount(rows.cpu(), minlength=len(chunk)).tolist()
     teacher.train(was_training)
     return TopK(torch.cat(values).contiguous(), torch.cat(indices).contiguous(),
                 torch.tensor(counts, dtype=torch.int64).cumsum(0))

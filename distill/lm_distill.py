@@ -18,9 +18,10 @@ import torch
 from transformers import Trainer
 
 from edgekd.distill.lm_cache import TopK, as_records, cache_key, teacher_topk
-from edgekd.distill.lm_losses import _divergence, causal_ce, check_kd_args, lm_kd_loss
+from edgekd.distill.lm_losses import _divergence, check_kd_args, kd_divergence
 from edgekd.distill.training import drop_checkpoints, last_checkpoint, quiet_progress, training_args
 from edgekd.errors import DataError, ModelError, RecipeError, StageError
+from edgekd.lm_metrics import label_logits
 
 METRICS_FILE = "lm_distill.json"   # marks a folder distill_lm wrote (and may replace)
 
@@ -88,15 +89,15 @@ class LMDistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop("index")
-        labels = inputs.pop("labels")
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        loss = causal_ce(outputs.logits, labels)
+        # The logits at label positions only: the LM head never runs where there is no loss.
+        logits, targets, _ = label_logits(model, inputs)
+        loss = (torch.nn.functional.cross_entropy(logits, targets) if len(targets) else logits.sum() * 0.0)
         if model.training and self.alpha > 0:
-            values, indices = self.teacher_topk.dense(index.cpu(), labels.cpu())
-            kd = lm_kd_loss(outputs.logits, values.to(labels.device), indices.to(labels.device), labels, self.kind,
-                            self.temperature, self.skew)
+            values, indices = self.teacher_topk.rows(index.cpu(), inputs["labels"].cpu())
+            kd = kd_divergence(logits, values.to(logits.device), indices.to(logits.device), self.kind,
+                               self.temperature, self.skew)
             loss = self.alpha * kd + (1.0 - self.alpha) * loss
-        return (loss, outputs) if return_outputs else loss
+        return (loss, logits) if return_outputs else loss
 
 
 def model_digest(model) -> str:
@@ -118,14 +119,15 @@ def lm_validation(student, teacher, records: list[dict], pad_id: int, batch_size
     totals = {"loss": 0.0, "kl": 0.0, "tokens": 0}
     for start in range(0, len(records), batch_size):
         batch = collate([dict(r, index=0) for r in records[start:start + batch_size]])
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        tokens = int((labels[:, 1:] != -100).sum())
-        logits = student(input_ids=ids, attention_mask=mask).logits
-        totals["loss"] += float(causal_ce(logits, labels)) * tokens
+        logits, targets, _ = label_logits(student, batch)
+        if not len(targets):
+            continue
+        tokens = len(targets)
+        totals["loss"] += float(torch.nn.functional.cross_entropy(logits, targets)) * tokens
         if teacher is not None:
-            t_logp = teacher(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            every = torch.arange(t_logp.shape[-1], device=t_logp.device).expand_as(t_logp)  # the whole vocabulary
-            totals["kl"] += float(lm_kd_loss(logits, t_logp, every, labels, "forward")) * tokens
+            t_logp = label_logits(teacher, batch)[0].to(device).log_softmax(-1)
+            every = torch.arange(t_logp.shape[-1], device=device).expand_as(t_logp)  # the whole vocabulary: exact
+            totals["kl"] += float(kd_divergence(logits, t_logp, every, "forward")) * tokens
         totals["tokens"] += tokens
     if not totals["tokens"]:
         raise DataError("the validation data has no label tokens (every label is -100); give completions to score")

@@ -13,11 +13,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from transformers import Trainer
+
 from edgekd.architecture import family_of
 from edgekd.distill.training import drop_checkpoints, last_checkpoint, quiet_progress, training_args
 from edgekd.errors import DataError, ModelError, RecipeError, StageError
 from edgekd.lm_data import Collator, Record, batches, encode
-from edgekd.lm_metrics import perplexity
+from edgekd.lm_metrics import label_logits, perplexity
 from edgekd.manifest import is_primary_process
 from edgekd.models import count_parameters
 
@@ -58,6 +61,18 @@ def _with_lora(model, lora: LoraSettings):
     return get_peft_model(model, config)
 
 
+class CompletionTrainer(Trainer):
+    """The mean cross-entropy of the label tokens, with the LM head run only where there is one (label_logits): on
+    classification prompts a few positions of each row instead of every one."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits, targets, _ = label_logits(model, inputs)
+        loss = torch.nn.functional.cross_entropy(logits, targets) if len(targets) else logits.sum() * 0.0
+        return (loss, logits) if return_outputs else loss
+
+
 def _check_out(out: Path) -> None:
     """`out` must be missing or an empty folder: never replace what edgekd did not write."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -74,7 +89,7 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
     a rerun resumes from the newest, and they are deleted once `out` is written. All records are encoded
     before any training, so bad input stops it in one line.
     """
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     out = Path(out)
     _check_out(out)
@@ -103,7 +118,8 @@ def finetune_lm(model, tokenizer, train_records: list[Record], validation_record
                          per_device_eval_batch_size=batch_size, metric_for_best_model="loss", greater_is_better=False,
                          prediction_loss_only=True, label_names=["labels"],  # no [N, L, vocab] logits kept in eval
                          **choose)
-    trainer = Trainer(model=trained, args=args, train_dataset=train, eval_dataset=validation, data_collator=collate)
+    trainer = CompletionTrainer(model=trained, args=args, train_dataset=train, eval_dataset=validation,
+                                data_collator=collate)
     quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(checkpoints))
     model = trainer.model.merge_and_unload() if lora is not None else trainer.model
     model.eval()

@@ -44,15 +44,25 @@ def lm_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teach
     teacher_indices [B, L, k] int64; labels [B, L] int64 with -100 where no loss. Returns a scalar; rows of the
     teacher tensors at positions without a loss are never read (they may hold anything).
     """
-    divergence = _divergence(kind)
-    check_kd_args(temperature, skew)
     keep = labels[:, 1:] != -100                       # [B, L-1]: position t predicts labels[t + 1]
     if not keep.any():
+        _divergence(kind)
+        check_kd_args(temperature, skew)
         return student_logits.sum() * 0.0              # no label token: zero, still in the graph
-    z = student_logits[:, :-1][keep].float()           # [N, V] only the positions with a loss
-    t_logp = teacher_values[:, :-1][keep].detach().float()  # [N, k]; the teacher is a fixed target
-    index = teacher_indices[:, :-1][keep]               # [N, k]
-    log_p, log_q = lumped(z, t_logp, index)            # [N, k(+1)] each
+    return kd_divergence(student_logits[:, :-1][keep], teacher_values[:, :-1][keep], teacher_indices[:, :-1][keep],
+                         kind, temperature, skew)
+
+
+def kd_divergence(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                  kind: str = "forward", temperature: float = 1.0, skew: float = 0.1) -> torch.Tensor:
+    """lm_kd_loss on the label positions alone: student_logits [N, V], teacher_values / teacher_indices [N, k]."""
+    divergence = _divergence(kind)
+    check_kd_args(temperature, skew)
+    if not len(student_logits):
+        return student_logits.sum() * 0.0
+    z = student_logits.float()
+    t_logp = teacher_values.detach().float()           # the teacher is a fixed target
+    log_p, log_q = lumped(z, t_logp, teacher_indices)  # [N, k(+1)] each
     log_p, log_q = log_p / temperature, log_q / temperature
     log_p, log_q = log_p.log_softmax(-1), log_q.log_softmax(-1)
     return divergence(log_p, log_q, skew).mean() * temperature ** 2

@@ -18,11 +18,21 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _shifted(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [B, L-1, V] float32, targets [B, L-1]): the prediction at t for the label at t + 1."""
+def label_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next-token logits only at the positions whose next token is a label: (logits [N, V] float32, those
+    labels [N], each one's row in the batch [N]), row by row and left to right.
+
+    The LM head (vocabulary x hidden, a small decoder's largest matmul) runs only on the sequence positions some
+    row scores (`logits_to_keep`): a completion of a few tokens after a long prompt costs a few rows of it."""
     device = _device(model)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return logits[:, :-1].float(), batch["labels"][:, 1:].to(device)
+    labels = batch["labels"].to(device)
+    keep = labels[:, 1:] != -100                                   # [B, L-1]: position t predicts labels[t + 1]
+    positions = keep.any(0).nonzero().flatten()                    # [U] positions any row scores
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   logits_to_keep=positions).logits                # [B, U, V]
+    chosen = keep[:, positions]                                    # [B, U]
+    rows = chosen.nonzero()[:, 0]
+    return logits[chosen].float(), labels[:, 1:][:, positions][chosen], rows
 
 
 @torch.no_grad()
@@ -31,10 +41,9 @@ def perplexity(model, batches) -> dict:
     model.eval()
     total, tokens = 0.0, 0
     for batch in batches:
-        logits, targets = _shifted(model, batch)
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                                   reduction="sum").item()
-        tokens += int((targets != -100).sum())
+        logits, targets, _ = label_logits(model, batch)
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        tokens += len(targets)
     if not tokens:
         raise ValueError("perplexity needs at least one label token (labels other than -100)")
     return {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
@@ -53,11 +62,10 @@ def token_agreement(student, teacher, batches) -> dict:
     teacher.eval()
     hits, n = 0, 0
     for batch in batches:
-        student_logits, targets = _shifted(student, batch)
-        teacher_logits, _ = _shifted(teacher, batch)
-        scored = targets != -100
-        hits += int((student_logits.argmax(-1) == teacher_logits.argmax(-1).to(scored.device))[scored].sum())
-        n += int(scored.sum())
+        student_logits, targets, _ = label_logits(student, batch)
+        teacher_logits, _, _ = label_logits(teacher, batch)
+        hits += int((student_logits.argmax(-1) == teacher_logits.argmax(-1).to(student_logits.device)).sum())
+        n += len(targets)
     if not n:
         raise ValueError("token agreement needs at least one label token (labels other than -100)")
     return _proportion("agreement", hits, n)
@@ -122,16 +130,17 @@ def score_records(model, tokenizer, records: list[Record], max_length: int, teac
     rows, collate, eos = encode(tokenizer, records, max_length), Collator(tokenizer), eos_id(tokenizer)
     total, tokens, hits, reproduced = 0.0, 0, 0, []
     for start in range(0, len(rows), batch_size):
-        logits, targets = _shifted(model, collate(rows[start:start + batch_size]))
-        scored = targets != -100
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                                   reduction="sum").item()
-        tokens += int(scored.sum())
+        batch = collate(rows[start:start + batch_size])
+        logits, targets, row = label_logits(model, batch)
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        tokens += len(targets)
         predicted = logits.argmax(-1)
         if teacher is not None:
-            teacher_logits, _ = _shifted(teacher, collate(rows[start:start + batch_size]))
-            hits += int((predicted == teacher_logits.argmax(-1).to(predicted.device))[scored].sum())
-        reproduced += ((predicted == targets) | ~scored).all(dim=1).tolist()
+            teacher_logits, _, _ = label_logits(teacher, batch)
+            hits += int((predicted == teacher_logits.argmax(-1).to(predicted.device)).sum())
+        wrong = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=row.device)
+        wrong.index_add_(0, row, (predicted != targets).long())   # mispredicted label tokens per row
+        reproduced += (wrong == 0).tolist()
     if not tokens:
         raise ValueError("perplexity needs at least one label token (labels other than -100)")
     metrics = {"perplexity": {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}}
