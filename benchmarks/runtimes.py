@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd.errors import BenchError
+from edgekd.errors import BenchError, install_command
 from edgekd.registry import Registry
 
 
@@ -44,7 +44,7 @@ class Baseline:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             raise BenchError(f"baseline '{self.name}' needs {', '.join(missing)}, which is not installed; "
-                             f"run `pip install 'edgekd[{self.extra}]'`")
+                             f"run `{install_command(self.extra)}`")
 
 
 BASELINES: Registry[Baseline] = Registry("baseline runtime")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from edgekd.errors import RecipeError
+from edgekd.errors import RecipeError, install_command
 from edgekd.registry import Registry
 
 SPECS: Registry["QuantSpec"] = Registry("quantization spec")
@@ -156,7 +156,7 @@ def quantize_for_xnnpack(model, spec: QuantSpec, max_length: int, calibration=()
             )
         except ImportError:
             raise RecipeError(f"QuantSpec {spec.name} is realized here with ExecuTorch's XNNPACK quantizer; "
-                              f"run `pip install 'edgekd[android]'`, or name the target you export to") from None
+                              f"run `{install_command('android')}`, or name the target you export to") from None
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(
@@ -212,8 +212,8 @@ def palettize(model: torch.nn.Module) -> torch.nn.Module:
     try:
         from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
     except ImportError:
-        raise RecipeError("QuantSpec palettize4 is evaluated with coremltools; "
-                          "run `pip install 'edgekd[ios]'`") from None
+        raise RecipeError(f"QuantSpec palettize4 is evaluated with coremltools; "
+                          f"run `{install_command('ios')}`") from None
     config = PostTrainingPalettizerConfig.from_dict(
         {"global_config": {"n_bits": 4, "granularity": "per_tensor"},
          "module_type_configs": {torch.nn.Embedding: None}})

@@ -41,3 +41,21 @@ class GateError(ExportError):
     """An artifact was produced but failed its gate (parity with its own reference, or the accuracy budget).
 
     `edgekd run` records the variant as failed and carries on with the others; `edgekd export` stops."""
+
+
+def install_command(extra: str) -> str:
+    """The pip command that adds edgekd's optional `extra` to this installation. From a source folder (the README's
+    `pip install -e .`) it names that folder: `pip install 'edgekd[x]'` there would look for edgekd on PyPI."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        direct = json.loads(metadata.distribution("edgekd").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        direct = {}
+    url = urlparse(direct.get("url", ""))
+    if url.scheme == "file":
+        editable = "-e " if direct.get("dir_info", {}).get("editable") else ""
+        return f"pip install {editable}'{unquote(url.path)}[{extra}]'"
+    return f"pip install 'edgekd[{extra}]'"

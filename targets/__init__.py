@@ -5,7 +5,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgekd.errors import EdgeKDError, RecipeError
+from edgekd.errors import EdgeKDError, RecipeError, install_command
 from edgekd.registry import Registry, did_you_mean
 
 
@@ -65,7 +65,7 @@ class Format:
         missing = [m for m in self.requires if not _importable(m)]
         if missing:
             raise EdgeKDError(f"{self.target}/{self.name} needs {', '.join(missing)}, which is not installed; "
-                              f"run `pip install 'edgekd[{self.extra}]'`")
+                              f"run `{install_command(self.extra)}`")
 
 
 def _importable(module: str) -> bool:

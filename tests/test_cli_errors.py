@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from edgekd.cli import build_parser, main
+from edgekd.errors import install_command
 
 from conftest import make_rows, write_csv
 
@@ -238,8 +239,30 @@ def test_missing_runtime_is_named_with_the_extra_before_any_work(tmp_path, tiny_
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: android/executorch needs executorch, which is not installed; " \
-                      "run `pip install 'edgekd[android]'`"
+                      f"run `{install_command('android')}`"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_install_fix_names_this_installation(monkeypatch):
+    """From a source folder (`pip install -e .`), `pip install 'edgekd[x]'` would look for edgekd on PyPI: the
+    fix a message gives installs the extra from that folder; a PyPI install gets the package name."""
+    import json
+    from importlib import metadata
+
+    class Installed:
+        def __init__(self, direct):
+            self.direct = direct
+
+        def read_text(self, name):
+            return None if self.direct is None else json.dumps(self.direct)
+
+    cases = [({"url": "file:///src/my%20edgekd", "dir_info": {"editable": True}},
+              "pip install -e '/src/my edgekd[litert]'"),
+             ({"url": "file:///src/edgekd", "dir_info": {}}, "pip install '/src/edgekd[litert]'"),
+             (None, "pip install 'edgekd[litert]'")]
+    for direct, command in cases:
+        monkeypatch.setattr(metadata, "distribution", lambda name, d=direct: Installed(d))
+        assert install_command("litert") == command
 
 
 # --- recipes that cannot be read, and the last-resort handler -------------------------------

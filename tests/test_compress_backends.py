@@ -14,6 +14,8 @@ import textwrap
 import pytest
 import yaml
 
+from edgekd.errors import install_command
+
 from conftest import tiny_student_stage
 
 # Modules each extra does not install: [litert] and [embedded] lack ExecuTorch (litert-torch brings torchao);
@@ -137,5 +139,5 @@ def test_without_executorch_an_executorch_target_fails_in_one_line_before_traini
     assert done.returncode == 1, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "android/executorch needs executorch" in lines[0]
-    assert "pip install 'edgekd[android]'" in lines[0]
+    assert install_command("android") in lines[0]
     assert "Traceback" not in done.stderr and not (out / "finetune").exists()
