@@ -50,9 +50,12 @@ def install_command(extra: str) -> str:
     from importlib import metadata
     from urllib.parse import unquote, urlparse
 
+    # Every edgekd distribution on the path: run from the source folder, its edgekd.egg-info (no install record)
+    # is found before the installed one.
+    found = (d.read_text("direct_url.json") for d in metadata.distributions(name="edgekd"))
     try:
-        direct = json.loads(metadata.distribution("edgekd").read_text("direct_url.json") or "{}")
-    except (metadata.PackageNotFoundError, ValueError):
+        direct = json.loads(next((text for text in found if text), "{}"))
+    except ValueError:
         direct = {}
     url = urlparse(direct.get("url", ""))
     if url.scheme == "file":

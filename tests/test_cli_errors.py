@@ -261,7 +261,8 @@ def test_the_install_fix_names_this_installation(monkeypatch):
              ({"url": "file:///src/edgekd", "dir_info": {}}, "pip install '/src/edgekd[litert]'"),
              (None, "pip install 'edgekd[litert]'")]
     for direct, command in cases:
-        monkeypatch.setattr(metadata, "distribution", lambda name, d=direct: Installed(d))
+        # The source folder's edgekd.egg-info (no install record) comes first on the path when run from there.
+        monkeypatch.setattr(metadata, "distributions", lambda name, d=direct: [Installed(None), Installed(d)])
         assert install_command("litert") == command
 
 
