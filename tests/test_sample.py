@@ -189,3 +189,34 @@ def test_the_compress_manifest_records_its_samples(sorted_dataset, tiny_model_st
         ("validation", EVAL_TEXTS, 1200, 12)
     indices = stratified_sample(sorted_dataset.validation.labels, EVAL_TEXTS, 7, "evaluation")
     assert evaluation["indices_sha256"] == checksum(indices) and evaluation["seed"] == 7
+
+
+def test_the_export_key_holds_the_parity_threads(sorted_dataset, tiny_model_stage, tmp_path):
+    """A rerun with other parity threads is another export (issue 14, item 10: keys hash what the stage reads);
+    the same threads find it done."""
+    from edgekd.compress.quant import get_spec
+    from edgekd.targets import Format, Reference
+    from edgekd.targets.export import export_artifact
+    from edgekd.targets.graph import ExportWrapper
+
+    stage_dir, model, _ = tiny_model_stage
+    wrapped = ExportWrapper(model).eval()
+    exports = []
+
+    def fake_export(model, spec, max_length, calibration, out_file, **options):
+        exports.append(out_file)
+        out_file.write_bytes(b"artifact")
+        return {"reference": Reference("the fake backend's graph", lambda ids, mask: wrapped(ids, mask)
+                                       .detach().numpy(), 1.0)}
+
+    def runner(file, threads):
+        run = lambda ids, mask: wrapped(ids, mask).detach().numpy()
+        run.load_ms = 0.0
+        return run
+
+    runner.versions = lambda: {}
+    fmt = Format("test", "fake", "fake", "bin", ("fp32",), fake_export, runner)
+    for threads in (0, 0, 1, 1):
+        export_artifact(stage_dir, "distill", fmt, get_spec("fp32"), sorted_dataset, tmp_path / "art", "student",
+                        "m", threads=threads)
+    assert len(exports) == 2  # threads 0 once, threads 1 once: each rerun with the same threads was skipped
