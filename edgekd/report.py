@@ -69,6 +69,7 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
         test = manifest["metrics"]["test"]
         variants.append({
             "name": path.name, "role": role, "title": _title(role, quant, manifest.get("quant_asked")),
+            "format": f"{manifest['params'].get('target')}/{manifest['params'].get('format')}",
             "artifact": _relative(path / manifest["artifact"], root),
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"], "quant": quant,
             "accuracy": (test or {}).get("accuracy"), "macro_f1": (test or {}).get("macro_f1"),
@@ -80,6 +81,9 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
         })
     order = {"teacher": 0, "student": 1, "compressed": 2}
     variants.sort(key=lambda v: (order.get(v["role"], 3), v["name"]))
+    if len({v["format"] for v in variants}) > 1:  # several targets: a column's title must say which file it is
+        for v in variants:
+            v["title"] = f"{v['title']}, {v['format']}"
     reference = next((v["predictions"] for v in variants if v["role"] == "teacher"), None)
     for v in variants:  # top-1 agreement of each artifact with the teacher's artifact, text by text
         predictions = v["predictions"]

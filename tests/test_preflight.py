@@ -296,6 +296,15 @@ def test_the_export_manifest_records_the_asked_spec_and_its_realization(tiny_tea
     assert manifest["artifact"] == "tiny_coreml_int8weights.mlpackage"
     (shown,) = collect(tmp_path / "run")["variants"]  # the report names both
     assert shown["name"] == variant.name and shown["title"].endswith(", int8-weights (for int8)")
+    # A second target in the same run: every column's title says which target and format its file is for.
+    from edgekd.compress.quant import get_spec
+    from edgekd.targets import get_format
+
+    export_artifact(stage_dir, "finetune", get_format("android", "executorch"), get_spec("fp32"), dataset,
+                    tmp_path / "run" / "export" / "teacher-fp32-android-executorch", "teacher", "tiny")
+    titles = {v["name"]: v["title"] for v in collect(tmp_path / "run")["variants"]}
+    assert titles == {variant.name: "Student, int8-weights (for int8), ios/coreml",
+                      "teacher-fp32-android-executorch": "Teacher (fine-tuned), android/executorch"}
 
 
 def test_full_int8_of_a_gelu_model_on_tflite_micro_is_refused_before_training_and_the_fix_works(base):
