@@ -340,10 +340,14 @@ def _blocks(summary, plots):
         for r in ratios:
             d, ci = r.get("accuracy_delta_points"), r.get("accuracy_delta_ci95_points")
             paired = f" (paired 95 % interval {ci[0]:+.1f} to {ci[1]:+.1f})" if ci else ""
-            lines.append(f"{r.get('variant') or DASH}: {_fmt_x(r.get('size_x'))} smaller, "
-                         f"{_fmt_x(r.get('latency_p50_x'))} faster at p50, accuracy "
-                         f"{DASH if d is None else f'{d:+.1f}'} points{paired}, "
-                         f"{_fmt_x(r.get('params_x'))} fewer parameters")
+            # What was not measured (Core ML latency and accuracy off Apple hardware) is left out, not dashed.
+            parts = [f"{_fmt_x(r.get('size_x'))} smaller"]
+            if r.get("latency_p50_x") is not None:
+                parts.append(f"{_fmt_x(r['latency_p50_x'])} faster at p50")
+            if d is not None:
+                parts.append(f"accuracy {d:+.1f} points{paired}")
+            parts.append(f"{_fmt_x(r.get('params_x'))} fewer parameters")
+            lines.append(f"{r.get('variant') or DASH}: {', '.join(parts)}")
         b.append(("ul", lines))
     if summary.get("intervals"):
         b.append(("p", summary["intervals"]))

@@ -110,6 +110,12 @@ def test_missing_values_render_dash_and_plots_still_work(tmp_path):
     assert "| 16.79 MB (16,788,012 B) | — |" in md
     assert "| student-fp32 | 6.20 | 6.82 |" in md and "| — |" in md
     assert "student-int8: —x smaller" not in md and "student-int8: — smaller" in md
+    # A ratio that was not measured (Core ML latency and accuracy off Apple hardware) is left out of the line.
+    s["ratios"][1].update(latency_p50_x=None, accuracy_delta_points=None, accuracy_delta_ci95_points=None)
+    render_report(s, tmp_path)
+    line = next(x for x in (tmp_path / "report.md").read_text(encoding="utf-8").splitlines()
+                if x.startswith("- student-int8:"))
+    assert line == "- student-int8: — smaller, 5.4x fewer parameters"
     assert "on the same split" not in md
     for name in PLOTS:
         assert (tmp_path / "plots" / name).read_bytes().startswith(PNG_MAGIC)
