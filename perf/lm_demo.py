@@ -1,12 +1,14 @@
 """Measure `edgekd demo --task text-generation` end to end: stage wall times, the teacher-vs-student table, and
 the issue's bars from this one run.
 
-    python perf/lm_demo.py [--out runs/perf-lm-demo]
+    python perf/lm_demo.py [--out runs/perf-lm-demo] [--resume]
 
 Records perf/results/lm_demo.json (the report's summary: every variant's size, TTFT, prefill and decode
 tokens/s, perplexity, task accuracy, parity; the ratios of this run; stage wall times; the total) and prints
 the table and whether the int4 student is >= 8x smaller than the fp32 teacher .pte, decodes >= 3x the teacher's
-tokens/s and >= 1.5x PyTorch eager fp32 of the same student.
+tokens/s and >= 1.5x PyTorch eager fp32 of the same student. --resume keeps what a stopped or failed run in --out
+finished (the chain reuses each stage whose key matches; the stage wall times are each stage's own run, from its
+manifest, and "total_wall_s" is this invocation's).
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ BARS = {"size_ratio": 8.0, "decode_speedup_over_teacher": 3.0, "decode_speedup_o
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/perf-lm-demo")
+    parser.add_argument("--resume", action="store_true", help="keep the stages a run in --out finished")
     args = parser.parse_args()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing cached
+    if not args.resume:
+        shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing cached
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "edgekd", "demo", "--task", "text-generation", "--out", str(out),
                            "--json"], stdout=subprocess.PIPE, text=True)
@@ -50,7 +54,8 @@ def main() -> int:
         print(f"stage {s['stage']:<24} {s['wall_s']:8.1f} s")
     print(f"total wall time {wall:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python perf/lm_demo.py", "total_wall_s": round(wall, 1),
+    command = "python perf/lm_demo.py" + (" --resume" if args.resume else "")
+    RESULTS.write_text(json.dumps({"command": command, "resumed": args.resume, "total_wall_s": round(wall, 1),
                                    "bars": {k: {"value": v, "bar": b} for k, (v, b) in bars.items()},
                                    **summary}, indent=2) + "\n")
     print(f"recorded in {RESULTS}")

@@ -57,7 +57,10 @@ SIGNATURE = {"method": "forward",
 # within FP32_LOGIT_TOLERANCE at every position of the path (measured max |diff| 2.4e-7). The rule asks the same
 # next token only where the reference's top-2 margin exceeds twice that tolerance: at a closer tie rounding may
 # pick the other token, and a free-running path then forks without the export being wrong (free-running equality
-# is reported beside it). Quantized (int4 8da4w
+# is reported beside it). Both bounds scale with the position's largest |logit| (1 + max |logit|): float32 rounding
+# grows with the logits' size and the depth, and an absolute 1e-4 refused a correct export of the fine-tuned
+# 30-layer SmolLM2-135M (top-1 equal at every position, worst |diff| 1.09e-4); a broken export (wrong weights, a
+# wrong cache position) is off by whole logits. Quantized (int4 8da4w
 # g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently from torchao's
 # reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin (Llama: 10/16
 # prompts equal, 78 % of tokens before the first fork); so the rule feeds the reference's greedy path to the .pte
@@ -392,11 +395,11 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
         pte_logits = torch.cat([runner.step(path[:, :n], 0)]
                                + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
         diff = (pte_logits - ref_logits).abs().amax(dim=1)
-        scale = 1 + ref_logits.abs().amax(dim=1) if quantized else torch.ones_like(diff)
+        scale = 1 + ref_logits.abs().amax(dim=1)  # rounding grows with the logits' size
         # A position is decisive when the reference's top-2 margin exceeds twice the fp32 tolerance: there a
         # correct fp32 export cannot pick another token; below it, rounding may (a fork at a near-tie, not a bug).
         top2 = ref_logits.topk(2, dim=1).values
-        decisive = (top2[:, 0] - top2[:, 1]) > 2 * FP32_LOGIT_TOLERANCE
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * FP32_LOGIT_TOLERANCE * scale
         same = pte_logits.argmax(1) == ref_logits.argmax(1)
         fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),
@@ -411,8 +414,8 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
                 f"{QUANT_LOGIT_TOLERANCE} x (1 + max |logit|) at every position")
     else:
         passed = not any(r["decisive_differ"] for r in rows) and worst <= FP32_LOGIT_TOLERANCE
-        rule = (f"logits within {FP32_LOGIT_TOLERANCE} and the same next token at every position of the greedy "
-                f"path (teacher-forced) whose top-2 margin exceeds {2 * FP32_LOGIT_TOLERANCE}")
+        rule = (f"logits within {FP32_LOGIT_TOLERANCE} x (1 + max |logit|) and the same next token at every "
+                f"position of the greedy path (teacher-forced) whose top-2 margin exceeds twice that")
     return {"passed": passed, "rule": rule, "prompts": len(rows), "prompts_equal": sum(r["tokens_equal"] for r in rows),
             "free_running_agreement": sum(r["first_fork"] for r in rows) / sum(r["length"] for r in rows),
             "teacher_forced_agreement": forced, "worst_logit_diff": worst,

@@ -66,6 +66,19 @@ def test_fp32_greedy_tokens_and_prefill_logits_equal_pytorch(exported, family):
     assert details["signature"]["inputs"][1]["name"] == "input_pos"
 
 
+def test_the_fp32_gate_refuses_a_program_of_slightly_other_weights(exported):
+    """The scaled bound is still tight: one layer's MLP output 1 % off is refused (a broken export is worse)."""
+    import copy
+
+    model, _, runner = exported("llama", "fp32")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    parity = decoder_parity(runner, other, prompts(), NEW_TOKENS, quantized=False)
+    assert not parity["passed"] and parity["worst_logit_diff"] > FP32_LOGIT_TOLERANCE
+    assert decoder_parity(runner, model, prompts(), NEW_TOKENS, quantized=False)["passed"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_int4_matches_its_torchao_reference(exported, family):
     model, details, runner = exported(family, "int4")
