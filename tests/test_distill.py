@@ -144,10 +144,8 @@ def test_layer_losses_refuse_a_student_with_another_tokenizer(teacher_run, other
     assert not (root / "other-bad").exists()
 
 
-@pytest.mark.parametrize("disable_tqdm", [False, True])
-def test_training_shows_bars_but_not_the_trainers_log_dicts(tmp_path, capfd, disable_tqdm):
-    """Progress on the terminal is edgekd's lines and the bars; the Trainer's {'loss': ...} dicts (its
-    ProgressCallback writes them with a bar, its PrinterCallback without) stay off it."""
+def _train_quietly(tmp_path, rows: int, batch_size: int, **args) -> None:
+    """A 1-layer BERT trained one epoch on `rows` 3-token rows through quiet_progress."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, Trainer
 
@@ -156,12 +154,18 @@ def test_training_shows_bars_but_not_the_trainers_log_dicts(tmp_path, capfd, dis
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                                      num_attention_heads=2, intermediate_size=32, num_labels=2))
-    rows = [{"input_ids": torch.tensor([1, 5 + i % 7, 2]), "attention_mask": torch.ones(3, dtype=torch.long),
-             "labels": torch.tensor(i % 2)} for i in range(8)]
-    args = training_args(tmp_path, epochs=1, learning_rate=1e-3, batch_size=4, seed=0, eval_strategy="no",
-                         save_strategy="no", load_best_model_at_end=False, logging_strategy="steps",
-                         logging_steps=1, disable_tqdm=disable_tqdm)
-    quiet_progress(Trainer(model=model, args=args, train_dataset=rows)).train()
+    data = [{"input_ids": torch.tensor([1, 5 + i % 7, 2]), "attention_mask": torch.ones(3, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(rows)]
+    args = training_args(tmp_path, epochs=1, learning_rate=1e-3, batch_size=batch_size, seed=0, eval_strategy="no",
+                         save_strategy="no", load_best_model_at_end=False, **args)
+    quiet_progress(Trainer(model=model, args=args, train_dataset=data)).train()
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_training_shows_bars_but_not_the_trainers_log_dicts(tmp_path, capfd, disable_tqdm):
+    """Progress on the terminal is edgekd's lines and the bars; the Trainer's {'loss': ...} dicts (its
+    ProgressCallback writes them with a bar, its PrinterCallback without) stay off it."""
+    _train_quietly(tmp_path, 8, 4, logging_strategy="steps", logging_steps=1, disable_tqdm=disable_tqdm)
     out, err = capfd.readouterr()
     assert "'loss'" not in out + err and "train_runtime" not in out + err
     assert "[edgekd] epoch 1: loss " in err  # edgekd's own line per logged step/epoch
@@ -172,18 +176,6 @@ def test_without_bars_a_line_each_tenth_of_the_steps_says_how_long_is_left(tmp_p
     """An LLM epoch on a CPU takes minutes: where the Trainer's bars are off, edgekd says where it is."""
     import re
 
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, Trainer
-
-    from edgekd.distill.training import quiet_progress, training_args
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
-    rows = [{"input_ids": torch.tensor([1, 5 + i % 7, 2]), "attention_mask": torch.ones(3, dtype=torch.long),
-             "labels": torch.tensor(i % 2)} for i in range(40)]
-    args = training_args(tmp_path, epochs=1, learning_rate=1e-3, batch_size=2, seed=0, eval_strategy="no",
-                         save_strategy="no", load_best_model_at_end=False, disable_tqdm=True)
-    quiet_progress(Trainer(model=model, args=args, train_dataset=rows)).train()
+    _train_quietly(tmp_path, 40, 2, disable_tqdm=True)
     steps = re.findall(r"\[edgekd\] step (\d+)/20: [\d.]+ s a step, about \d+ s left", capfd.readouterr().err)
     assert steps == [str(s) for s in range(2, 20, 2)]  # every tenth of 20 steps, none at the end
