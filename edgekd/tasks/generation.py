@@ -36,11 +36,10 @@ PARITY_NEW_TOKENS = 16  # tokens each parity prompt decodes through the .pte's c
 
 @dataclass
 class LMDataset:
-    """The recipe's records, split; `labelled` when they are classification rows phrased as prompts."""
+    """The recipe's records, split (classification rows phrased as prompts carry their label)."""
     train: list
     validation: list
     test: list
-    labelled: bool
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256()
@@ -57,7 +56,6 @@ def load_records(recipe: GenerationRecipe) -> LMDataset:
     from edgekd.sample import stratified_sample
 
     cfg = recipe.data
-    labelled = cfg.records == "classification"
 
     def read(value: str) -> list:
         path = resolve_path(value, recipe)
@@ -95,7 +93,7 @@ def load_records(recipe: GenerationRecipe) -> LMDataset:
     for name, split in (("validation", validation), ("test", test)):
         if not split:
             raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
-    return LMDataset(train, validation, test, labelled)
+    return LMDataset(train, validation, test)
 
 
 def _evaluate(model, tokenizer, records: list, max_length: int, teacher=None) -> dict:
