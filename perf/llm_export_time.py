@@ -1,6 +1,7 @@
 """Where the export of a decoder LM to ExecuTorch spends its time: each phase of `export_decoder`, fp32 and int4.
 
     OMP_NUM_THREADS=1 python perf/llm_export_time.py [--quants int4,fp32] [--layers 30] [--max-seq-len 256]
+                                                     [--verifier both|off]
 
 The model has SmolLM2-135M's shape (perf/llm_decode.py: LlamaForCausalLM, 30 layers x 576, 9 heads, 3 KV heads,
 FFN 1536, vocabulary 49,152, tied embeddings) with random weights from a config; export time does not depend on
@@ -8,7 +9,9 @@ the weights. One export per quant through edgekd.targets.llm_executorch.export_d
 wrapper, XNNPACK; int4 = the `int4` QuantSpec: 8da4w group 32, int4 embeddings, no HQQ), timed per phase:
 quantize (torchao quantize_), torch_export (strict), to_edge_transform_and_lower, to_executorch, save. Each phase
 is logged as it ends, and the results file is rewritten after each export, so a run stopped midway keeps what
-finished. Records perf/results/llm_export_time.json and prints a table.
+finished. `--verifier both` (the default) exports each quant twice, one after the other, with ExecuTorch's
+edge-dialect verifier on ("<quant>+verifier") and off (edgekd's default), and prints the ratio of their lowering
+times from this one run. Records perf/results/llm_export_time.json and prints a table.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quants", default="int4,fp32")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--verifier", choices=("both", "off"), default="both")
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -61,10 +65,14 @@ def main(argv=None) -> int:
                         "weights": "random (from a config)"},
               "max_seq_len": args.max_seq_len, "exports": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for quant in args.quants.split(","):
+        runs = [(quant, verify) for quant in args.quants.split(",")
+                for verify in ((True, False) if args.verifier == "both" else (False,))]
+        for quant, verify in runs:
+            name = quant + ("+verifier" if verify else "")
             started = time.perf_counter()
-            details = export_decoder(model, Path(tmp) / f"{quant}.pte", get_spec(quant), args.max_seq_len)
-            record["exports"][quant] = {"total_s": round(time.perf_counter() - started, 1),
+            details = export_decoder(model, Path(tmp) / f"{quant}.pte", get_spec(quant), args.max_seq_len,
+                                     verify_ir=verify)
+            record["exports"][name] = {"total_s": round(time.perf_counter() - started, 1),
                                         "phases_s": details["phases_s"],
                                         "size_mb": round(details["size_bytes"] / 1e6, 2),
                                         "delegated_nodes": details["delegated_nodes"],
@@ -73,10 +81,19 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps(record, indent=2) + "\n")
 
     print(f"{record['model']['shape']}, max_seq_len {args.max_seq_len}, torch threads {torch.get_num_threads()}")
-    print(f"{'quant':<6} " + " ".join(f"{p:>28}" for p in PHASES) + f" {'total s':>8} {'size MB':>8}")
-    for quant, row in record["exports"].items():
+    print(f"{'quant':<15} " + " ".join(f"{p:>28}" for p in PHASES) + f" {'total s':>8} {'size MB':>8}")
+    for name, row in record["exports"].items():
         cells = " ".join(f"{row['phases_s'][p]:>20.1f} ({row['phases_s'][p] / row['total_s']:>4.0%})" for p in PHASES)
-        print(f"{quant:<6} {cells} {row['total_s']:>8.1f} {row['size_mb']:>8.2f}")
+        print(f"{name:<15} {cells} {row['total_s']:>8.1f} {row['size_mb']:>8.2f}")
+    for quant in args.quants.split(","):
+        on, off = record["exports"].get(quant + "+verifier"), record["exports"][quant]
+        if on:
+            lower = "to_edge_transform_and_lower"
+            ratio = on["phases_s"][lower] / off["phases_s"][lower]
+            record.setdefault("verifier_lowering_ratio", {})[quant] = round(ratio, 2)
+            print(f"{quant}: lowering with the verifier takes {ratio:.2f}x as long as without; whole export "
+                  f"{on['total_s'] / off['total_s']:.2f}x")
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"recorded in {args.out}")
     return 0
 

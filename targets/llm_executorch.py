@@ -60,17 +60,22 @@ SIGNATURE = {"method": "forward",
 # is reported beside it). Both bounds scale with the position's largest |logit| (1 + max |logit|): float32 rounding
 # grows with the logits' size and the depth, and an absolute 1e-4 refused a correct export of the fine-tuned
 # 30-layer SmolLM2-135M (top-1 equal at every position, worst |diff| 1.09e-4); a broken export (wrong weights, a
-# wrong cache position) is off by whole logits. Quantized (int4 8da4w
-# g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently from torchao's
-# reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin (Llama: 10/16
-# prompts equal, 78 % of tokens before the first fork); so the rule feeds the reference's greedy path to the .pte
-# (teacher forcing) and compares next-token top-1 and logits at every position. Measured against its own
-# reference: 98.6 % (Llama) / 97.9 % (Qwen3; one prompt forked at its first token) top-1, logits within
-# 0.0046 / 0.0053 x (1 + max |logit|); the same .pte files against the fp32 model: 77.3 / 73.8 % and
-# 0.082 / 0.104, refused. The thresholds sit between the two.
+# wrong cache position) is off by whole logits. Where every logit is within the tolerance, top-1 can only differ
+# where the top-2 margin is under twice it, so the rule asks the same token wherever the margin exceeds that.
+# Quantized (int4 8da4w g32): against the torchao-quantized model in PyTorch. XNNPACK's kernels round differently
+# from torchao's reference ops, so where two logits nearly tie, free-running greedy paths fork and never rejoin
+# (tiny Llama: 10/16 prompts equal, 78 % of tokens before the first fork); so the rule feeds the reference's greedy
+# path to the .pte (teacher forcing) and compares logits at every position. How far XNNPACK's rounding carries
+# grows with depth and width, so no fixed bound fits every model: on the tiny decoders the .pte was within
+# 0.0046 / 0.0053 x (1 + max |logit|) of its reference (the fp32 model 0.08-0.10 away); on the built-in demo's
+# student (SmolLM2-135M cut to 10 layers, fine-tuned) within 0.053 at worst, the fp32 model 0.26 at the median
+# (perf/results/lm_quant_gate.json). The yardstick is the quantization error itself, measured on the same path:
+# the .pte must sit within QUANT_ERROR_SHARE of the median distance between the reference and the fp32 model
+# (a .pte that computes the fp32 model, or a broken one, is at least that far off), or within QUANT_LOGIT_FLOOR
+# where quantization changes the logits too little for the share to be a bound XNNPACK's rounding can meet.
 FP32_LOGIT_TOLERANCE = 1e-4
-QUANT_LOGIT_TOLERANCE = 0.02
-QUANT_MIN_AGREEMENT = 0.9
+QUANT_ERROR_SHARE = 0.5
+QUANT_LOGIT_FLOOR = 0.02
 
 
 def check_decoder(model, max_seq_len: int) -> None:
@@ -183,16 +188,18 @@ def _phase(timings: dict, name: str):
 
 
 def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tokenizer=None,
-                   eos_ids=None) -> dict:
+                   eos_ids=None, verify_ir: bool = False) -> dict:
     """Quantize a copy of `model` per `spec`, export it with a static KV cache of `max_seq_len` positions, lower
     it to XNNPACK and write `out_file`, and beside it `generation_config.json` and (given a fast `tokenizer`)
-    `tokenizer.json`, all atomically. `model` itself is left as it was.
+    `tokenizer.json`, all atomically. `model` itself is left as it was. `verify_ir` runs ExecuTorch's edge-dialect
+    verifier after each lowering pass (off by default, as in ExecuTorch's own LLM export: it is slow; on, it names
+    the pass that breaks a lowering).
 
     Returns the details: size, signature, metadata, delegation summary, the seconds of each phase ("phases_s":
     quantize, torch_export, to_edge_transform_and_lower, to_executorch, save), the companion files, and for a
     quantized spec "reference": the torchao-quantized model in PyTorch the .pte is proven against."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     check_decoder(model, max_seq_len)
     bos, eos = special_ids(model, tokenizer, eos_ids)
@@ -216,7 +223,11 @@ def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tok
     if bos is not None:
         metadata["get_bos_id"] = bos
     with _phase(phases, "to_edge_transform_and_lower"):
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+        # The edge-dialect verifier re-runs the whole graph on fake tensors after passes (perf/llm_export_time.py
+        # measures its share); ExecuTorch's own LLM export (extension/llm/export/builder.py) turns it off too. The
+        # .pte is proven by the parity gate instead.
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=verify_ir))
     delegation = delegation_summary(edge.exported_program().graph_module)
     with _phase(phases, "to_executorch"):
         # Constant propagation folds torchao's dequantize of quantized embeddings into embedding_byte & co.
@@ -377,46 +388,65 @@ def reference_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list[
     return out[0, prompt.shape[1]:].tolist()
 
 
-def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: int, quantized: bool) -> dict:
-    """The .pte against `reference` (the fp32 model, or the torchao-quantized one) on each prompt.
+@torch.no_grad()
+def forced_logits(runner: DecoderRunner, reference, prompt, path_tokens: list[int]) -> tuple[torch.Tensor, ...]:
+    """Teacher forcing: `prompt` then `path_tokens` fed to the .pte through its cache (the prompt in one prefill,
+    then one token a step) and to `reference` in one forward; the next-token logits of both at every position
+    from the prompt's last on, [len(path_tokens), vocab] each."""
+    n = _as_row(prompt).shape[1]
+    path = _as_row(list(_as_row(prompt)[0]) + list(path_tokens[:-1]))
+    ref_logits = reference(path).logits[0, n - 1:].float()
+    pte_logits = torch.cat([runner.step(path[:, :n], 0)]
+                           + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
+    return pte_logits, ref_logits
+
+
+def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: int, float_model=None) -> dict:
+    """The .pte against `reference` on each prompt: the fp32 model, or (given `float_model`, the fp32 model it was
+    quantized from) the torchao-quantized one.
 
     Free-running: the greedy tokens of both. Teacher-forced: the reference's greedy path fed to the .pte token by
     token through its cache, its logits at every position (prefill included) compared with the reference's over
     the same path in one forward. Returns the figures and "passed" by the rules above; the caller refuses a
     failure."""
-    rows = []
+    rows, quant_error = [], []
     for prompt in prompts:
         want = reference_generate(reference, prompt, max_new_tokens, runner.eos_ids)
         got, _ = runner.generate(prompt, max_new_tokens)
-        path = _as_row(list(_as_row(prompt)[0]) + want[:-1])  # every token whose next-token logits are compared
-        n = _as_row(prompt).shape[1]
-        with torch.no_grad():
-            ref_logits = reference(path).logits[0, n - 1:].float()  # [len(want), vocab]
-        pte_logits = torch.cat([runner.step(path[:, :n], 0)]
-                               + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
-        diff = (pte_logits - ref_logits).abs().amax(dim=1)
+        pte_logits, ref_logits = forced_logits(runner, reference, prompt, want)
         scale = 1 + ref_logits.abs().amax(dim=1)  # rounding grows with the logits' size
-        # A position is decisive when the reference's top-2 margin exceeds twice the fp32 tolerance: there a
-        # correct fp32 export cannot pick another token; below it, rounding may (a fork at a near-tie, not a bug).
-        top2 = ref_logits.topk(2, dim=1).values
-        decisive = (top2[:, 0] - top2[:, 1]) > 2 * FP32_LOGIT_TOLERANCE * scale
+        diff = (pte_logits - ref_logits).abs().amax(dim=1) / scale
+        if float_model is not None:
+            _, float_logits = forced_logits(runner, float_model, prompt, want)
+            quant_error += ((ref_logits - float_logits).abs().amax(dim=1) / scale).tolist()
         same = pte_logits.argmax(1) == ref_logits.argmax(1)
         fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),
-                     "forced_equal": int(same.sum()), "decisive_differ": int((decisive & ~same).sum()),
-                     "forced_length": len(want), "prefill_logit_diff": diff[0].item(),
-                     "worst_logit_diff": (diff / scale).max().item()})
-    forced = sum(r["forced_equal"] for r in rows) / sum(r["forced_length"] for r in rows)
-    worst = max(r["worst_logit_diff"] for r in rows)
-    if quantized:
-        passed = forced >= QUANT_MIN_AGREEMENT and worst <= QUANT_LOGIT_TOLERANCE
-        rule = (f"teacher-forced top-1 agreement >= {QUANT_MIN_AGREEMENT:.0%}, logits within "
-                f"{QUANT_LOGIT_TOLERANCE} x (1 + max |logit|) at every position")
+                     "forced_equal": int(same.sum()), "forced_length": len(want), "ref_logits": ref_logits,
+                     "same": same, "scale": scale, "prefill_logit_diff": (diff[0] * scale[0]).item(),
+                     "worst_logit_diff": diff.max().item()})
+    if float_model is None:
+        tolerance = FP32_LOGIT_TOLERANCE
+        rule = f"logits within {FP32_LOGIT_TOLERANCE} x (1 + max |logit|)"
+        extra = {"logit_tolerance": tolerance}
     else:
-        passed = not any(r["decisive_differ"] for r in rows) and worst <= FP32_LOGIT_TOLERANCE
-        rule = (f"logits within {FP32_LOGIT_TOLERANCE} x (1 + max |logit|) and the same next token at every "
-                f"position of the greedy path (teacher-forced) whose top-2 margin exceeds twice that")
+        typical = torch.tensor(quant_error).median().item()
+        tolerance = max(QUANT_LOGIT_FLOOR, QUANT_ERROR_SHARE * typical)
+        rule = (f"logits within max({QUANT_LOGIT_FLOOR}, {QUANT_ERROR_SHARE} x the median quantization error "
+                f"{typical:.3g}) = {tolerance:.3g} x (1 + max |logit|)")
+        extra = {"median_quantization_error": typical, "logit_tolerance": tolerance}
+    for r in rows:
+        # A position is decisive when the reference's top-2 margin exceeds twice the tolerance: logits within it
+        # cannot pick another token there; below it they may (a fork at a near-tie, not a bug).
+        top2 = r.pop("ref_logits").topk(2, dim=1).values
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * tolerance * r.pop("scale")
+        r["decisive_differ"] = int((decisive & ~r.pop("same")).sum())
+    worst = max(r["worst_logit_diff"] for r in rows)
+    passed = worst <= tolerance and not any(r["decisive_differ"] for r in rows)
+    rule += (" at every position of the greedy path (teacher-forced), the same next token wherever the top-2 "
+             "margin exceeds twice that")
+    forced = sum(r["forced_equal"] for r in rows) / sum(r["forced_length"] for r in rows)
     return {"passed": passed, "rule": rule, "prompts": len(rows), "prompts_equal": sum(r["tokens_equal"] for r in rows),
             "free_running_agreement": sum(r["first_fork"] for r in rows) / sum(r["length"] for r in rows),
-            "teacher_forced_agreement": forced, "worst_logit_diff": worst,
+            "teacher_forced_agreement": forced, "worst_logit_diff": worst, **extra,
             "worst_prefill_logit_diff": max(r["prefill_logit_diff"] for r in rows), "per_prompt": rows}

@@ -54,12 +54,16 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, capsys):
     # An fp32 .pte computes its model (the gate holds it to 1e-4): its quality is its source stage's, not remeasured.
     assert teacher["perplexity"] == finetune["metrics"]["test"]["perplexity"]["perplexity"]
     assert student["perplexity"] == distill["metrics"]["test"]["perplexity"]["perplexity"]
+    # What int4 cost is measured against the same student on the same records, and the gate held to its own bound.
+    assert int4["float_perplexity"] == student["perplexity"] and student["float_perplexity"] is None
+    assert int4["parity"]["worst_logit_diff"] <= int4["parity"]["logit_tolerance"]
     assert distill["plan"]["layers"]["of"] == 4 and len(distill["plan"]["layers"]["kept"]) == 2
     assert distill["plan"]["mlp"]["kept"] == 64
     ratios = {(r["variant"], r["over"]) for r in summary["ratios"]}
     assert ("student-int4-android-executorch", "teacher-fp32-android-executorch") in ratios
     report = (out / "report.md").read_text()
     assert "Decode tokens/s" in report and "Task accuracy" in report and "Stage wall times: finetune" in report
+    assert "Perplexity change from quantization" in report and "Export gate" in report
     pte = out / "export" / "student-int4-android-executorch"
     assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in pte.iterdir()}
 

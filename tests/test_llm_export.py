@@ -56,7 +56,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp32_greedy_tokens_and_prefill_logits_equal_pytorch(exported, family):
     model, details, runner = exported(family, "fp32")
-    parity = decoder_parity(runner, model, prompts(), NEW_TOKENS, quantized=False)
+    parity = decoder_parity(runner, model, prompts(), NEW_TOKENS)
     print(family, "fp32", {k: v for k, v in parity.items() if k != "per_prompt"})
     assert parity["passed"], parity
     assert parity["prompts_equal"] == len(prompts())
@@ -74,19 +74,22 @@ def test_the_fp32_gate_refuses_a_program_of_slightly_other_weights(exported):
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.model.layers[0].mlp.down_proj.weight.mul_(1.01)
-    parity = decoder_parity(runner, other, prompts(), NEW_TOKENS, quantized=False)
+    parity = decoder_parity(runner, other, prompts(), NEW_TOKENS)
     assert not parity["passed"] and parity["worst_logit_diff"] > FP32_LOGIT_TOLERANCE
-    assert decoder_parity(runner, model, prompts(), NEW_TOKENS, quantized=False)["passed"]
+    assert decoder_parity(runner, model, prompts(), NEW_TOKENS)["passed"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_int4_matches_its_torchao_reference(exported, family):
     model, details, runner = exported(family, "int4")
-    parity = decoder_parity(runner, details["reference"], prompts(), NEW_TOKENS, quantized=True)
+    parity = decoder_parity(runner, details["reference"], prompts(), NEW_TOKENS, float_model=model)
     print(family, "int4", {k: v for k, v in parity.items() if k != "per_prompt"})
     assert parity["passed"], parity
-    # The rule can fail: the same .pte against the fp32 model is refused (int4's own error is larger than the rule).
-    assert not decoder_parity(runner, model, prompts(), NEW_TOKENS, quantized=True)["passed"]
+    # The rule can fail: the .pte against the fp32 model as its reference is refused (int4's own error exceeds the
+    # floor), and so is a .pte that computes the fp32 model where the int4 reference was asked for.
+    assert not decoder_parity(runner, model, prompts(), NEW_TOKENS, float_model=model)["passed"]
+    _, _, fp32_runner = exported(family, "fp32")
+    assert not decoder_parity(fp32_runner, details["reference"], prompts(), NEW_TOKENS, float_model=model)["passed"]
     assert details["spec"]["weights"] == "int4" and details["size_bytes"] < exported(family, "fp32")[1]["size_bytes"]
 
 
@@ -97,7 +100,7 @@ def test_fp32_rule_refuses_a_different_model(exported):
     torch.manual_seed(5)
     for p in other.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    assert not decoder_parity(runner, other, prompts()[:2], NEW_TOKENS, quantized=False)["passed"]
+    assert not decoder_parity(runner, other, prompts()[:2], NEW_TOKENS)["passed"]
 
 
 def test_runner_reads_metadata_and_times_prefill_and_decode(exported):

@@ -275,5 +275,5 @@ def test_pruned_decoder_exports_with_fp32_parity(tmp_path):
     export_decoder(pruned, out, get_spec("fp32"), max_seq_len=32)
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (3, 7)]
-    parity = decoder_parity(DecoderRunner(out), pruned, prompts, max_new_tokens=8, quantized=False)
+    parity = decoder_parity(DecoderRunner(out), pruned, prompts, max_new_tokens=8)
     assert parity["passed"], parity

@@ -227,18 +227,22 @@ def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_st
         details = export_decoder(model, stage.path / artifact, spec, recipe.max_seq_len, tokenizer)
         reference = details.pop("reference", model)
         runner = DecoderRunner(stage.path / artifact, recipe.bench.threads)
-        parity = decoder_parity(runner, reference, prompts, PARITY_NEW_TOKENS, quantized=not spec.is_float)
+        parity = decoder_parity(runner, reference, prompts, PARITY_NEW_TOKENS,
+                                float_model=None if spec.is_float else model)
         if not parity["passed"]:
             raise GateError(f"{artifact} fails its export gate against its own reference ({parity['rule']}): "
                             f"top-1 {parity['teacher_forced_agreement']:.1%}, worst logit difference "
                             f"{parity['worst_logit_diff']:.3g}; nothing written")
         # Quality of what ships: the model in PyTorch is what the .pte computes, within the gate above; an fp32
         # .pte's is its source stage's (the same model on the same records), a quantized one's is measured here.
-        quality = (read_manifest(model_dir)["metrics"]["test"] if spec.is_float else
+        source_quality = read_manifest(model_dir)["metrics"]["test"]
+        quality = (source_quality if spec.is_float else
                    _evaluate(reference, tokenizer, data.test, recipe.data.max_length))
         stage.metrics = {"test": quality,
                          "parity": {k: v for k, v in parity.items() if k != "per_prompt"},
                          "params": count_parameters(model), "load_ms": runner.load_ms}
+        if not spec.is_float:  # what quantization cost: the same test records before and after
+            stage.metrics["float_test_perplexity"] = source_quality["perplexity"]["perplexity"]
         for name in ("LICENSE", "NOTICE"):
             if (Path(model_dir) / name).is_file():
                 shutil.copyfile(Path(model_dir) / name, stage.path / name)

@@ -39,6 +39,7 @@ def collect(run_dir: Path) -> dict:
             "perplexity": test["perplexity"]["perplexity"],
             "task_accuracy": accuracy and {k: accuracy[k] for k in ("accuracy", "low", "high", "n")},
             "parity": manifest["metrics"]["parity"],
+            "float_perplexity": manifest["metrics"].get("float_test_perplexity"),
             **{k: row.get(k) for k in ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb",
                                        "load_ms")},
         })
@@ -80,6 +81,17 @@ def _accuracy(acc: dict | None) -> str:
     return "—" if not acc else f"{acc['accuracy']:.1%} ({acc['low']:.1%} to {acc['high']:.1%})"
 
 
+def _quantization_change(variant: dict) -> str:
+    before = variant.get("float_perplexity")
+    return "—" if not before else f"{100 * (variant['perplexity'] / before - 1):+.1f} %"
+
+
+def _gate(parity: dict) -> str:
+    """The .pte's worst scaled logit difference from its own reference, and the bound it met."""
+    bound = parity.get("logit_tolerance")
+    return f"{parity['worst_logit_diff']:.2g}" + ("" if bound is None else f" (≤ {bound:.2g})")
+
+
 def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     variants = summary["variants"]
     at = (summary.get("bench") or {}).get("ratios_at_prompt_tokens")
@@ -92,7 +104,9 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         ["Decode tokens/s"] + [_fmt(v["decode_tokens_per_s"], ".1f") for v in variants],
         ["Peak memory (RSS)"] + [_fmt(v["peak_rss_mb"], ".0f", " MB") for v in variants],
         ["Perplexity (test completions)"] + [_fmt(v["perplexity"], ".3f") for v in variants],
+        ["Perplexity change from quantization"] + [_quantization_change(v) for v in variants],
         ["Task accuracy (test, 95 % CI)"] + [_accuracy(v["task_accuracy"]) for v in variants],
+        ["Export gate: worst logit difference (bound)"] + [_gate(v["parity"]) for v in variants],
     ]
     return header, rows
 
