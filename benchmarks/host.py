@@ -7,8 +7,8 @@ Baselines (PyTorch eager, ONNX Runtime: benchmarks/runtimes.py) join the same lo
 Per variant it records: load time; p50/p90/p99/mean/std of wall time per call; CPU time per
 call (the process's CPU time, all threads, during that variant's calls: what an inference costs
 a server, not wall time x threads); the RSS added by loading it; and the process's RSS
-high-water mark after its load and warm-up (getrusage ru_maxrss: cumulative over the variants
-loaded before it, so it is an upper bound for one variant alone).
+high-water mark after its load and warm-up (VmHWM: cumulative over the variants loaded before it,
+so it is an upper bound for one variant alone).
 """
 from __future__ import annotations
 
@@ -42,7 +42,15 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """The process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The process's resident-set high-water mark: VmHWM of /proc/self/status on Linux, else ru_maxrss (bytes on
+    macOS). Not ru_maxrss on Linux: exec carries the forking parent's high-water mark into it, so a fresh process
+    started by a bench holding 4 GB read 4 GB before it had loaded anything."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

@@ -9,7 +9,8 @@ then training) runs twice with everything else equal: student.alpha 1 (forward K
 the recipe's default) and student.alpha 0 (cross-entropy on the completions alone: no teacher). The seed picks the
 training and evaluation samples, the calibration texts and the training order, the same for both arms.
 Reports test and validation perplexity of the completions and test task accuracy (greedy label word), per seed
-and as means; records perf/results/lm_kd_vs_ce.json and prints a table.
+and as means, with the paired per-seed difference (mean, standard error); records perf/results/lm_kd_vs_ce.json
+and prints a table.
 """
 from __future__ import annotations
 
@@ -70,14 +71,30 @@ def main(argv=None) -> int:
         print(f"mean {arm:<22} {m['test_perplexity']:9.3f} {m['validation_perplexity']:9.3f} "
               f"{100 * m['test_task_accuracy']:8.1f}% {100 * m['test_agreement_with_teacher']:6.1f}%")
     print(f"seeds where the distilled student is better: {wins} of {len(rows) // 2}")
+    paired = {key: _paired([r for r in rows if r["arm"] == kd], [r for r in rows if r["arm"] == ce], key)
+              for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy")}
+    for key, (mean, se) in paired.items():
+        print(f"distilled - no teacher, {key}: {mean:+.4f} (standard error {se:.4f}, {len(rows) // 2} seeds)")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "command": " ".join(["python perf/lm_kd_vs_ce.py", *argv]), "machine": {"cpu": cpu_model(),
                                                                                 "os": platform.platform()},
         "teacher_run": str(args.teacher_run), "recipe": base.to_dict(), "rows": rows, "means": means,
-        "distilled_better": wins}, indent=2) + "\n")
+        "distilled_better": wins,
+        "paired_difference": {key: {"mean": m, "standard_error": se} for key, (m, se) in paired.items()}},
+        indent=2) + "\n")
     print(f"recorded in {RESULTS}")
     return 0
+
+
+def _paired(kd: list[dict], ce: list[dict], key: str) -> tuple[float, float]:
+    """Mean and standard error of the per-seed difference kd - ce (same seed, same samples: a paired design)."""
+    diffs = [a[key] - b[key] for a, b in zip(kd, ce)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, (variance / len(diffs)) ** 0.5
 
 
 if __name__ == "__main__":

@@ -83,3 +83,18 @@ def test_unknown_baseline_lists_the_known_ones(bench_exports, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown baseline runtime 'onnxrt' (did you mean 'onnxruntime'?); known: onnxruntime, torch"
     assert not (tmp_path / "b").exists()
+
+
+def test_a_fresh_process_reads_its_own_peak_not_its_parents(tmp_path):
+    """A bench starts one process per variant to read its peak RSS; the parent's high-water mark (here 600 MB
+    more than the child will ever hold) must not leak into the child's figure, as ru_maxrss does on Linux."""
+    import subprocess
+    import sys
+
+    from edgekd.benchmarks.host import peak_rss_mb
+
+    ballast = b"\x01" * (600 * 2**20)  # touched pages: resident
+    parent = peak_rss_mb()
+    child = float(subprocess.run([sys.executable, "-c", "from edgekd.benchmarks.host import peak_rss_mb; "
+                                  "print(peak_rss_mb())"], capture_output=True, text=True, check=True).stdout)
+    assert len(ballast) and parent > 600 and child < parent - 500, (parent, child)
