@@ -6,12 +6,14 @@ Which stages, and what flows between them, is the task's (edgekd/tasks/); what e
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from edgekd.errors import GateError
+from edgekd.errors import ExportError, GateError
 
 
 def log(message: str) -> None:
@@ -27,22 +29,62 @@ def timed(label: str, func: Callable, *args):
     return result
 
 
-def export_variants(out: Path, exports: dict[str, Callable[[], object]]) -> dict[str, dict]:
-    """Run each variant's export in order, RUN/plan.json rewritten after each; a variant that fails its gate is
-    recorded with its reason and does not throw the others away. Returns the outcomes by variant name."""
+def export_variants(out: Path, exports: dict[str, Callable[[], object]], workers: int = 1) -> dict[str, dict]:
+    """Run each variant's export, RUN/plan.json rewritten after each; a variant that fails its gate is recorded
+    with its reason and does not throw the others away. Returns the outcomes by variant name.
+
+    With `workers` > 1, that many exports run at once, each in a spawned process of its own with the cores shared
+    out (the exports must be picklable: a module-level function and its arguments). Meant for exports whose time
+    is single-threaded Python, as ExecuTorch's lowering of a decoder is: two of them on two cores take about the
+    time of the longer. EDGEKD_EXPORT_WORKERS=1 runs them one after the other."""
     from edgekd.report import write_plan
 
     outcomes = {name: {"status": "pending"} for name in exports}
     write_plan(out, outcomes)
-    for name, export in exports.items():
-        try:
-            timed(f"export {name}", export)
-            outcomes[name] = {"status": "exported"}
-        except GateError as exc:
-            log(f"export {name}: failed: {exc}")
-            outcomes[name] = {"status": "failed", "reason": str(exc)}
-        write_plan(out, outcomes)
+    workers = min(workers, len(exports), int(os.environ.get("EDGEKD_EXPORT_WORKERS", workers)))
+    if workers <= 1:
+        for name, export in exports.items():
+            _settle(out, outcomes, name, partial(timed, f"export {name}", export))
+        return outcomes
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_share_cores, initargs=(threads,)) as pool:
+        futures = {name: pool.submit(timed, f"export {name}", export) for name, export in exports.items()}
+        for name, future in futures.items():
+            try:
+                _settle(out, outcomes, name, future.result)
+            except BrokenProcessPool:
+                pool.shutdown(cancel_futures=True)
+                raise ExportError(f"the process exporting {name} died (out of memory?); nothing of it was written: "
+                                  f"rerun with EDGEKD_EXPORT_WORKERS=1 to export one variant at a time") from None
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
     return outcomes
+
+
+def _settle(out: Path, outcomes: dict[str, dict], name: str, export: Callable[[], object]) -> None:
+    from edgekd.report import write_plan
+
+    try:
+        export()
+        outcomes[name] = {"status": "exported"}
+    except GateError as exc:
+        log(f"export {name}: failed: {exc}")
+        outcomes[name] = {"status": "failed", "reason": str(exc)}
+    write_plan(out, outcomes)
+
+
+def _share_cores(threads: int) -> None:
+    """In a spawned export process: its share of the cores, for torch's and XNNPACK's thread pools."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def exported(out: Path, outcomes: dict[str, dict]) -> list[Path]:

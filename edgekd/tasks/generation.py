@@ -31,6 +31,7 @@ RECIPE = GenerationRecipe
 DEMO_RECIPE = "demo-generation.yaml"
 KD_KINDS = {"forward-kl": "forward", "reverse-kl": "reverse", "skew-kl": "skew", "skew-reverse-kl": "skew_reverse"}
 ANSWER_TOKENS = 4       # greedy tokens a task-accuracy answer may take (the label word and an eos)
+EXPORT_WORKERS = 2  # exports of one run at a time, each in a process of its own (see run)
 PARITY_NEW_TOKENS = 16  # tokens each parity prompt decodes through the .pte's cache
 
 
@@ -332,11 +333,14 @@ def run(recipe: GenerationRecipe, out: Path) -> dict:
     # benched beside it either way).
     plan = [("teacher-fp32", "finetune", "fp32", "teacher")]
     plan += [(f"student-{q}", "distill", q, "student" if q == "fp32" else "compressed") for q in recipe.compress.quant]
+    # Two exports at once, each in its own process: ExecuTorch's lowering of a decoder is single-threaded Python
+    # (80 % of an export), so on two cores the teacher's and the student's take about the time of the longer. Not
+    # more: each process holds its model and the program being lowered.
     outcomes = export_variants(out, {
         f"{name}-android-executorch": partial(export, recipe, data, out / source, source, quant,
                                               out / "export" / f"{name}-android-executorch", role,
                                               f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}")
-        for name, source, quant, role in plan})
+        for name, source, quant, role in plan}, workers=EXPORT_WORKERS)
     exports = exported(out, outcomes)
     if exports:
         timed("bench", bench, recipe, exports, {"teacher": out / "finetune", "student": out / "distill"},
