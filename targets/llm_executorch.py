@@ -192,8 +192,8 @@ def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tok
     """Quantize a copy of `model` per `spec`, export it with a static KV cache of `max_seq_len` positions, lower
     it to XNNPACK and write `out_file`, and beside it `generation_config.json` and (given a fast `tokenizer`)
     `tokenizer.json`, all atomically. `model` itself is left as it was. `verify_ir` runs ExecuTorch's edge-dialect
-    verifier after each lowering pass (off by default, as in ExecuTorch's own LLM export: it is slow; on, it names
-    the pass that breaks a lowering).
+    verifier after the lowering's passes (off by default, as in ExecuTorch's own LLM export; on, it names the pass
+    that breaks a lowering).
 
     Returns the details: size, signature, metadata, delegation summary, the seconds of each phase ("phases_s":
     quantize, torch_export, to_edge_transform_and_lower, to_executorch, save), the companion files, and for a
@@ -409,7 +409,7 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
     token through its cache, its logits at every position (prefill included) compared with the reference's over
     the same path in one forward. Returns the figures and "passed" by the rules above; the caller refuses a
     failure."""
-    rows, quant_error = [], []
+    rows, positions, quant_error = [], [], []
     for prompt in prompts:
         want = reference_generate(reference, prompt, max_new_tokens, runner.eos_ids)
         got, _ = runner.generate(prompt, max_new_tokens)
@@ -422,9 +422,9 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
         same = pte_logits.argmax(1) == ref_logits.argmax(1)
         fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),
-                     "forced_equal": int(same.sum()), "forced_length": len(want), "ref_logits": ref_logits,
-                     "same": same, "scale": scale, "prefill_logit_diff": (diff[0] * scale[0]).item(),
-                     "worst_logit_diff": diff.max().item()})
+                     "forced_equal": int(same.sum()), "forced_length": len(want),
+                     "prefill_logit_diff": (diff[0] * scale[0]).item(), "worst_logit_diff": diff.max().item()})
+        positions.append((ref_logits.topk(2, dim=1).values, scale, same))
     if float_model is None:
         tolerance = FP32_LOGIT_TOLERANCE
         rule = f"logits within {FP32_LOGIT_TOLERANCE} x (1 + max |logit|)"
@@ -435,12 +435,11 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
         rule = (f"logits within max({QUANT_LOGIT_FLOOR}, {QUANT_ERROR_SHARE} x the median quantization error "
                 f"{typical:.3g}) = {tolerance:.3g} x (1 + max |logit|)")
         extra = {"median_quantization_error": typical, "logit_tolerance": tolerance}
-    for r in rows:
+    for r, (top2, scale, same) in zip(rows, positions):
         # A position is decisive when the reference's top-2 margin exceeds twice the tolerance: logits within it
         # cannot pick another token there; below it they may (a fork at a near-tie, not a bug).
-        top2 = r.pop("ref_logits").topk(2, dim=1).values
-        decisive = (top2[:, 0] - top2[:, 1]) > 2 * tolerance * r.pop("scale")
-        r["decisive_differ"] = int((decisive & ~r.pop("same")).sum())
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * tolerance * scale
+        r["decisive_differ"] = int((decisive & ~same).sum())
     worst = max(r["worst_logit_diff"] for r in rows)
     passed = worst <= tolerance and not any(r["decisive_differ"] for r in rows)
     rule += (" at every position of the greedy path (teacher-forced), the same next token wherever the top-2 "
