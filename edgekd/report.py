@@ -242,16 +242,30 @@ def _ratio(teacher: dict, variant: dict) -> dict:
 
 
 def stage_times(run_dir: Path, exports: list[Path]) -> list[dict]:
-    """Wall time of each stage from its manifest (export: the reported variants added up)."""
+    """Wall time of each stage from its manifest (export: the time the reported variants' exports took together,
+    the union of their [start, end] intervals: exports run side by side count once, one after the other add up)."""
     rows = []
     for name in ("finetune", "distill", "compress", "export", "bench"):
         path = run_dir / name
         if (path / "manifest.json").is_file():
             rows.append({"stage": name, "wall_s": read_manifest(path)["wall_s"]})
         elif name == "export" and exports:
-            walls = [read_manifest(p)["wall_s"] for p in exports]
-            rows.append({"stage": f"{name} ({len(walls)} artifacts)", "wall_s": round(sum(walls), 2)})
+            rows.append({"stage": f"{name} ({len(exports)} artifacts)",
+                         "wall_s": round(_busy_seconds([read_manifest(p) for p in exports]), 2)})
     return rows
+
+
+def _busy_seconds(manifests: list[dict]) -> float:
+    """Length of the union of the stages' intervals, each ending at its manifest's "created" after "wall_s"."""
+    from datetime import datetime
+
+    intervals = sorted((end - m["wall_s"], end) for m in manifests
+                       for end in [datetime.fromisoformat(m["created"]).timestamp()])
+    total, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def write_report(run_dir: Path, price_per_core_hour: float | None = None, out: Path | None = None) -> dict:

@@ -207,3 +207,16 @@ def test_intervals_and_failed_variants_are_rendered(tmp_path):
     assert "- student-int4: finsent-student_xnnpack_int4.pte fails parity &lt;planted&gt;" in md
     assert "<h2>Failed variants</h2>" in page and "fails parity &lt;planted&gt;" in page
     assert "Wilson 95 % score intervals" in md
+
+
+def test_exports_side_by_side_count_once_and_one_after_the_other_add_up():
+    from edgekd.report import _busy_seconds
+
+    def manifest(end: str, wall: float) -> dict:
+        return {"created": f"2026-12-01T{end}+00:00", "wall_s": wall}
+
+    # Two exports of 400 s and 350 s that ran at the same time: 400 s, not 750.
+    assert _busy_seconds([manifest("23:14:00", 400), manifest("23:13:10", 350)]) == 400
+    # One after the other, or one reused from an earlier day: they add up, the gap between them does not count.
+    assert _busy_seconds([manifest("23:00:00", 300), manifest("23:05:00", 300)]) == 600
+    assert _busy_seconds([manifest("10:00:00", 100), manifest("23:00:00", 200)]) == 300

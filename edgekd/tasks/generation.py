@@ -334,8 +334,8 @@ def run(recipe: GenerationRecipe, out: Path) -> dict:
     plan = [("teacher-fp32", "finetune", "fp32", "teacher")]
     plan += [(f"student-{q}", "distill", q, "student" if q == "fp32" else "compressed") for q in recipe.compress.quant]
     # Two exports at once, each in its own process: ExecuTorch's lowering of a decoder is single-threaded Python
-    # (80 % of an export), so one export leaves a second core idle for most of its time. Not more: each process
-    # holds its model and the program being lowered.
+    # (80 % of an export), so one export leaves a second core idle for most of its time (the demo's two: 392 s
+    # side by side, 449 + 290 s one after the other). Not more: each process holds its model and the program.
     outcomes = export_variants(out, {
         f"{name}-android-executorch": partial(export, recipe, data, out / source, source, quant,
                                               out / "export" / f"{name}-android-executorch", role,
