@@ -1,7 +1,8 @@
 """What each decoder quantization costs a real student: perplexity and task accuracy of the torchao-quantized
 model (the reference its ExecuTorch .pte is gated against), spec by spec, on the same test records.
 
-    python perf/lm_quant_quality.py --run runs/lm [--stage distill] [--specs fp32,int4,int4-g128,int4-weights,int8]
+    python perf/lm_quant_quality.py --run runs/lm [--stage distill]
+                                    [--specs fp32,int4,int4+emb8,int4-g64,int4-weights,int8]
 
 `--run` is a finished generation run (`edgekd demo --task text-generation --out runs/lm`); its `--stage` model is
 quantized per spec with edgekd.targets.llm_executorch.quantize_decoder (what export_decoder lowers) and scored
@@ -25,10 +26,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
     parser.add_argument("--stage", default="distill")
-    parser.add_argument("--specs", default="fp32,int4,int4+emb8,int4-g128,int4-weights,int8")
+    parser.add_argument("--specs", default="fp32,int4,int4+emb8,int4-g64,int4-weights,int8")
     args = parser.parse_args()
 
     from edgekd.compress.quant import get_spec
+    from edgekd.errors import EdgeKDError
     from edgekd.models import load_causal_lm, load_tokenizer
     from edgekd.recipe import load_recipe
     from edgekd.targets.llm_executorch import quantize_decoder
@@ -43,7 +45,11 @@ def main() -> int:
     for name in args.specs.split(","):
         spec = replace(get_spec("int4"), name="int4+emb8", embeddings="int8") if name == "int4+emb8" else get_spec(name)
         started = time.time()
-        quantized = model if spec.is_float else quantize_decoder(model, spec)
+        try:
+            quantized = model if spec.is_float else quantize_decoder(model, spec)
+        except EdgeKDError as exc:  # e.g. a group size that does not divide the model's widths
+            print(f"{name}: refused: {exc}")
+            continue
         test = _evaluate(quantized, tokenizer, data.test, recipe.data.max_length)
         rows[name] = {"spec": spec.to_dict(), "perplexity": test["perplexity"]["perplexity"],
                       "task_accuracy": (test.get("task_accuracy") or {}).get("accuracy"),
