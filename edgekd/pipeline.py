@@ -40,9 +40,9 @@ def export_variants(out: Path, exports: dict[str, Callable[[], object]], workers
     EDGEKD_EXPORT_WORKERS=1 runs them one after the other."""
     from edgekd.report import write_plan
 
+    workers = min(workers, len(exports), _workers_setting(workers))
     outcomes = {name: {"status": "pending"} for name in exports}
     write_plan(out, outcomes)
-    workers = min(workers, len(exports), int(os.environ.get("EDGEKD_EXPORT_WORKERS", workers)))
     if workers <= 1:
         for name, export in exports.items():
             _settle(out, outcomes, name, partial(timed, f"export {name}", export))
@@ -66,6 +66,14 @@ def export_variants(out: Path, exports: dict[str, Callable[[], object]], workers
                 pool.shutdown(cancel_futures=True)
                 raise
     return outcomes
+
+
+def _workers_setting(default: int) -> int:
+    value = os.environ.get("EDGEKD_EXPORT_WORKERS", str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise ExportError(f"EDGEKD_EXPORT_WORKERS={value!r} must be a whole number of at least 1 (1: one export "
+                          f"at a time)")
+    return int(value)
 
 
 def _settle(out: Path, outcomes: dict[str, dict], name: str, export: Callable[[], object]) -> None:

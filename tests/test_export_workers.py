@@ -40,3 +40,10 @@ def test_a_dead_export_process_is_one_line_that_names_the_fix(tmp_path):
     with pytest.raises(ExportError, match="EDGEKD_EXPORT_WORKERS=1") as caught:
         export_variants(tmp_path, {"a": fake_exports.die, "b": partial(fake_exports.refuse, "b")}, workers=2)
     assert "\n" not in str(caught.value) and "a" in str(caught.value)
+
+
+def test_a_bad_workers_setting_is_one_line_before_any_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKD_EXPORT_WORKERS", "two")
+    with pytest.raises(ExportError, match="whole number"):
+        export_variants(tmp_path, {"a": partial(fake_exports.write_marker, str(tmp_path / "m.txt"))}, workers=2)
+    assert not (tmp_path / "m.txt").exists() and not (tmp_path / "plan.json").exists()
