@@ -89,11 +89,10 @@ def _settle(out: Path, outcomes: dict[str, dict], name: str, export: Callable[[]
 
 
 def _share_cores(threads: int) -> None:
-    """In a spawned export process: its share of the cores, for torch's and XNNPACK's thread pools."""
+    """In a spawned export process: its share of the cores for torch's intra-op threads."""
     import torch
 
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def exported(out: Path, outcomes: dict[str, dict]) -> list[Path]:

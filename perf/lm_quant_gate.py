@@ -36,10 +36,8 @@ def main() -> int:
     import torch
 
     from edgekd.compress.quant import get_spec
-    from edgekd.lm_data import prompt_ids
     from edgekd.models import load_causal_lm, load_tokenizer
     from edgekd.recipe import load_recipe
-    from edgekd.sample import stratified_sample
     from edgekd.targets.llm_executorch import (
         DecoderRunner,
         decoder_parity,
@@ -47,15 +45,14 @@ def main() -> int:
         forced_logits,
         reference_generate,
     )
-    from edgekd.tasks.generation import PARITY_NEW_TOKENS, load_records
+    from edgekd.tasks.generation import PARITY_NEW_TOKENS, load_records, parity_prompts
 
     run = Path(args.run)
     recipe = load_recipe(run / "recipe.yaml")
     data = load_records(recipe)
     model_dir = run / args.stage
     tokenizer, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir))
-    picked = stratified_sample([str(r.label) for r in data.validation], args.prompts, recipe.seed, "parity")
-    prompts = [prompt_ids(tokenizer, data.validation[i].prompt) for i in sorted(picked)]
+    prompts = parity_prompts(data, tokenizer, args.prompts, recipe.seed)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         details = export_decoder(model, Path(tmp) / "m.pte", get_spec(args.quant), recipe.max_seq_len, tokenizer)
@@ -65,8 +62,7 @@ def main() -> int:
         diffs, agree = {name: [] for name in pairs}, {name: [] for name in pairs}
         for prompt in prompts:
             path = reference_generate(reference, prompt, PARITY_NEW_TOKENS, runner.eos_ids)
-            pte, ref = forced_logits(runner, reference, prompt, path)
-            _, fp32 = forced_logits(runner, model, prompt, path)
+            pte, ref, fp32 = forced_logits(runner, prompt, path, reference, model)
             scale = 1 + ref.abs().amax(dim=1)  # the gate's scale: the reference's largest |logit|
             for name, (a, b) in zip(pairs, ((pte, ref), (pte, fp32), (ref, fp32))):
                 diffs[name] += ((a - b).abs().amax(dim=1) / scale).tolist()

@@ -389,16 +389,15 @@ def reference_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list[
 
 
 @torch.no_grad()
-def forced_logits(runner: DecoderRunner, reference, prompt, path_tokens: list[int]) -> tuple[torch.Tensor, ...]:
+def forced_logits(runner: DecoderRunner, prompt, path_tokens: list[int], *models) -> tuple[torch.Tensor, ...]:
     """Teacher forcing: `prompt` then `path_tokens` fed to the .pte through its cache (the prompt in one prefill,
-    then one token a step) and to `reference` in one forward; the next-token logits of both at every position
-    from the prompt's last on, [len(path_tokens), vocab] each."""
+    then one token a step) and to each of `models` in one forward; the next-token logits of the .pte, then of each
+    model, at every position from the prompt's last on, [len(path_tokens), vocab] each."""
     n = _as_row(prompt).shape[1]
     path = _as_row(list(_as_row(prompt)[0]) + list(path_tokens[:-1]))
-    ref_logits = reference(path).logits[0, n - 1:].float()
     pte_logits = torch.cat([runner.step(path[:, :n], 0)]
                            + [runner.step(path[:, i:i + 1], i) for i in range(n, path.shape[1])]).float()
-    return pte_logits, ref_logits
+    return (pte_logits, *(model(path).logits[0, n - 1:].float() for model in models))
 
 
 def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: int, float_model=None) -> dict:
@@ -413,12 +412,12 @@ def decoder_parity(runner: DecoderRunner, reference, prompts, max_new_tokens: in
     for prompt in prompts:
         want = reference_generate(reference, prompt, max_new_tokens, runner.eos_ids)
         got, _ = runner.generate(prompt, max_new_tokens)
-        pte_logits, ref_logits = forced_logits(runner, reference, prompt, want)
+        pte_logits, ref_logits, *float_logits = forced_logits(runner, prompt, want, reference,
+                                                              *([float_model] if float_model is not None else []))
         scale = 1 + ref_logits.abs().amax(dim=1)  # rounding grows with the logits' size
         diff = (pte_logits - ref_logits).abs().amax(dim=1) / scale
-        if float_model is not None:
-            _, float_logits = forced_logits(runner, float_model, prompt, want)
-            quant_error += ((ref_logits - float_logits).abs().amax(dim=1) / scale).tolist()
+        for logits in float_logits:
+            quant_error += ((ref_logits - logits).abs().amax(dim=1) / scale).tolist()
         same = pte_logits.argmax(1) == ref_logits.argmax(1)
         fork = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         rows.append({"tokens_equal": got == want, "first_fork": fork, "length": max(len(got), len(want)),

@@ -201,15 +201,22 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
     return stage.metrics
 
 
+def parity_prompts(data: LMDataset, tokenizer, count: int, seed: int) -> list[list[int]]:
+    """The export gate's prompts: `count` validation records, seeded and stratified by label, as token ids."""
+    from edgekd.lm_data import prompt_ids
+    from edgekd.sample import stratified_sample
+
+    picked = stratified_sample([str(r.label) for r in data.validation], count, seed, "parity")
+    return [prompt_ids(tokenizer, data.validation[i].prompt) for i in sorted(picked)]
+
+
 def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_stage: str, spec_name: str,
            out: Path, role: str, model_name: str) -> dict:
     """One .pte with a static KV cache, gated against its own reference (fp32: the model; quantized: the
     torchao-quantized model in PyTorch) on seeded validation prompts; a failure writes nothing (GateError)."""
     from edgekd.compress.quant import get_spec
-    from edgekd.lm_data import prompt_ids
     from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
     from edgekd.models import count_parameters, load_causal_lm, load_tokenizer
-    from edgekd.sample import stratified_sample
     from edgekd.targets.llm_executorch import SIGNATURE, DecoderRunner, decoder_parity, export_decoder
 
     spec = get_spec(spec_name)
@@ -221,8 +228,7 @@ def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_st
         return read_manifest(out)["metrics"]
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir))
-    picked = stratified_sample([str(r.label) for r in data.validation], recipe.bench.prompts, recipe.seed, "parity")
-    prompts = [prompt_ids(tokenizer, data.validation[i].prompt) for i in sorted(picked)]
+    prompts = parity_prompts(data, tokenizer, recipe.bench.prompts, recipe.seed)
     artifact = f"{model_name}_xnnpack_{spec.name.replace('-', '')}.pte"
     with write_stage(out, "export", params, inputs) as stage:
         details = export_decoder(model, stage.path / artifact, spec, recipe.max_seq_len, tokenizer)
