@@ -100,6 +100,14 @@ def embedding_config(bits: str, width: int):
                                 granularity=PerGroup(EMBEDDING_INT4_GROUP) if grouped else PerAxis(0))
 
 
+def check_groups(spec: QuantSpec, widths) -> None:
+    """An int4 spec's group size must divide the input width of every Linear it quantizes (`widths`)."""
+    widths = sorted(set(widths))
+    if spec.weights == "int4" and any(width % spec.group_size for width in widths):
+        raise RecipeError(f"QuantSpec {spec.name} groups {spec.group_size} input channels, but this model has "
+                          f"Linear layers {widths} wide; choose a group size that divides them (int4: 32)")
+
+
 def linear_config(model: torch.nn.Module, spec: QuantSpec):
     """The torchao config of `spec`'s Linear quantization: int4 grouped / int8 per channel weights, with
     dynamic int8 activations or weight-only (also QAT's base config). A group size that does not divide
@@ -109,11 +117,7 @@ def linear_config(model: torch.nn.Module, spec: QuantSpec):
 
     dtype = {"int8": torch.int8, "int4": torch.int4}[spec.weights]
     granularity = PerGroup(spec.group_size) if spec.weights == "int4" else PerAxis(0)
-    if spec.weights == "int4":
-        widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
-        if any(width % spec.group_size for width in widths):
-            raise RecipeError(f"QuantSpec {spec.name} groups {spec.group_size} input channels, but this model has "
-                              f"Linear layers {widths} wide; choose a group size that divides them (int4: 32)")
+    check_groups(spec, {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
     if spec.activations == "dynamic":
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity)
     return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)

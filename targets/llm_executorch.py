@@ -112,12 +112,16 @@ def special_ids(model, tokenizer=None, eos_ids=None) -> tuple[int | None, list[i
     return bos, [int(i) for i in eos_ids]
 
 
-def quantize_decoder(model, spec: QuantSpec):
-    """A copy of `model` quantized per `spec` with torchao (8da4w / 8da8w / weight-only linears, weight-only
-    embeddings): the reference a quantized .pte is proven against, and what export_decoder lowers."""
+def check_decoder_spec(spec: QuantSpec) -> None:
     if spec.weights in ("fp16", "lut4") or spec.activations == "static":
         raise ExportError(f"ExecuTorch decoder export realizes fp32, and int8/int4 weights with dynamic or no "
                           f"activation quantization; QuantSpec {spec.name} is not one: use fp32, int4 or int8")
+
+
+def quantize_decoder(model, spec: QuantSpec):
+    """A copy of `model` quantized per `spec` with torchao (8da4w / 8da8w / weight-only linears, weight-only
+    embeddings): the reference a quantized .pte is proven against, and what export_decoder lowers."""
+    check_decoder_spec(spec)
     quantized = copy.deepcopy(model).eval()
     if spec.weights in ("int8", "int4"):
         from torchao.quantization import quantize_
@@ -188,12 +192,13 @@ def _phase(timings: dict, name: str):
 
 
 def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tokenizer=None,
-                   eos_ids=None, verify_ir: bool = False) -> dict:
+                   eos_ids=None, verify_ir: bool = False, skip_dim_order: bool = True) -> dict:
     """Quantize a copy of `model` per `spec`, export it with a static KV cache of `max_seq_len` positions, lower
     it to XNNPACK and write `out_file`, and beside it `generation_config.json` and (given a fast `tokenizer`)
     `tokenizer.json`, all atomically. `model` itself is left as it was. `verify_ir` runs ExecuTorch's edge-dialect
     verifier after the lowering's passes (off by default, as in ExecuTorch's own LLM export; on, it names the pass
-    that breaks a lowering).
+    that breaks a lowering). `skip_dim_order` leaves out the pass that turns every copy into a dim-order op, as
+    ExecuTorch's own LLM export does for XNNPACK (its runtime reads contiguous tensors either way).
 
     Returns the details: size, signature, metadata, delegation summary, the seconds of each phase ("phases_s":
     quantize, torch_export, to_edge_transform_and_lower, to_executorch, save), the companion files, and for a
@@ -225,9 +230,10 @@ def export_decoder(model, out_file: Path, spec: QuantSpec, max_seq_len: int, tok
     with _phase(phases, "to_edge_transform_and_lower"):
         # The edge-dialect verifier re-runs the whole graph on fake tensors after passes; ExecuTorch's own LLM
         # export (extension/llm/export/builder.py) turns it off, and so does this one: the .pte is proven by the
-        # parity gate instead. (`perf/llm_export_time.py --verifier both`: about 8 % of a 1-layer int4 lowering.)
+        # parity gate instead (`perf/llm_export_time.py --compare verifier`: about 8 % of a 1-layer int4 lowering).
+        config = EdgeCompileConfig(_check_ir_validity=verify_ir, _skip_dim_order=skip_dim_order)
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=verify_ir))
+                                           compile_config=config)
     delegation = delegation_summary(edge.exported_program().graph_module)
     with _phase(phases, "to_executorch"):
         # Constant propagation folds torchao's dequantize of quantized embeddings into embedding_byte & co.

@@ -1,5 +1,7 @@
 """The text-generation chain end to end on a tiny random decoder: fine-tune, prune + distill, three .pte
-variants gated against their own references, bench, report; a rerun reuses every stage."""
+variants gated against their own references, bench, report; a rerun reuses every stage; the budget search."""
+import contextlib
+import io
 import json
 
 import pytest
@@ -37,10 +39,17 @@ def lm_recipe(tmp_path_factory):
     return root
 
 
-def test_the_generation_chain_runs_and_reports(lm_recipe, capsys):
-    out = lm_recipe / "run"
-    assert main(["run", str(lm_recipe / "recipe.yaml"), "--out", str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def lm_run(lm_recipe):
+    """The chain run once for the module: (run folder, its --json summary)."""
+    out, printed = lm_recipe / "run", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(lm_recipe / "recipe.yaml"), "--out", str(out), "--json"]) == 0
+    return out, json.loads(printed.getvalue())
+
+
+def test_the_generation_chain_runs_and_reports(lm_recipe, lm_run, capsys):
+    out, summary = lm_run
     names = [v["name"] for v in summary["variants"]]
     assert names == ["teacher-fp32-android-executorch", "student-fp32-android-executorch",
                      "student-int4-android-executorch"]
@@ -70,3 +79,44 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, capsys):
     # A rerun finds every stage done.
     assert main(["run", str(lm_recipe / "recipe.yaml"), "--out", str(out)]) == 0
     assert "finetune ..." in capsys.readouterr().err
+
+
+def test_the_budget_search_exports_the_first_spec_within_budget_and_refuses_in_one_line(lm_recipe, lm_run, capsys,
+                                                                                        monkeypatch):
+    import yaml
+
+    import edgekd.tasks.generation as generation
+
+    out, _ = lm_run
+    recipe = yaml.safe_load((lm_recipe / "recipe.yaml").read_text())
+    searched = lm_recipe / "budget.yaml"
+    # int4 first (the most compressed), fp32 second; from the fp32 student, a budget int4 meets.
+    recipe["compress"] = {"quant": ["int4", "fp32"], "budget": 1000, "budget_from": "student"}
+    searched.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(searched), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    search = summary["search"]
+    assert search["chosen"] == "int4" and [c["quant"] for c in search["candidates"]] == ["int4", "fp32"]
+    student_val = json.loads((out / "distill" / "manifest.json").read_text())["metrics"]["validation"]
+    assert search["baseline"]["perplexity"] == student_val["perplexity"]["perplexity"]
+    int4, fp32 = search["candidates"]
+    assert fp32["cost"] == 0.0 and fp32["within"]  # the fp32 student against itself
+    assert int4["cost"] == pytest.approx(100 * (int4["perplexity"] / search["baseline"]["perplexity"] - 1))
+    # Only the chosen spec is exported (the run's plan); its export is the one the first run made.
+    assert [v["name"] for v in summary["variants"]] == ["teacher-fp32-android-executorch",
+                                                        "student-int4-android-executorch"]
+    report = (out / "report.md").read_text()
+    assert "Budget search: validation perplexity within 1000% of the student's" in report
+    assert "- int4: " in report and ", chosen" in report
+
+    # No spec within the budget: one line with every candidate's cost, exit 1, no search stage written over.
+    def ten_percent_worse(model, tokenizer, records, max_length, teacher=None):
+        return {"perplexity": {"perplexity": 1.1 * search["baseline"]["perplexity"]}}
+    monkeypatch.setattr(generation, "_evaluate", ten_percent_worse)
+    recipe["compress"] = {"quant": ["int4", "int8"], "budget": 5, "budget_from": "student"}
+    searched.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(searched), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert ("no compress.quant spec stays within 5% of the student's validation perplexity" in err
+            and "int4 +10.0%, int8 +10.0%; raise compress.budget" in err)
+    assert json.loads((out / "compress" / "manifest.json").read_text())["params"]["budget"] == 1000

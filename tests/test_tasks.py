@@ -37,6 +37,13 @@ def test_a_task_checks_its_own_keys():
         recipe_from_dict({"task": "text-generation", "data": {"prompt_template": "no slot"}})
     with pytest.raises(RecipeError, match=r"android/executorch in this release, not ios"):
         recipe_from_dict({"task": "text-generation", "targets": ["ios"]})
+    with pytest.raises(RecipeError, match=r"compress.budget_metric must be perplexity, task-accuracy"):
+        recipe_from_dict({"task": "text-generation", "compress": {"budget": 5, "budget_metric": "ppl"}})
+    with pytest.raises(RecipeError, match=r"compress.budget must be >= 0 percent"):
+        recipe_from_dict({"task": "text-generation", "compress": {"budget": -1}})
+    with pytest.raises(RecipeError, match=r"task-accuracy needs labelled records .*use budget_metric: perplexity"):
+        recipe_from_dict({"task": "text-generation", "data": {"records": "text"},
+                          "compress": {"budget": 2, "budget_metric": "task-accuracy"}})
 
 
 def test_generation_model_paths_are_relative_to_the_recipe(tmp_path):
@@ -56,6 +63,16 @@ def test_a_generation_recipe_is_checked_against_the_teacher_before_training(tmp_
         run(recipe_from_dict(base, tmp_path), tmp_path / "run")
     with pytest.raises(RecipeError, match=r"max_seq_len 256 is longer than the teacher's context of 128"):
         run(recipe_from_dict({**base, "student": {"layers": 1}}, tmp_path), tmp_path / "run")
+    fits = {**base, "student": {"layers": 1}, "max_seq_len": 128, "data": {"max_length": 128}}
+    # A spec the decoder export cannot realize, or an int4 group wider than a Linear (64 wide here; the MLP's 128
+    # neurons pruned to 64 by student.ffn 0.5): refused before any training, not by the export after it.
+    with pytest.raises(RecipeError, match=r"compress.quant int8-static: ExecuTorch decoder export realizes fp32"):
+        run(recipe_from_dict({**fits, "compress": {"quant": ["int4", "int8-static"]}}, tmp_path), tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"compress.quant int4-g128: .*groups 128 input channels.*\[64, 128\]"):
+        run(recipe_from_dict({**fits, "compress": {"quant": ["int4-g128"]}}, tmp_path), tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"compress.quant int4-g128: .*\[64\] wide"):
+        run(recipe_from_dict({**fits, "student": {"layers": 1, "ffn": 0.5}, "compress": {"quant": ["int4-g128"]}},
+                             tmp_path), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written
 
 

@@ -3,6 +3,8 @@
     RUN/finetune   the teacher fine-tuned on prompt/completion records (full, or LoRA merged back)
     RUN/distill    the student: cut by depth and pruned by width from the teacher by measured importance
                    (compress/lm_prune.py, Minitron), then distilled on the teacher's cached top-k logits
+    RUN/compress   with compress.budget only: the budget search, each compress.quant spec of the student scored
+                   on the validation records, the first within the budget chosen
     RUN/export/V   teacher fp32, the student per compress.quant (int4: 8da4w; fp32): a .pte with a static
                    KV cache for ExecuTorch's XNNPACK backend, gated against its own reference
     RUN/bench      TTFT, prefill and decode tokens/s of every .pte, and PyTorch eager fp32 of the student and the
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from edgekd.errors import DataError, GateError
+from edgekd.errors import DataError, GateError, StageError
 from edgekd.pipeline import export_variants, exported, raise_if_failed, timed
 from edgekd.tasks.generation_recipe import GenerationRecipe
 
@@ -201,6 +203,52 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
     return stage.metrics
 
 
+def _figure(metrics: dict, metric: str) -> float:
+    """A split's budget figure: its perplexity, or its task accuracy in points."""
+    return metrics["perplexity"]["perplexity"] if metric == "perplexity" else 100 * metrics["task_accuracy"]["accuracy"]
+
+
+def choose_quant(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, student_dir: Path, out: Path) -> dict:
+    """The budget search: every compress.quant spec of the distilled student, quantized as its export would be
+    (its torchao reference in PyTorch, which the .pte matches within the export gate), scored on the validation
+    records against the teacher's (or the fp32 student's) figure there; the first spec in the listed order (most
+    compressed first) within compress.budget is the one chosen. None within it: one line with every figure."""
+    from edgekd.compress.quant import get_spec
+    from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
+    from edgekd.models import load_causal_lm, load_tokenizer
+    from edgekd.targets.llm_executorch import quantize_decoder
+
+    cfg = recipe.compress
+    params = {"quant": cfg.quant, "budget": cfg.budget, "budget_metric": cfg.budget_metric,
+              "budget_from": cfg.budget_from, "max_length": recipe.data.max_length}
+    _, teacher = stage_input(teacher_dir, "finetune")
+    _, student = stage_input(student_dir, "distill")
+    inputs = {"teacher": teacher, "student": student, "data": data.fingerprint()}
+    if is_done(out, "compress", params, inputs):
+        return read_manifest(out)["metrics"]
+    baseline_dir = teacher_dir if cfg.budget_from == "teacher" else student_dir
+    baseline = _figure(read_manifest(baseline_dir)["metrics"]["validation"], cfg.budget_metric)
+    unit = "%" if cfg.budget_metric == "perplexity" else " points"
+    tokenizer, model = load_tokenizer(str(student_dir)), load_causal_lm(str(student_dir))
+    candidates = []
+    for name in cfg.quant:
+        figure = _figure(_evaluate(quantize_decoder(model, get_spec(name)), tokenizer, data.validation,
+                                   recipe.data.max_length), cfg.budget_metric)
+        # what the spec costs against the baseline: percent of perplexity above it, or accuracy points below it
+        cost = 100 * (figure / baseline - 1) if cfg.budget_metric == "perplexity" else baseline - figure
+        candidates.append({"quant": name, cfg.budget_metric: figure, "cost": cost, "within": cost <= cfg.budget})
+    chosen = next((c["quant"] for c in candidates if c["within"]), None)
+    if chosen is None:
+        tried = ", ".join(f"{c['quant']} {c['cost']:+.1f}{unit}" for c in candidates)
+        raise StageError(f"no compress.quant spec stays within {cfg.budget:g}{unit} of the {cfg.budget_from}'s "
+                         f"validation {cfg.budget_metric} ({baseline:.4g}): {tried}; raise compress.budget, list a "
+                         f"lighter spec (int8) or distill a larger student (student.layers)")
+    with write_stage(out, "compress", params, inputs) as stage:
+        stage.metrics = {"chosen": chosen, "baseline": {"from": cfg.budget_from, cfg.budget_metric: baseline},
+                         "budget": cfg.budget, "metric": cfg.budget_metric, "candidates": candidates}
+    return stage.metrics
+
+
 def parity_prompts(data: LMDataset, tokenizer, count: int, seed: int) -> list[list[int]]:
     """The export gate's prompts: `count` validation records, seeded and stratified by label, as token ids."""
     from edgekd.lm_data import prompt_ids
@@ -291,12 +339,14 @@ def bench(recipe: GenerationRecipe, exports: list[Path], eager: dict[str, Path],
 
 def preflight(recipe: GenerationRecipe) -> None:
     """The recipe against the teacher's config, before any training: a decoder this chain exports, a student
-    depth it has, a context that holds max_seq_len; one RecipeError line each."""
+    depth it has, a context that holds max_seq_len, quant specs its export realizes; one RecipeError line each."""
     from transformers import AutoConfig
 
-    from edgekd.errors import RecipeError
+    from edgekd.compress.lm_prune import kept_neurons
+    from edgekd.compress.quant import check_groups, get_spec
+    from edgekd.errors import EdgeKDError, RecipeError
     from edgekd.models import BUILTIN_LLM, _gguf_kwargs, resolve_model
-    from edgekd.targets.llm_executorch import DECODER_TYPES
+    from edgekd.targets.llm_executorch import DECODER_TYPES, check_decoder_spec
 
     cfg = recipe.teacher
     source, kwargs = (_gguf_kwargs(cfg.model) if cfg.model == BUILTIN_LLM
@@ -317,28 +367,42 @@ def preflight(recipe: GenerationRecipe) -> None:
     if context and recipe.max_seq_len > context:
         raise RecipeError(f"max_seq_len {recipe.max_seq_len} is longer than the teacher's context of {context} "
                           f"tokens; set max_seq_len (and data.max_length) to at most {context}")
+    # Every spec the student may be exported in, against the widths its Linear layers will have (the MLP's after
+    # student.ffn pruning): a group size that does not divide one would stop the export after the training.
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    mlp = config.intermediate_size
+    widths = {config.hidden_size, heads * head_dim,
+              kept_neurons(mlp, 1 - recipe.student.ffn) if recipe.student.ffn else mlp}
+    for name in recipe.compress.quant:
+        try:
+            check_decoder_spec(get_spec(name))
+            check_groups(get_spec(name), widths)
+        except EdgeKDError as exc:
+            raise RecipeError(f"compress.quant {name}: {exc}") from None
 
 
 def run(recipe: GenerationRecipe, out: Path) -> dict:
     """fine-tune -> distill (prune + KD) -> export every variant -> bench -> report, into `out`."""
-    from edgekd.compress.quant import get_spec
     from edgekd.manifest import claim_run_dir
     from edgekd.tasks.generation_report import write_report
 
-    for name in recipe.compress.quant:
-        get_spec(name)  # an unknown spec name: one line with the known ones, before any training
-    preflight(recipe)
+    preflight(recipe)  # unknown or unexportable quant specs too: one line, before any training
     data = load_records(recipe)
     claim_run_dir(out)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     timed("finetune", finetune, recipe, data, out / "finetune")
     timed("distill", distill, recipe, data, out / "finetune", out / "distill", out / ".cache")
+    quants = recipe.compress.quant
+    if recipe.compress.budget is not None:
+        quants = [timed("compress", choose_quant, recipe, data, out / "finetune", out / "distill",
+                        out / "compress")["chosen"]]
     # The teacher's fp32 .pte is what the students are measured against; the student is exported per
     # compress.quant, fp32 only where it is listed (a 135M export is minutes; PyTorch eager fp32 of the student is
     # benched beside it either way).
     plan = [("teacher-fp32", "finetune", "fp32", "teacher")]
-    plan += [(f"student-{q}", "distill", q, "student" if q == "fp32" else "compressed") for q in recipe.compress.quant]
+    plan += [(f"student-{q}", "distill", q, "student" if q == "fp32" else "compressed") for q in quants]
     # Two exports at once, each in its own process: ExecuTorch's lowering of a decoder is single-threaded Python
     # (80 % of an export), so one export leaves a second core idle for most of its time (the demo's two: 392 s
     # side by side, 449 + 290 s one after the other). Not more: each process holds its model and the program.

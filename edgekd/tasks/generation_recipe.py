@@ -16,6 +16,7 @@ BUILTIN_LLM = "builtin:SmolLM2-135M-Instruct"
 KD_LOSSES = ("forward-kl", "reverse-kl", "skew-kl", "skew-reverse-kl")
 LAYER_IMPORTANCE = ("cosine", "loss")
 RECORD_KINDS = ("classification", "prompt-completion", "text")
+BUDGET_METRICS = ("perplexity", "task-accuracy")
 # The built-in data is labelled financial news; a decoder learns it as a prompt whose completion is the label word.
 SENTIMENT_PROMPT = ("Classify the sentiment of this financial news as negative, neutral or positive.\n{text}")
 
@@ -104,7 +105,22 @@ class LMStudentConfig:
 
 @dataclass
 class LMCompressConfig:
-    quant: list[str] = field(default_factory=lambda: ["int4"])  # QuantSpecs: int4 (8da4w g32), int4-g64, int8 ...
+    # QuantSpecs: int4 (8da4w g32), int4-g64, int8 ... Without a budget, each is exported. With one, they are the
+    # budget search's candidates, most compressed first: each is scored on the validation records and the first
+    # within the budget is the one exported (edgekd.tasks.generation.choose_quant).
+    quant: list[str] = field(default_factory=lambda: ["int4"])
+    budget: float | None = None       # perplexity: percent above; task-accuracy: points below (validation)
+    budget_metric: str = "perplexity"
+    budget_from: str = "teacher"      # the budget counts from the teacher's validation figure, or the fp32 student's
+
+    def __post_init__(self):
+        if not self.quant:
+            raise RecipeError("compress.quant must list at least one QuantSpec, e.g. [int4]")
+        _choice("compress", "budget_metric", self.budget_metric, BUDGET_METRICS)
+        _choice("compress", "budget_from", self.budget_from, ("teacher", "student"))
+        if self.budget is not None and self.budget < 0:
+            unit = "percent" if self.budget_metric == "perplexity" else "points"
+            raise RecipeError(f"compress.budget must be >= 0 {unit}, not {self.budget}")
 
 
 @dataclass
@@ -143,6 +159,10 @@ class GenerationRecipe(RecipeBase):
             if (target.target, target.format or "executorch") != ("android", "executorch"):
                 raise RecipeError(f"a text-generation recipe exports to android/executorch in this release, not "
                                   f"{target.target}/{target.format or 'its default'}; use `targets: [android]`")
+        if (self.compress.budget is not None and self.compress.budget_metric == "task-accuracy"
+                and self.data.records != "classification"):
+            raise RecipeError(f"compress.budget_metric task-accuracy needs labelled records (data.records: "
+                              f"classification), not {self.data.records}; use budget_metric: perplexity")
         if self.max_seq_len < self.data.max_length:
             raise RecipeError(f"max_seq_len {self.max_seq_len} must be at least data.max_length "
                               f"{self.data.max_length}: the exported cache must hold a whole record")

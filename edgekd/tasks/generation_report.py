@@ -47,10 +47,35 @@ def collect(run_dir: Path) -> dict:
     eager = {row["model"]: row for row in measured.values() if row["runtime"] == "torch"}
     summary = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "run": str(run_dir), "variants": variants, "failed": failed, "eager": eager,
-               "ratios": _ratios(variants, eager), "stages": stage_times(run_dir, exports),
+               "ratios": _ratios(variants, eager), "search": _search(run_dir),
+               "stages": stage_times(run_dir, exports),
                "bench": bench and {k: bench.get(k) for k in ("ratios_at_prompt_tokens", "new_tokens", "rounds",
                                                               "threads", "machine", "versions", "skipped")}}
     return summary
+
+
+def _search(run_dir: Path) -> dict | None:
+    """The budget search's candidates and choice (RUN/compress), where this run's recipe has a budget."""
+    import yaml
+
+    recipe = run_dir / "recipe.yaml"
+    budget = recipe.is_file() and (yaml.safe_load(recipe.read_text()).get("compress") or {}).get("budget")
+    if budget in (None, False) or not (run_dir / "compress" / "manifest.json").is_file():
+        return None
+    return verify_stage(run_dir / "compress", "compress")["metrics"]
+
+
+def search_lines(search: dict | None) -> list[str]:
+    if not search:
+        return []
+    unit = "%" if search["metric"] == "perplexity" else " points"
+    base = search["baseline"]
+    lines = [f"Budget search: validation {search['metric']} within {search['budget']:g}{unit} of the "
+             f"{base['from']}'s ({base[search['metric']]:.4g}), specs in the order listed:"]
+    for c in search["candidates"]:
+        mark = "chosen" if c["quant"] == search["chosen"] else ("within" if c["within"] else "over budget")
+        lines.append(f"{c['quant']}: {c[search['metric']]:.4g} ({c['cost']:+.1f}{unit}), {mark}")
+    return lines
 
 
 def _ratios(variants: list[dict], eager: dict) -> list[dict]:
@@ -128,6 +153,9 @@ def render_markdown(summary: dict) -> str:
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out += [""] + [f"- {line}" for line in ratio_lines(summary)]
+    search = search_lines(summary.get("search"))
+    if search:
+        out += ["", search[0]] + [f"- {line}" for line in search[1:]]
     eager = summary["eager"]
     if eager:
         out += ["", "PyTorch eager fp32 (`generate`, same run): " + ", ".join(
@@ -150,7 +178,8 @@ def render_html(summary: dict) -> str:
     header, rows = table_rows(summary)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    notes = "".join(f"<li>{html.escape(line)}</li>" for line in ratio_lines(summary))
+    lines = ratio_lines(summary) + search_lines(summary.get("search"))
+    notes = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     failed = "".join(f"<p><b>{html.escape(f['name'])} failed its gate</b>: {html.escape(f['reason'])}</p>"
                      for f in summary["failed"])
     return (f"<!doctype html><meta charset='utf-8'><title>edgekd report</title>"
