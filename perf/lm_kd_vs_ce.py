@@ -1,16 +1,19 @@
 """The distilled decoder student against the same student trained without its teacher, over seeds.
 
     python perf/lm_kd_vs_ce.py --teacher-run runs/perf-lm-demo [--seeds 0,1,2] [--out runs/perf-lm-kd]
+                               [--kd-alpha 1] [--set learning_rate=5e-4 ...] [--results FILE]
 
 The teacher is the fine-tuned one of a finished generation run (`--teacher-run`: its RUN/finetune stage, e.g.
 from `python perf/lm_demo.py`), the recipe is that run's own (RUN/recipe.yaml). For each seed, the chain's
 distill stage (edgekd.tasks.generation.distill: the same pruning plan from the teacher by measured importance,
-then training) runs twice with everything else equal: student.alpha 1 (forward KL on the teacher's cached top-k,
-the recipe's default) and student.alpha 0 (cross-entropy on the completions alone: no teacher). The seed picks the
-training and evaluation samples, the calibration texts and the training order, the same for both arms.
+then training) runs twice with everything else equal: student.alpha `--kd-alpha` (1, the recipe's default: forward
+KL on the teacher's cached top-k alone; 0.5: half of it, half the completions' cross-entropy) and student.alpha 0
+(cross-entropy on the completions alone: no teacher). `--set key=value` changes a student.* field for both arms.
+The seed picks the training and evaluation samples, the calibration texts and the training order, the same for
+both arms. A distill stage already in `--out` with the same key is reused (its own wall time is reported).
 Reports test and validation perplexity of the completions and test task accuracy (greedy label word), per seed
 and as means, with the paired per-seed difference (mean, standard error); records perf/results/lm_kd_vs_ce.json
-and prints a table.
+(or `--results`) and prints a table.
 """
 from __future__ import annotations
 
@@ -18,18 +21,17 @@ import argparse
 import json
 import platform
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "lm_kd_vs_ce.json"
-ARMS = {"distilled (alpha 1)": 1.0, "no teacher (alpha 0)": 0.0}
 
 
 def main(argv=None) -> int:
     import yaml
 
     from edgekd.benchmarks.host import cpu_model
+    from edgekd.manifest import read_manifest
     from edgekd.recipe import recipe_from_dict
     from edgekd.tasks.generation import distill, load_records
 
@@ -37,19 +39,27 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-run", type=Path, required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=Path("runs/perf-lm-kd"))
+    parser.add_argument("--kd-alpha", type=float, default=1.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a student.* field for both arms, e.g. learning_rate=5e-4")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     base = recipe_from_dict(yaml.safe_load((args.teacher_run / "recipe.yaml").read_text()))
+    changed = dict(item.split("=", 1) for item in args.set)
+    base = replace(base, student=replace(base.student, **{key: type(getattr(base.student, key))(value)
+                                                          for key, value in changed.items()}))
+    arms = {f"distilled (alpha {args.kd_alpha:g})": args.kd_alpha, "no teacher (alpha 0)": 0.0}
+    suffix = "".join(f"-{key}{value}" for key, value in changed.items())
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for arm, alpha in ARMS.items():
+        for arm, alpha in arms.items():
             recipe = replace(base, seed=seed, student=replace(base.student, alpha=alpha))
             data = load_records(recipe)
-            started = time.time()
-            metrics = distill(recipe, data, args.teacher_run / "finetune", args.out / f"seed{seed}-alpha{alpha:g}",
-                              args.out / ".cache")
+            stage = args.out / f"seed{seed}-alpha{alpha:g}{suffix}"
+            metrics = distill(recipe, data, args.teacher_run / "finetune", stage, args.out / ".cache")
             test, val = metrics["test"], metrics["validation"]
-            rows.append({"seed": seed, "arm": arm, "alpha": alpha, "wall_s": round(time.time() - started, 1),
+            rows.append({"seed": seed, "arm": arm, "alpha": alpha, "wall_s": read_manifest(stage)["wall_s"],
                          "test_perplexity": test["perplexity"]["perplexity"],
                          "validation_perplexity": val["perplexity"]["perplexity"],
                          "test_task_accuracy": (test.get("task_accuracy") or {}).get("accuracy"),
@@ -58,8 +68,8 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     means = {arm: {key: sum(r[key] for r in rows if r["arm"] == arm) / sum(r["arm"] == arm for r in rows)
                    for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy",
-                               "test_agreement_with_teacher")} for arm in ARMS}
-    kd, ce = ARMS
+                               "test_agreement_with_teacher")} for arm in arms}
+    kd, ce = arms
     wins = {key: sum(a[key] < b[key] if "perplexity" in key else a[key] > b[key]
                      for a, b in zip([r for r in rows if r["arm"] == kd], [r for r in rows if r["arm"] == ce]))
             for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy")}
@@ -74,25 +84,27 @@ def main(argv=None) -> int:
     paired = {key: _paired([r for r in rows if r["arm"] == kd], [r for r in rows if r["arm"] == ce], key)
               for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy")}
     for key, (mean, se) in paired.items():
-        print(f"distilled - no teacher, {key}: {mean:+.4f} (standard error {se:.4f}, {len(rows) // 2} seeds)")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+        spread = "n/a" if se is None else f"{se:.4f}"
+        print(f"distilled - no teacher, {key}: {mean:+.4f} (standard error {spread}, {len(rows) // 2} seeds)")
+    args.results.parent.mkdir(exist_ok=True)
+    args.results.write_text(json.dumps({
         "command": " ".join(["python perf/lm_kd_vs_ce.py", *argv]), "machine": {"cpu": cpu_model(),
                                                                                 "os": platform.platform()},
-        "teacher_run": str(args.teacher_run), "recipe": base.to_dict(), "rows": rows, "means": means,
+        "teacher_run": str(args.teacher_run), "student_changes": changed, "recipe": base.to_dict(), "rows": rows,
+        "means": means,
         "distilled_better": wins,
         "paired_difference": {key: {"mean": m, "standard_error": se} for key, (m, se) in paired.items()}},
         indent=2) + "\n")
-    print(f"recorded in {RESULTS}")
+    print(f"recorded in {args.results}")
     return 0
 
 
-def _paired(kd: list[dict], ce: list[dict], key: str) -> tuple[float, float]:
+def _paired(kd: list[dict], ce: list[dict], key: str) -> tuple[float, float | None]:
     """Mean and standard error of the per-seed difference kd - ce (same seed, same samples: a paired design)."""
     diffs = [a[key] - b[key] for a, b in zip(kd, ce)]
     mean = sum(diffs) / len(diffs)
     if len(diffs) < 2:
-        return mean, float("nan")
+        return mean, None  # one seed has no spread
     variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
     return mean, (variance / len(diffs)) ** 0.5
 
