@@ -181,13 +181,15 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> str:
 
 
 def model_fingerprint(spec: str, allow_pickle: bool = False) -> dict:
-    """A stage-input entry for a model: a local folder by the sha256 of its files, a hub id by name."""
+    """A stage-input entry for a model: a local folder by the sha256 of its files, a hub id by name, a built-in by
+    its name and content, not by where pip installed it (a new venv finds its stages done)."""
     import hashlib
 
     from edgekd.manifest import sha256_file
 
     if spec == BUILTIN_LLM:  # one pinned file: its pin is its fingerprint
-        return {"path": str(builtin_llm_file()), "sha256": BUILTIN_LLM_SHA256}
+        builtin_llm_file()   # present and matching its pin
+        return {"builtin": spec, "sha256": BUILTIN_LLM_SHA256}
     source = resolve_model(spec, allow_pickle)
     path = Path(source)
     if not path.is_dir():
@@ -196,7 +198,8 @@ def model_fingerprint(spec: str, allow_pickle: bool = False) -> dict:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes):
         digest.update(f"{file.name}:{sha256_file(file)}".encode())
-    return {"path": source, "sha256": digest.hexdigest()}
+    where = {"builtin": spec} if spec.startswith("builtin:") else {"path": source}
+    return {**where, "sha256": digest.hexdigest()}
 
 
 def _load(loader, spec: str, allow_pickle: bool = False, **kwargs):

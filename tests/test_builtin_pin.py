@@ -51,3 +51,15 @@ def test_a_changed_weight_file_or_a_missing_file_is_refused(builtin_copy):
     (builtin_copy / "tokenizer_config.json").unlink()
     with pytest.raises(ModelError, match="tokenizer_config.json is missing"):
         models.builtin_model_dir()
+
+
+
+def test_a_builtin_is_fingerprinted_by_name_and_content_not_by_where_it_is_installed(builtin_copy, tmp_path,
+                                                                                      monkeypatch):
+    """A stage's key holds its teacher's fingerprint: the same built-in installed elsewhere (another venv) is the
+    same teacher, so its stages are found done; a changed file is not."""
+    here = models.model_fingerprint(models.BUILTIN_MODEL)
+    assert "path" not in here and here["builtin"] == models.BUILTIN_MODEL
+    elsewhere = shutil.copytree(builtin_copy, tmp_path / "another-venv")
+    monkeypatch.setattr(models, "_carrier_dir", lambda: elsewhere)
+    assert models.model_fingerprint(models.BUILTIN_MODEL) == here
