@@ -113,6 +113,7 @@ def special_ids(model, tokenizer=None, eos_ids=None) -> tuple[int | None, list[i
 
 
 def check_decoder_spec(spec: QuantSpec) -> None:
+    """Refuses a spec the decoder export does not realize (checked by preflight before training, and here)."""
     if spec.weights in ("fp16", "lut4") or spec.activations == "static":
         raise ExportError(f"ExecuTorch decoder export realizes fp32, and int8/int4 weights with dynamic or no "
                           f"activation quantization; QuantSpec {spec.name} is not one: use fp32, int4 or int8")

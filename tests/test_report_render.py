@@ -220,3 +220,23 @@ def test_exports_side_by_side_count_once_and_one_after_the_other_add_up():
     # One after the other, or one reused from an earlier day: they add up, the gap between them does not count.
     assert _busy_seconds([manifest("23:00:00", 300), manifest("23:05:00", 300)]) == 600
     assert _busy_seconds([manifest("10:00:00", 100), manifest("23:00:00", 200)]) == 300
+
+
+def test_the_generation_report_lists_the_budget_search_and_a_budget_of_0_is_one(tmp_path):
+    import yaml
+
+    from edgekd.manifest import claim_run_dir, write_stage
+    from edgekd.tasks.generation_report import _search, search_lines
+
+    claim_run_dir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"task": "text-generation", "compress": {"budget": 0}}))
+    with write_stage(tmp_path / "compress", "compress", {}, {}) as stage:
+        stage.metrics = {"chosen": "fp32", "baseline": {"from": "student", "perplexity": 2.0}, "budget": 0,
+                         "metric": "perplexity",
+                         "candidates": [{"quant": "int4", "perplexity": 2.2, "cost": 10.0, "within": False},
+                                        {"quant": "fp32", "perplexity": 2.0, "cost": 0.0, "within": True}]}
+    lines = search_lines(_search(tmp_path))
+    assert lines == ["Budget search: validation perplexity within 0% of the student's (2), specs in the order listed:",
+                     "int4: 2.2 (+10.0%), over budget", "fp32: 2 (+0.0%), chosen"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"task": "text-generation"}))  # a later run without one
+    assert _search(tmp_path) is None

@@ -59,8 +59,9 @@ def _search(run_dir: Path) -> dict | None:
     import yaml
 
     recipe = run_dir / "recipe.yaml"
-    budget = recipe.is_file() and (yaml.safe_load(recipe.read_text()).get("compress") or {}).get("budget")
-    if budget in (None, False) or not (run_dir / "compress" / "manifest.json").is_file():
+    if not recipe.is_file() or not (run_dir / "compress" / "manifest.json").is_file():
+        return None
+    if (yaml.safe_load(recipe.read_text()).get("compress") or {}).get("budget") is None:  # 0 is a budget
         return None
     return verify_stage(run_dir / "compress", "compress")["metrics"]
 
