@@ -211,15 +211,17 @@ def attention_shape(family, config, kv_groups: int | None, heads: int | None) ->
 
 def check_shape(model, layers: int | None, ffn_fraction: float | None, kv_groups: int | None,
                 heads: int | None, hidden_fraction: float | None = None) -> None:
-    """One RecipeError line for a student shape `prune_decoder` cannot build, before any work."""
+    """One RecipeError line for a student shape `prune_decoder` cannot build, before any work. `model` may be its
+    config alone (a recipe's preflight has no weights loaded)."""
     family = _family(model)
-    total = family.num_layers(model.config)
+    config = getattr(model, "config", model)
+    total = family.num_layers(config)
     if layers is not None and (not isinstance(layers, int) or not 0 < layers <= total):
         raise RecipeError(f"layers {layers!r}: the model has {total} layers; choose layers from 1 to {total}")
     if ffn_fraction is not None and not (isinstance(ffn_fraction, (int, float)) and 0 < ffn_fraction <= 1):
         raise RecipeError(f"ffn_fraction {ffn_fraction!r} is the fraction of MLP neurons kept; choose a number in "
                           f"(0, 1], e.g. 0.5")
-    attention_shape(family, model.config, kv_groups, heads)
+    attention_shape(family, config, kv_groups, heads)
     if hidden_fraction is not None and not (isinstance(hidden_fraction, (int, float)) and 0 < hidden_fraction <= 1):
         raise RecipeError(f"hidden_fraction {hidden_fraction!r} is the fraction of hidden (embedding) channels kept; "
                           f"choose a number in (0, 1], e.g. 0.75")

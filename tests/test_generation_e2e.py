@@ -29,8 +29,8 @@ def lm_recipe(tmp_path_factory):
         "task": "text-generation", "name": "tiny-lm",
         "teacher": {"model": "teacher", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "lora_rank": 4},
         "data": {"train": "train.csv", "validation": "validation.csv", "test": "test.csv", "max_length": 112},
-        "student": {"layers": 2, "ffn": 0.5, "calibration": 8, "top_k": 16, "epochs": 1, "batch_size": 8,
-                    "learning_rate": 1e-3},
+        "student": {"layers": 2, "ffn": 0.5, "kv_groups": 1, "hidden": 0.5, "calibration": 8, "top_k": 16,
+                    "epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
         "compress": {"quant": ["fp32", "int4"]}, "max_seq_len": 128,
         "bench": {"prompt_lengths": [8, 16], "new_tokens": 4, "rounds": 1, "prompts": 2, "threads": 1},
     }
@@ -68,6 +68,10 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, lm_run, capsys):
     assert int4["parity"]["worst_logit_diff"] <= int4["parity"]["logit_tolerance"]
     assert distill["plan"]["layers"]["of"] == 4 and len(distill["plan"]["layers"]["kept"]) == 2
     assert distill["plan"]["mlp"]["kept"] == 64
+    # Width pruned by the recipe's student.kv_groups and student.hidden, and the .pte files built from that shape.
+    student_config = json.loads((out / "distill" / "config.json").read_text())
+    assert (student_config["num_key_value_heads"], student_config["num_attention_heads"]) == (1, 2)
+    assert student_config["hidden_size"] == 32 and {"attention", "hidden"} <= set(distill["plan"])
     ratios = {(r["variant"], r["over"]) for r in summary["ratios"]}
     assert ("student-int4-android-executorch", "teacher-fp32-android-executorch") in ratios
     report = (out / "report.md").read_text()

@@ -37,6 +37,8 @@ def test_a_task_checks_its_own_keys():
         recipe_from_dict({"task": "text-generation", "data": {"prompt_template": "no slot"}})
     with pytest.raises(RecipeError, match=r"android/executorch in this release, not ios"):
         recipe_from_dict({"task": "text-generation", "targets": ["ios"]})
+    with pytest.raises(RecipeError, match=r"student.hidden must be a fraction in \[0, 1\) \(the share removed\)"):
+        recipe_from_dict({"task": "text-generation", "student": {"hidden": 1.0}})
     with pytest.raises(RecipeError, match=r"compress.budget_metric must be perplexity, task-accuracy"):
         recipe_from_dict({"task": "text-generation", "compress": {"budget": 5, "budget_metric": "ppl"}})
     with pytest.raises(RecipeError, match=r"compress.budget must be >= 0 percent"):
@@ -72,6 +74,17 @@ def test_a_generation_recipe_is_checked_against_the_teacher_before_training(tmp_
         run(recipe_from_dict({**fits, "compress": {"quant": ["int4-g128"]}}, tmp_path), tmp_path / "run")
     with pytest.raises(RecipeError, match=r"compress.quant int4-g128: .*\[64\] wide"):
         run(recipe_from_dict({**fits, "student": {"layers": 1, "ffn": 0.5}, "compress": {"quant": ["int4-g128"]}},
+                             tmp_path), tmp_path / "run")
+    # A width cut that breaks grouped KV heads (2 KV heads of 2 query heads each here), and the int4 group checked
+    # against the pruned widths (hidden 64 -> 32 channels with student.hidden 0.5).
+    with pytest.raises(RecipeError, match=r"student: kv_groups 3: the model has 2 KV heads .*choose kv_groups from 1 "
+                                          r"to 2"):
+        run(recipe_from_dict({**fits, "student": {"layers": 1, "kv_groups": 3}}, tmp_path), tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"student: heads 3: with 1 KV heads .*heads must be one of 1, 2"):
+        run(recipe_from_dict({**fits, "student": {"layers": 1, "kv_groups": 1, "heads": 3}}, tmp_path),
+            tmp_path / "run")
+    with pytest.raises(RecipeError, match=r"compress.quant int4-g64: .*\[32, 64, 128\] wide"):
+        run(recipe_from_dict({**fits, "student": {"layers": 1, "hidden": 0.5}, "compress": {"quant": ["int4-g64"]}},
                              tmp_path), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written
 

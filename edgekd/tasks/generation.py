@@ -181,7 +181,8 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
     teacher = load_causal_lm(str(teacher_dir))
     with write_stage(out, "distill", params, inputs) as stage:
         student, plan = prune_decoder(teacher, _calibration(recipe, data, tokenizer), layers=cfg.layers,
-                                      ffn_fraction=1 - cfg.ffn if cfg.ffn else None,
+                                      ffn_fraction=1 - cfg.ffn if cfg.ffn else None, kv_groups=cfg.kv_groups,
+                                      heads=cfg.heads, hidden_fraction=1 - cfg.hidden if cfg.hidden else None,
                                       layer_method=cfg.layer_importance)
         work = out.parent / f".{out.name}.work"  # outside the stage's temporary folder: checkpoints survive
         shutil.rmtree(work, ignore_errors=True)
@@ -342,7 +343,8 @@ def preflight(recipe: GenerationRecipe) -> None:
     depth it has, a context that holds max_seq_len, quant specs its export realizes; one RecipeError line each."""
     from transformers import AutoConfig
 
-    from edgekd.compress.lm_prune import kept_neurons
+    from edgekd.architecture import family_of
+    from edgekd.compress.lm_prune import attention_shape, check_shape, kept_neurons
     from edgekd.compress.quant import check_groups, get_spec
     from edgekd.errors import EdgeKDError, RecipeError
     from edgekd.models import BUILTIN_LLM, _gguf_kwargs, resolve_model
@@ -367,13 +369,20 @@ def preflight(recipe: GenerationRecipe) -> None:
     if context and recipe.max_seq_len > context:
         raise RecipeError(f"max_seq_len {recipe.max_seq_len} is longer than the teacher's context of {context} "
                           f"tokens; set max_seq_len (and data.max_length) to at most {context}")
-    # Every spec the student may be exported in, against the widths its Linear layers will have (the MLP's after
-    # student.ffn pruning): a group size that does not divide one would stop the export after the training.
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    mlp = config.intermediate_size
-    widths = {config.hidden_size, heads * head_dim,
-              kept_neurons(mlp, 1 - recipe.student.ffn) if recipe.student.ffn else mlp}
+    student = recipe.student
+    try:  # a width the pruning cannot cut (heads that break grouped KV heads, a family without its norms mapped)
+        check_shape(config, None, None, student.kv_groups, student.heads,
+                    1 - student.hidden if student.hidden else None)
+    except EdgeKDError as exc:
+        raise RecipeError(f"student: {exc}") from None
+    # Every spec the student may be exported in, against the widths its Linear layers will have after pruning: a
+    # group size that does not divide one would stop the export after the training.
+    family = family_of(config)
+    _, heads = attention_shape(family, config, student.kv_groups, student.heads)
+    head_dim = family.head_dim(config)
+    hidden, mlp = getattr(config, family.hidden_field), getattr(config, family.ffn_field)
+    widths = {kept_neurons(hidden, 1 - student.hidden) if student.hidden else hidden, heads * head_dim,
+              kept_neurons(mlp, 1 - student.ffn) if student.ffn else mlp}
     for name in recipe.compress.quant:
         try:
             check_decoder_spec(get_spec(name))

@@ -80,10 +80,14 @@ class LMDataConfig:
 @dataclass
 class LMStudentConfig:
     # Cut from the teacher (Minitron): keep `layers` of its layers, chosen by measured importance, and remove
-    # `ffn` of every layer's MLP neurons by activation importance on `calibration` training texts; then distill.
+    # `ffn` of every layer's MLP neurons, attention heads down to `kv_groups` / `heads` and `hidden` of the
+    # embedding channels, each by activation importance on `calibration` training texts; then distill.
     layers: int = 10
     layer_importance: str = "cosine"  # cosine: 1 - cos(hidden in, out) (ShortGPT's BI); loss: LM loss without it
     ffn: float = 0.0                  # fraction of MLP neurons removed in every layer
+    kv_groups: int | None = None      # KV heads kept (whole groups, with their query heads); None: all
+    heads: int | None = None          # query heads kept in all, the same number per kept KV head; None: all
+    hidden: float = 0.0               # fraction of hidden (embedding) channels removed, by norm-output importance
     calibration: int = 64
     loss: str = "forward-kl"          # forward-kl (Minitron's pick after pruning), reverse-kl, skew-kl, skew-reverse-kl
     temperature: float = 1.0
@@ -97,8 +101,10 @@ class LMStudentConfig:
         _positive(self, "layers", "calibration", "temperature", "top_k", "epochs", "learning_rate", "batch_size")
         _choice("student", "layer_importance", self.layer_importance, LAYER_IMPORTANCE)
         _choice("student", "loss", self.loss, KD_LOSSES)
-        if not 0.0 <= self.ffn < 1.0:
-            raise RecipeError(f"student.ffn must be a fraction in [0, 1), not {self.ffn}")
+        for key in ("ffn", "hidden"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise RecipeError(f"student.{key} must be a fraction in [0, 1) (the share removed), not "
+                                  f"{getattr(self, key)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"student.alpha must be in [0, 1], not {self.alpha}")
 
