@@ -210,9 +210,10 @@ def attention_shape(family, config, kv_groups: int | None, heads: int | None) ->
 
 
 def check_shape(model, layers: int | None, ffn_fraction: float | None, kv_groups: int | None,
-                heads: int | None, hidden_fraction: float | None = None) -> None:
-    """One RecipeError line for a student shape `prune_decoder` cannot build, before any work. `model` may be its
-    config alone (a recipe's preflight has no weights loaded)."""
+                heads: int | None, hidden_fraction: float | None = None) -> tuple[int, int]:
+    """One RecipeError line for a student shape `prune_decoder` cannot build, before any work; else the attention
+    it keeps, (KV heads, query heads in all). `model` may be its config alone (a recipe's preflight has no weights
+    loaded)."""
     family = _family(model)
     config = getattr(model, "config", model)
     total = family.num_layers(config)
@@ -221,13 +222,14 @@ def check_shape(model, layers: int | None, ffn_fraction: float | None, kv_groups
     if ffn_fraction is not None and not (isinstance(ffn_fraction, (int, float)) and 0 < ffn_fraction <= 1):
         raise RecipeError(f"ffn_fraction {ffn_fraction!r} is the fraction of MLP neurons kept; choose a number in "
                           f"(0, 1], e.g. 0.5")
-    attention_shape(family, config, kv_groups, heads)
+    kept = attention_shape(family, config, kv_groups, heads)
     if hidden_fraction is not None and not (isinstance(hidden_fraction, (int, float)) and 0 < hidden_fraction <= 1):
         raise RecipeError(f"hidden_fraction {hidden_fraction!r} is the fraction of hidden (embedding) channels kept; "
                           f"choose a number in (0, 1], e.g. 0.75")
     if hidden_fraction is not None and hidden_fraction < 1 and not family.layer_norms:
         raise RecipeError(f"hidden-channel pruning of {family.name} models is not supported (the architecture map "
                           f"does not list their norms); leave hidden_fraction unset")
+    return kept
 
 
 def kept_neurons(size: int, fraction: float) -> int:
@@ -364,13 +366,12 @@ def prune_decoder(model, batches: list[dict], layers: int | None = None, ffn_fra
     None keeps that dimension whole. Width is measured on the depth-cut model, the one it prunes.
     `model` itself is left as it was."""
     family = _family(model)
-    check_shape(model, layers, ffn_fraction, kv_groups, heads, hidden_fraction)
+    kv, kept_heads = check_shape(model, layers, ffn_fraction, kv_groups, heads, hidden_fraction)
     if layer_method not in LAYER_METHODS:
         raise RecipeError(f"layer_method {layer_method!r} is not one of {', '.join(LAYER_METHODS)}")
     config = model.config
     total = family.num_layers(config)
     total_heads = family.num_heads(config)
-    kv, kept_heads = attention_shape(family, config, kv_groups, heads)
     plan = {"version": PLAN_VERSION, "method": "minitron activation importance",
             "calibration": {"batches": len(batches), "tokens": _real_tokens(batches)}}
 

@@ -73,10 +73,10 @@ def main(argv=None) -> int:
         # the first recorded export is not charged for it.
         tiny = LlamaForCausalLM(LlamaConfig(**{**shape, "num_hidden_layers": 1, "vocab_size": 256})).eval()
         export_decoder(tiny, Path(tmp) / "warm-up.pte", get_spec("fp32"), args.max_seq_len)
-        other = COMPARED.get(args.compare)
-        runs = [(quant, setting) for quant in args.quants.split(",")
-                for setting in (((f"+{args.compare}", other), ("", {})) if other else (("", {}),))]
-        for quant, (suffix, settings) in runs:
+        compared = args.compare != "none"
+        # (name suffix, export_decoder settings): the other setting first, then edgekd's default
+        variants = ([(f"+{args.compare}", COMPARED[args.compare])] if compared else []) + [("", {})]
+        for quant, (suffix, settings) in ((q, v) for q in args.quants.split(",") for v in variants):
             name = quant + suffix
             started = time.perf_counter()
             details = export_decoder(model, Path(tmp) / f"{quant}.pte", get_spec(quant), args.max_seq_len,
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     for name, row in record["exports"].items():
         cells = " ".join(f"{row['phases_s'][p]:>20.1f} ({row['phases_s'][p] / row['total_s']:>4.0%})" for p in PHASES)
         print(f"{name:<15} {cells} {row['total_s']:>8.1f} {row['size_mb']:>8.2f}")
-    for quant in args.quants.split(",") if other else ():
+    for quant in args.quants.split(",") if compared else ():
         on, off = record["exports"][f"{quant}+{args.compare}"], record["exports"][quant]
         lower = "to_edge_transform_and_lower"
         ratio = on["phases_s"][lower] / off["phases_s"][lower]

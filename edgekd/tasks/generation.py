@@ -344,7 +344,7 @@ def preflight(recipe: GenerationRecipe) -> None:
     from transformers import AutoConfig
 
     from edgekd.architecture import family_of
-    from edgekd.compress.lm_prune import attention_shape, check_shape, kept_neurons
+    from edgekd.compress.lm_prune import check_shape, kept_neurons
     from edgekd.compress.quant import check_groups, get_spec
     from edgekd.errors import EdgeKDError, RecipeError
     from edgekd.models import BUILTIN_LLM, _gguf_kwargs, resolve_model
@@ -371,22 +371,22 @@ def preflight(recipe: GenerationRecipe) -> None:
                           f"tokens; set max_seq_len (and data.max_length) to at most {context}")
     student = recipe.student
     try:  # a width the pruning cannot cut (heads that break grouped KV heads, a family without its norms mapped)
-        check_shape(config, None, None, student.kv_groups, student.heads,
-                    1 - student.hidden if student.hidden else None)
+        _, heads = check_shape(config, None, None, student.kv_groups, student.heads,
+                               1 - student.hidden if student.hidden else None)
     except EdgeKDError as exc:
         raise RecipeError(f"student: {exc}") from None
     # Every spec the student may be exported in, against the widths its Linear layers will have after pruning: a
     # group size that does not divide one would stop the export after the training.
     family = family_of(config)
-    _, heads = attention_shape(family, config, student.kv_groups, student.heads)
     head_dim = family.head_dim(config)
     hidden, mlp = getattr(config, family.hidden_field), getattr(config, family.ffn_field)
     widths = {kept_neurons(hidden, 1 - student.hidden) if student.hidden else hidden, heads * head_dim,
               kept_neurons(mlp, 1 - student.ffn) if student.ffn else mlp}
     for name in recipe.compress.quant:
         try:
-            check_decoder_spec(get_spec(name))
-            check_groups(get_spec(name), widths)
+            spec = get_spec(name)
+            check_decoder_spec(spec)
+            check_groups(spec, widths)
         except EdgeKDError as exc:
             raise RecipeError(f"compress.quant {name}: {exc}") from None
 
