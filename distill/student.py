@@ -144,3 +144,46 @@ INTERMEDIATE_FIX = "set all three to 0 (logit distillation works with any family
 
 def num_layers(model) -> int:
     return family_of(model, INTERMEDIATE_USE, INTERMEDIATE_FIX).num_layers(model.config)
+
+
+def fresh_decoder(teacher, layers: int, ffn_fraction: float | None = None, kv_groups: int | None = None,
+                  heads: int | None = None, hidden_fraction: float | None = None, seed: int = 0):
+    """A randomly initialized decoder LM of the teacher's family and vocabulary, in the shape a cut would have
+    (the same arguments and checks as `compress.lm_prune.prune_decoder`), and its plan for the manifest.
+
+    The other student kind (DistilGPT-2's and the Llama-3.2 1B/3B recipes start from a smaller config): it
+    keeps nothing of the teacher but, where the hidden size is the teacher's, the token embeddings and the LM
+    head, as `fresh_student` does; it needs far more distillation data than a cut to catch up."""
+    from transformers import AutoModelForCausalLM
+
+    from edgekd.compress.lm_prune import check_shape, kept_neurons
+
+    family = family_of(teacher, "a fresh decoder student")
+    kv, kept_heads = check_shape(teacher, layers, ffn_fraction, kv_groups, heads, hidden_fraction)
+    config = copy.deepcopy(teacher.config)
+    hidden = getattr(config, family.hidden_field)
+    width = hidden if hidden_fraction is None else kept_neurons(hidden, hidden_fraction)
+    head_dim = family.head_dim(config)
+    if family.head_dim_field:
+        setattr(config, family.head_dim_field, head_dim)   # explicit: the default hidden / heads would change
+    elif width % kept_heads:
+        raise ModelError(f"a fresh {family.name} student's hidden size {width} must be a multiple of its "
+                         f"{kept_heads} heads; choose student.hidden or student.heads so they divide")
+    overrides = {family.layers_field: layers, family.heads_field: kept_heads, family.hidden_field: width,
+                 family.ffn_field: kept_neurons(getattr(config, family.ffn_field), ffn_fraction or 1.0)}
+    if family.kv_heads_field:
+        overrides[family.kv_heads_field] = kv
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    for name in family.per_layer_fields:   # e.g. Qwen3's layer_types: one entry per layer
+        values = getattr(config, name, None)
+        if isinstance(values, list):
+            setattr(config, name, values[:layers])
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(config)
+    copied = width == hidden
+    if copied:   # the token embeddings and the LM head (one tensor where the family ties them)
+        student.get_input_embeddings().load_state_dict(teacher.get_input_embeddings().state_dict())
+        student.get_output_embeddings().load_state_dict(teacher.get_output_embeddings().state_dict())
+    return student.to(teacher.dtype), {"init": "fresh", "config": overrides,
+                                       "embeddings": "the teacher's" if copied else "random", "seed": seed}

@@ -1,14 +1,16 @@
 """The distilled decoder student against the same student trained without its teacher, over seeds.
 
     python perf/lm_kd_vs_ce.py --teacher-run runs/perf-lm-demo [--seeds 0,1,2] [--out runs/perf-lm-kd]
-                               [--kd-alpha 1] [--set learning_rate=5e-4 ...] [--results FILE]
+                               [--kd-alpha 1] [--set learning_rate=5e-4 ...] [--kd-set kd_tokens=all ...]
+                               [--results FILE]
 
 The teacher is the fine-tuned one of a finished generation run (`--teacher-run`: its RUN/finetune stage, e.g.
 from `python perf/lm_demo.py`), the recipe is that run's own (RUN/recipe.yaml). For each seed, the chain's
 distill stage (edgekd.tasks.generation.distill: the same pruning plan from the teacher by measured importance,
 then training) runs twice with everything else equal: student.alpha `--kd-alpha` (1, the recipe's default: forward
 KL on the teacher's cached top-k alone; 0.5: half of it, half the completions' cross-entropy) and student.alpha 0
-(cross-entropy on the completions alone: no teacher). `--set key=value` changes a student.* field for both arms.
+(cross-entropy on the completions alone: no teacher). `--set key=value` changes a student.* field for both arms,
+`--kd-set key=value` for the distilled arm alone (e.g. kd_tokens=all: the KD term on prompt and completion).
 The seed picks the training and evaluation samples, the calibration texts and the training order, the same for
 both arms. A distill stage already in `--out` with the same key is reused (its own wall time is reported).
 Reports test and validation perplexity of the completions and test task accuracy (greedy label word), per seed
@@ -42,21 +44,25 @@ def main(argv=None) -> int:
     parser.add_argument("--kd-alpha", type=float, default=1.0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a student.* field for both arms, e.g. learning_rate=5e-4")
+    parser.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a student.* field for the distilled arm alone, e.g. kd_tokens=all")
     parser.add_argument("--results", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     base = recipe_from_dict(yaml.safe_load((args.teacher_run / "recipe.yaml").read_text()))
-    changed = dict(item.split("=", 1) for item in args.set)
-    base = replace(base, student=replace(base.student, **{key: type(getattr(base.student, key))(value)
-                                                          for key, value in changed.items()}))
+    changed, kd_changed = (dict(item.split("=", 1) for item in sets) for sets in (args.set, args.kd_set))
+    base = _with(base, changed)
     arms = {f"distilled (alpha {args.kd_alpha:g})": args.kd_alpha, "no teacher (alpha 0)": 0.0}
     suffix = "".join(f"-{key}{value}" for key, value in changed.items())
+    kd_suffix = "".join(f"-{key}{value}" for key, value in kd_changed.items())
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, alpha in arms.items():
             recipe = replace(base, seed=seed, student=replace(base.student, alpha=alpha))
+            if alpha > 0:
+                recipe = _with(recipe, kd_changed)
             data = load_records(recipe)
-            stage = args.out / f"seed{seed}-alpha{alpha:g}{suffix}"
+            stage = args.out / f"seed{seed}-alpha{alpha:g}{suffix}{kd_suffix if alpha > 0 else ''}"
             metrics = distill(recipe, data, args.teacher_run / "finetune", stage, args.out / ".cache")
             test, val = metrics["test"], metrics["validation"]
             rows.append({"seed": seed, "arm": arm, "alpha": alpha, "wall_s": read_manifest(stage)["wall_s"],
@@ -90,13 +96,21 @@ def main(argv=None) -> int:
     args.results.write_text(json.dumps({
         "command": " ".join(["python perf/lm_kd_vs_ce.py", *argv]), "machine": {"cpu": cpu_model(),
                                                                                 "os": platform.platform()},
-        "teacher_run": str(args.teacher_run), "student_changes": changed, "recipe": base.to_dict(), "rows": rows,
+        "teacher_run": str(args.teacher_run), "student_changes": changed, "distilled_arm_changes": kd_changed,
+        "recipe": base.to_dict(), "rows": rows,
         "means": means,
         "distilled_better": wins,
         "paired_difference": {key: {"mean": m, "standard_error": se} for key, (m, se) in paired.items()}},
         indent=2) + "\n")
     print(f"recorded in {args.results}")
     return 0
+
+
+def _with(recipe, changes: dict):
+    """`recipe` with student.* fields set from strings, each converted to the field's type."""
+    student = recipe.student
+    return replace(recipe, student=replace(student, **{key: type(getattr(student, key))(value)
+                                                       for key, value in changes.items()}))
 
 
 def _paired(kd: list[dict], ce: list[dict], key: str) -> tuple[float, float | None]:

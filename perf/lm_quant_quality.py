@@ -2,7 +2,8 @@
 model (the reference its ExecuTorch .pte is gated against), spec by spec, on the same test records.
 
     python perf/lm_quant_quality.py --run runs/lm [--stage distill]
-                                    [--specs fp32,int4,int4+emb8,int4-g64,int4-weights,int8]
+                                    [--specs fp32,int4,int4+emb8,int4-g64,int4-weights,int8,int4-hqq]
+                                    [--results FILE]
 
 `--run` is a finished generation run (`edgekd demo --task text-generation --out runs/lm`); its `--stage` model is
 quantized per spec with edgekd.targets.llm_executorch.quantize_decoder (what export_decoder lowers) and scored
@@ -27,6 +28,7 @@ def main() -> int:
     parser.add_argument("--run", required=True)
     parser.add_argument("--stage", default="distill")
     parser.add_argument("--specs", default="fp32,int4,int4+emb8,int4-g64,int4-weights,int8")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     from edgekd.compress.quant import get_spec
@@ -60,8 +62,8 @@ def main() -> int:
     for name, row in rows.items():
         change = f"{100 * (row['perplexity'] / base['perplexity'] - 1):+7.1f}%" if base else ""
         print(f"{name:<14} {row['perplexity']:7.3f} {change:>8} {100 * row['task_accuracy']:8.1f}%")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python perf/lm_quant_quality.py " + " ".join(sys.argv[1:]),
+    args.results.parent.mkdir(exist_ok=True)
+    args.results.write_text(json.dumps({"command": "python perf/lm_quant_quality.py " + " ".join(sys.argv[1:]),
                                    "model": str(model_dir), "test_records": len(data.test), "specs": rows},
                                   indent=2) + "\n")
     return 0

@@ -124,3 +124,25 @@ def test_the_budget_search_exports_the_first_spec_within_budget_and_refuses_in_o
     assert ("no compress.quant spec stays within 5% of the student's validation perplexity" in err
             and "int4 +10.0%, int8 +10.0%; raise compress.budget" in err)
     assert json.loads((out / "compress" / "manifest.json").read_text())["params"]["budget"] == 1000
+
+
+def test_a_fresh_student_distilled_on_every_token_with_hidden_states_matched(lm_recipe, lm_run, tmp_path):
+    """The distill stage with student.init fresh, kd_tokens all and state_weight: a random init of the cut's
+    shape, its layers matched to evenly spread teacher layers (it has none of its own), the manifest says so."""
+    import yaml
+
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.tasks.generation import distill, load_records
+
+    out, _ = lm_run
+    spec = yaml.safe_load((lm_recipe / "recipe.yaml").read_text())
+    spec["student"].update(init="fresh", hidden=0.0, kd_tokens="all", state_weight=1.0, alpha=0.5)
+    recipe = recipe_from_dict(spec, lm_recipe)
+    metrics = distill(recipe, load_records(recipe), out / "finetune", tmp_path / "distill", tmp_path / "cache")
+    manifest = json.loads((tmp_path / "distill" / "manifest.json").read_text())
+    assert manifest["plan"]["init"] == "fresh"
+    training = manifest["training"]["params"]
+    assert training["kd_tokens"] == "all" and training["states"]["layer_map"] == [1, 3]
+    config = json.loads((tmp_path / "distill" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 64)
+    assert metrics["test"]["perplexity"]["perplexity"] > 1

@@ -159,6 +159,80 @@ def test_padding_never_enters_the_training_loss_and_the_index_is_kept(setup, tmp
     assert trainer.compute_loss(student, shuffled).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_kd_over_every_token_is_the_divergence_at_every_real_position_plus_ce_on_the_completion(setup, tmp_path):
+    """kd_tokens="all": the cache holds a row for every next token of each record (prompt and completion), and
+    the training loss is alpha * the exact KL over all of them + (1 - alpha) * CE over the completion alone,
+    whatever the batch order and padding (k = vocabulary, so the cache is exact up to fp16)."""
+    from edgekd.distill.lm_distill import _kd_records, every_token_labels
+
+    teacher, train, _ = setup
+    records = as_records(train[:6])
+    top, _ = teacher_topk(teacher, _kd_records(records, "all"), V, "d", tmp_path)
+    assert len(top.values) == sum(len(r["input_ids"]) - 1 for r in records)
+    student = decoder(2, 1)
+    args = training_args(tmp_path / "run", epochs=1, learning_rate=1e-3, batch_size=6, seed=0, eval_strategy="no",
+                         save_strategy="no", load_best_model_at_end=False)
+    trainer = LMDistillationTrainer(model=student, args=args, teacher_topk=top, alpha=0.25, kd_tokens="all")
+    batch = lm_collator(0)(LMRecords(records).rows[::-1])
+    assert (batch["attention_mask"] == 0).any()
+    student.train()
+    loss = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        t_logp = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    every = every_token_labels(batch["input_ids"], batch["attention_mask"])
+    real = every[:, 1:] != -100
+    assert int(real.sum()) == len(top.values) and not (batch["labels"][:, 1:] != -100)[~real].any()
+    kl = (t_logp.exp() * (t_logp - s_logits.log_softmax(-1))).sum(-1)[:, :-1][real].mean()
+    expected = 0.25 * kl + 0.75 * causal_ce(s_logits, batch["labels"])
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-3)
+    completion_only = LMDistillationTrainer(model=student, args=args, teacher_topk=top, alpha=0.25)
+    with pytest.raises(StageError, match="belongs to other data"):   # a cache of other positions is caught
+        completion_only.compute_loss(student, dict(batch))
+
+
+def test_the_hidden_state_term_matches_each_student_layer_to_its_teacher_layer_at_the_logit_losss_size(
+        setup, tmp_path):
+    """StateMatch: the term's value is weight x the logit loss (Minitron's balance), its gradient is the hidden-state
+    MSE's, between student layer j and teacher layer layer_map[j] over real tokens; training with it brings the
+    student's layers closer to the teacher's than training without it."""
+    from edgekd.distill.lm_distill import StateMatch
+
+    teacher, train, val = setup
+    records = as_records(train[:6])
+    top, _ = teacher_topk(teacher, records, 8, "d", tmp_path)
+    args = training_args(tmp_path / "run", epochs=1, learning_rate=1e-3, batch_size=6, seed=0, eval_strategy="no",
+                         save_strategy="no", load_best_model_at_end=False)
+    batch = lm_collator(0)(LMRecords(records).rows)
+    student = decoder(2, 1)
+    student.train()
+    plain = LMDistillationTrainer(model=student, args=args, teacher_topk=top, alpha=0.5).compute_loss(
+        student, dict(batch))
+    matched = LMDistillationTrainer(model=student, args=args, teacher_topk=top, alpha=0.5, teacher=teacher,
+                                    states=StateMatch([1, 3], weight=0.5)).compute_loss(student, dict(batch))
+    assert matched.item() == pytest.approx(1.5 * plain.item(), rel=1e-5)
+
+    def mse_to_teacher(model) -> float:
+        with torch.no_grad():
+            s = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+            t = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        real = batch["attention_mask"].bool()
+        return float(((s.hidden_states[1] - t.hidden_states[2]) ** 2)[real].mean())   # student layer 0 <- teacher 1
+
+    figures = {}
+    for name, states in (("without", None), ("with", StateMatch([1, 3], weight=1.0))):
+        out = tmp_path / name
+        distill_lm(decoder(2, 1), teacher, tokenizer(), train[:64], val[:8], out, alpha=1.0, k=8, epochs=2, lr=3e-3,
+                   batch_size=16, cache_dir=tmp_path / "cache", states=states)
+        from transformers import AutoModelForCausalLM
+        figures[name] = mse_to_teacher(AutoModelForCausalLM.from_pretrained(out))
+    print(figures)
+    assert figures["with"] < 0.85 * figures["without"]   # measured 0.77x
+    with pytest.raises(RecipeError, match="maps 3 student layers"):
+        distill_lm(decoder(2, 1), teacher, tokenizer(), train[:8], val[:4], tmp_path / "x",
+                   cache_dir=tmp_path / "cache", states=StateMatch([0, 1, 3]))
+
+
 def test_a_step_under_gradient_accumulation_takes_its_share_of_the_batch_mean(setup, tmp_path):
     """The loss is a per-batch mean, so with 2 accumulation steps each step's gradient is half of it (the Trainer
     would skip that division for a decoder that takes loss kwargs unless told the loss is not scaled)."""
@@ -195,7 +269,7 @@ def test_alpha_zero_trains_without_a_teacher_pass_for_the_cache(setup, tmp_path)
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("case", ["vocabulary", "foreign-out", "too-long", "kind", "alpha"])
+@pytest.mark.parametrize("case", ["vocabulary", "foreign-out", "too-long", "kind", "alpha", "kd_tokens"])
 def test_bad_input_is_refused_before_the_teacher_runs_and_writes_nothing(setup, tmp_path, case):
     teacher, train, val = setup
     student, out, kwargs, data = decoder(2, 1), tmp_path / "out", {}, train[:8]
@@ -208,7 +282,7 @@ def test_bad_input_is_refused_before_the_teacher_runs_and_writes_nothing(setup, 
     elif case == "too-long":
         data = data + [{"input_ids": [5] * 200, "labels": [5] * 200}]
     else:
-        kwargs = {"kind": "kl"} if case == "kind" else {"alpha": 1.5}
+        kwargs = {"kind": {"kind": "kl"}, "alpha": {"alpha": 1.5}, "kd_tokens": {"kd_tokens": "prompt"}}[case]
     calls = count_forwards(teacher)
     with pytest.raises(error) as info:
         distill_lm(student, teacher, tokenizer(), data, val[:4], out, cache_dir=tmp_path / "cache", **kwargs)

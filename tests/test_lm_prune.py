@@ -277,3 +277,30 @@ def test_pruned_decoder_exports_with_fp32_parity(tmp_path):
     prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (3, 7)]
     parity = decoder_parity(DecoderRunner(out), pruned, prompts, max_new_tokens=8)
     assert parity["passed"], parity
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [dict(layers=2, ffn_fraction=0.5, kv_groups=1),
+                                   dict(layers=3, heads=2, hidden_fraction=0.5)])
+def test_a_fresh_student_has_the_shape_of_the_cut_and_none_of_its_weights_but_the_embeddings(family, shape):
+    """student.init fresh: the same tensors, shape for shape, as prune_decoder gives for the same arguments; the
+    teacher's embeddings (and LM head) where the hidden size is the teacher's, random elsewhere, by the seed."""
+    from edgekd.distill.student import fresh_decoder
+
+    model, data = trained(family), batches()
+    cut, _ = prune_decoder(model, data, **shape)
+    fresh, plan = fresh_decoder(model, **shape, seed=3)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in cut.state_dict().items()}
+    assert plan["init"] == "fresh" and plan["config"]["num_hidden_layers"] == shape["layers"]
+    same_width = "hidden_fraction" not in shape
+    assert plan["embeddings"] == ("the teacher's" if same_width else "random")
+    embedding = fresh.get_input_embeddings().weight
+    assert torch.equal(embedding, model.get_input_embeddings().weight) == same_width
+    assert torch.equal(fresh.get_output_embeddings().weight, model.get_output_embeddings().weight) == same_width
+    layer = fresh.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(layer, cut.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(layer, fresh_decoder(model, **shape, seed=3)[0].model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(layer, fresh_decoder(model, **shape, seed=4)[0].model.layers[0].mlp.up_proj.weight)
+    assert torch.isfinite(logits(fresh.eval(), data[0])).all()
+    with pytest.raises(RecipeError, match="kv_groups"):
+        fresh_decoder(model, layers=2, kv_groups=3)

@@ -39,6 +39,13 @@ def test_a_task_checks_its_own_keys():
         recipe_from_dict({"task": "text-generation", "targets": ["ios"]})
     with pytest.raises(RecipeError, match=r"student.hidden must be a fraction in \[0, 1\) \(the share removed\)"):
         recipe_from_dict({"task": "text-generation", "student": {"hidden": 1.0}})
+    with pytest.raises(RecipeError, match=r"student.init must be cut, fresh, not 'random'"):
+        recipe_from_dict({"task": "text-generation", "student": {"init": "random"}})
+    with pytest.raises(RecipeError, match=r"student.kd_tokens must be completion, all, not 'prompt'"):
+        recipe_from_dict({"task": "text-generation", "student": {"kd_tokens": "prompt"}})
+    with pytest.raises(RecipeError, match=r"a fresh student with student.hidden has no channels of the teacher's"):
+        recipe_from_dict({"task": "text-generation", "student": {"init": "fresh", "hidden": 0.5,
+                                                                 "state_weight": 1}})
     with pytest.raises(RecipeError, match=r"compress.budget_metric must be perplexity, task-accuracy"):
         recipe_from_dict({"task": "text-generation", "compress": {"budget": 5, "budget_metric": "ppl"}})
     with pytest.raises(RecipeError, match=r"compress.budget must be >= 0 percent"):

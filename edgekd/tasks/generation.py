@@ -164,9 +164,12 @@ def _calibration(recipe: GenerationRecipe, data: LMDataset, tokenizer) -> list[d
 
 
 def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: Path, cache_dir: Path) -> dict:
-    """The student: cut and pruned from the teacher by measured importance, then distilled from it."""
+    """The student: cut and pruned from the teacher by measured importance (or, student.init fresh, a random init
+    of that shape), then distilled from it."""
+    from edgekd.architecture import family_of
     from edgekd.compress.lm_prune import prune_decoder
-    from edgekd.distill.lm_distill import distill_lm
+    from edgekd.distill.lm_distill import StateMatch, distill_lm
+    from edgekd.distill.student import fresh_decoder, uniform_layers
     from edgekd.lm_data import encode
     from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
     from edgekd.models import count_parameters, load_causal_lm, load_tokenizer
@@ -180,10 +183,18 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
     tokenizer = load_tokenizer(str(teacher_dir))
     teacher = load_causal_lm(str(teacher_dir))
     with write_stage(out, "distill", params, inputs) as stage:
-        student, plan = prune_decoder(teacher, _calibration(recipe, data, tokenizer), layers=cfg.layers,
-                                      ffn_fraction=1 - cfg.ffn if cfg.ffn else None, kv_groups=cfg.kv_groups,
-                                      heads=cfg.heads, hidden_fraction=1 - cfg.hidden if cfg.hidden else None,
-                                      layer_method=cfg.layer_importance)
+        shape = dict(layers=cfg.layers, ffn_fraction=1 - cfg.ffn if cfg.ffn else None, kv_groups=cfg.kv_groups,
+                     heads=cfg.heads, hidden_fraction=1 - cfg.hidden if cfg.hidden else None)
+        total = family_of(teacher).num_layers(teacher.config)
+        if cfg.init == "fresh":   # no layer of the teacher's: its hidden states are matched evenly spread
+            student, plan = fresh_decoder(teacher, **shape, seed=recipe.seed)
+            layers = uniform_layers(total, cfg.layers)
+        else:
+            student, plan = prune_decoder(teacher, _calibration(recipe, data, tokenizer), **shape,
+                                          layer_method=cfg.layer_importance)
+            layers = plan.get("layers", {}).get("kept") or list(range(total))
+        states = (StateMatch(layers, cfg.state_weight, plan.get("hidden", {}).get("channels"))
+                  if cfg.state_weight else None)
         work = out.parent / f".{out.name}.work"  # outside the stage's temporary folder: checkpoints survive
         shutil.rmtree(work, ignore_errors=True)
         length = recipe.data.max_length
@@ -191,7 +202,8 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
             student, teacher, tokenizer, encode(tokenizer, data.train, length),
             encode(tokenizer, data.validation, length), work, kind=KD_KINDS[cfg.loss], temperature=cfg.temperature,
             alpha=cfg.alpha, k=cfg.top_k, epochs=cfg.epochs, lr=cfg.learning_rate, batch_size=cfg.batch_size,
-            seed=recipe.seed, cache_dir=cache_dir, teacher_digest=teacher_entry["sha256"])
+            seed=recipe.seed, cache_dir=cache_dir, teacher_digest=teacher_entry["sha256"], kd_tokens=cfg.kd_tokens,
+            states=states)
         _move_into(work, stage.path)
         student = load_causal_lm(str(stage.path))
         for name in ("LICENSE", "NOTICE"):

@@ -14,6 +14,7 @@ from edgekd.registry import did_you_mean
 
 BUILTIN_LLM = "builtin:SmolLM2-135M-Instruct"
 KD_LOSSES = ("forward-kl", "reverse-kl", "skew-kl", "skew-reverse-kl")
+KD_TOKENS = ("completion", "all")
 LAYER_IMPORTANCE = ("cosine", "loss")
 RECORD_KINDS = ("classification", "prompt-completion", "text")
 BUDGET_METRICS = ("perplexity", "task-accuracy")
@@ -88,10 +89,17 @@ class LMStudentConfig:
     kv_groups: int | None = None      # KV heads kept (whole groups, with their query heads); None: all
     heads: int | None = None          # query heads kept in all, the same number per kept KV head; None: all
     hidden: float = 0.0               # fraction of hidden (embedding) channels removed, by norm-output importance
+    # init: fresh builds that shape instead as a random init of the teacher's family (its embeddings kept where
+    # the hidden size is the teacher's): the other student kind, for distillation data of many tokens.
+    init: str = "cut"
     calibration: int = 64
     loss: str = "forward-kl"          # forward-kl (Minitron's pick after pruning), reverse-kl, skew-kl, skew-reverse-kl
     temperature: float = 1.0
     alpha: float = 1.0                # weight of the KD loss; 1 - alpha on the completion tokens' cross-entropy
+    kd_tokens: str = "completion"     # the tokens the KD loss covers: completion, or all (prompt and completion)
+    # > 0: also match each student layer's output to the teacher layer it was cut from (Minitron's
+    # intermediate-state loss, for deep cuts), this many times the logit loss's size; the teacher runs every step.
+    state_weight: float = 0.0
     top_k: int = 64                   # the teacher's logits cached as its top-k per position
     epochs: float = 2.0
     learning_rate: float = 1e-4
@@ -101,12 +109,19 @@ class LMStudentConfig:
         _positive(self, "layers", "calibration", "temperature", "top_k", "epochs", "learning_rate", "batch_size")
         _choice("student", "layer_importance", self.layer_importance, LAYER_IMPORTANCE)
         _choice("student", "loss", self.loss, KD_LOSSES)
+        _choice("student", "kd_tokens", self.kd_tokens, KD_TOKENS)
+        _choice("student", "init", self.init, ("cut", "fresh"))
         for key in ("ffn", "hidden"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise RecipeError(f"student.{key} must be a fraction in [0, 1) (the share removed), not "
                                   f"{getattr(self, key)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"student.alpha must be in [0, 1], not {self.alpha}")
+        if self.state_weight < 0:
+            raise RecipeError(f"student.state_weight must be >= 0 (0: off), not {self.state_weight}")
+        if self.state_weight and self.init == "fresh" and self.hidden:
+            raise RecipeError("student.state_weight matches hidden states channel for channel, and a fresh student "
+                              "with student.hidden has no channels of the teacher's: set state_weight: 0 or hidden: 0")
 
 
 @dataclass
