@@ -26,7 +26,7 @@ class QuantSpec:
     group_size: int | None = None   # int4 weights: per-group scales
     embeddings: str | None = None   # None | int8 | int4: weight-only rows of every nn.Embedding
     calibration_samples: int = 0    # static activations: examples of the user's data
-    # int4/int8 Linear weights: how each group's scale is chosen. affine: from the group's min/max; hqq: HQQ's
+    # int4 Linear weights: how each group's scale is chosen. affine: from the group's min/max; hqq: HQQ's
     # scale search (Badri & Shaji, 2023; torchao's hqq_scale_only, what ExecuTorch's LLM export uses for 8da4w),
     # which lowers the rounding error for the same file and kernels.
     qparams: str = "affine"
@@ -40,8 +40,8 @@ class QuantSpec:
             raise RecipeError(f"QuantSpec {self.name}: activations must be none, dynamic or static")
         if self.activations == "static" and self.calibration_samples <= 0:
             raise RecipeError(f"QuantSpec {self.name}: static activations need calibration_samples > 0")
-        if self.qparams not in ("affine", "hqq") or (self.qparams == "hqq" and self.weights not in ("int4", "int8")):
-            raise RecipeError(f"QuantSpec {self.name}: qparams must be affine, or hqq for int4/int8 weights")
+        if self.qparams not in ("affine", "hqq") or (self.qparams == "hqq" and self.weights != "int4"):
+            raise RecipeError(f"QuantSpec {self.name}: qparams must be affine, or hqq for int4 weights")
         if self.weights == "int4" and self.group_size not in (32, 64, 128):
             raise RecipeError(f"QuantSpec {self.name}: int4 weights need group_size 32, 64 or 128")
 

@@ -146,7 +146,8 @@ def test_compress_unknown_spec_rejected_before_student_is_read(tmp_path, small_r
     line = _one_error_line(capsys, "compress", "--recipe", small_recipe, "--student", tmp_path / "no-student",
                            "--quant", "int8", "--quant", "int3", "--out", tmp_path / "out")
     assert "unknown quantization spec 'int3'" in line
-    assert "known: fp16, fp32, int4, int4-g128, int4-g64, int4-weights, int8, int8-static, int8-weights" in line
+    assert ("known: fp16, fp32, int4, int4-g128, int4-g64, int4-hqq, int4-weights, int8, int8-static, "
+            "int8-weights") in line
     assert not (tmp_path / "out").exists()
 
 

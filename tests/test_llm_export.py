@@ -110,6 +110,10 @@ def test_int4_hqq_rounds_closer_and_its_pte_matches_its_own_reference(exported):
     assert hqq < 0.95 * plain
     assert decoder_parity(runner, details["reference"], prompts(), NEW_TOKENS, float_model=model)["passed"]
     assert details["spec"]["qparams"] == "hqq" and details["size_bytes"] == affine["size_bytes"]
+    from edgekd.compress.quant import QuantSpec
+    from edgekd.errors import RecipeError
+    with pytest.raises(RecipeError, match="qparams must be affine, or hqq for int4 weights"):
+        QuantSpec("int8-hqq", weights="int8", activations="dynamic", qparams="hqq")
 
 
 def test_fp32_rule_refuses_a_different_model(exported):
