@@ -149,7 +149,7 @@ def num_layers(model) -> int:
 def fresh_decoder(teacher, layers: int, ffn_fraction: float | None = None, kv_groups: int | None = None,
                   heads: int | None = None, hidden_fraction: float | None = None, seed: int = 0):
     """A randomly initialized decoder LM of the teacher's family and vocabulary, in the shape a cut would have
-    (the same arguments and checks as `compress.lm_prune.prune_decoder`), and its plan for the manifest.
+    (the same arguments and checks as `prune_decoder` in compress/lm_prune.py), and its plan for the manifest.
 
     The other student kind (DistilGPT-2's and the Llama-3.2 1B/3B recipes start from a smaller config): it
     keeps nothing of the teacher but, where the hidden size is the teacher's, the token embeddings and the LM
