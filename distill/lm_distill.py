@@ -262,9 +262,10 @@ def distill_lm(student, teacher, tokenizer, train, validation, out: Path, *, kin
     pad_id = _pad_id(tokenizer)
     _check(student, teacher, train_records + val_records, out, kind, temperature, skew, alpha, k)
     check_kd_tokens(kd_tokens)
-    if states is not None and len(states.layer_map) != len(family_of(student).layer_list(student)):
+    student_layers = len(family_of(student).layer_list(student))
+    if states is not None and len(states.layer_map) != student_layers:
         raise RecipeError(f"the hidden-state loss maps {len(states.layer_map)} student layers, but the student has "
-                          f"{len(family_of(student).layer_list(student))}; give one teacher layer per student layer")
+                          f"{student_layers}; give one teacher layer per student layer")
     digest = teacher_digest or model_digest(teacher)
     hyper = dict(kind=kind, temperature=temperature, alpha=alpha, skew=skew, k=k, epochs=epochs, lr=lr,
                  batch_size=batch_size, seed=seed, kd_tokens=kd_tokens,
