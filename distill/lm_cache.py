@@ -145,3 +145,28 @@ def _compute(teacher, records: list[dict], k: int, batch_size: int) -> TopK:
     teacher.train(was_training)
     return TopK(torch.cat(values).contiguous(), torch.cat(indices).contiguous(),
                 torch.tensor(counts, dtype=torch.int64).cumsum(0))
+
+
+def teacher_completions(teacher, tokenizer, prompts: list[str], max_new_tokens: int, teacher_digest: str,
+                        cache_dir: Path, batch_size: int = 16) -> list[str]:
+    """The teacher's greedy completion of each prompt (special tokens dropped), what an unlabelled prompt is
+    trained on; kept in cache_dir per teacher and max_new_tokens, prompt by prompt, so another sample of the same
+    file (another seed) generates only the prompts it has not seen."""
+    from edgekd.lm_data import Record
+    from edgekd.lm_metrics import greedy_completions
+
+    path = Path(cache_dir) / f"teacher-completions-{teacher_digest[:24]}-{max_new_tokens}.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [p for p in dict.fromkeys(prompts) if p not in known]
+    if missing:
+        was_training = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            known.update(zip(missing, greedy_completions(teacher, tokenizer, [Record(p, "") for p in missing],
+                                                         max_new_tokens, batch_size)))
+        teacher.train(was_training)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, path)
+    return [known[p] for p in prompts]

@@ -58,6 +58,11 @@ def read_text(path: Path, text_column: str = "text", encoding: str = "utf-8", fm
     return _nonempty([Record("", str(row[text_column]), where=where) for where, row in rows], path)
 
 
+def read_column(path: Path, column: str, encoding: str = "utf-8", fmt: str = "auto") -> list[str]:
+    """One column of a JSONL (or CSV/TSV) file as strings, e.g. the prompts of data.unlabeled."""
+    return [str(row[column]) for _, row in _file_rows(Path(path), (column,), encoding, fmt, "data.prompt_column")]
+
+
 def from_classification(split: Split, template: str = FINSENT_TEMPLATE, where: str = "") -> list[Record]:
     """A labelled split (edgekd.data.read_split) as prompts: `template` with {text} filled in, the label word
     as the completion; each record keeps its label for task accuracy."""

@@ -77,7 +77,7 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'()[]") if words else ""
 
 
-def _greedy_answers(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int) -> list[str]:
+def greedy_completions(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int) -> list[str]:
     """The greedy completion of each record's prompt, decoded without special tokens (batched, left-padded)."""
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
@@ -112,7 +112,7 @@ def task_accuracy(model, tokenizer, records: list[Record], max_new_tokens: int =
     (strip, lower case). {"accuracy", "low", "high", "n", "correct": [bool per record], "answers": [str]}."""
     labelled = _labelled(records)
     model.eval()
-    return _graded(_greedy_answers(model, tokenizer, labelled, max_new_tokens, batch_size), labelled)
+    return _graded(greedy_completions(model, tokenizer, labelled, max_new_tokens, batch_size), labelled)
 
 
 @torch.no_grad()
@@ -154,7 +154,7 @@ def score_records(model, tokenizer, records: list[Record], max_length: int, teac
                 answers[i] = tokenizer.decode(completion, skip_special_tokens=True)
         rest = [i for i, r in enumerate(records) if r.label is not None and i not in answers]
         if rest:
-            answers.update(zip(rest, _greedy_answers(model, tokenizer, [records[i] for i in rest], max_new_tokens,
+            answers.update(zip(rest, greedy_completions(model, tokenizer, [records[i] for i in rest], max_new_tokens,
                                                      batch_size)))
         order = sorted(answers)
         metrics["task_accuracy"] = {**_graded([answers[i] for i in order], [records[i] for i in order]),

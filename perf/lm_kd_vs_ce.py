@@ -2,7 +2,7 @@
 
     python perf/lm_kd_vs_ce.py --teacher-run runs/perf-lm-demo [--seeds 0,1,2] [--out runs/perf-lm-kd]
                                [--kd-alpha 1] [--set learning_rate=5e-4 ...] [--kd-set kd_tokens=all ...]
-                               [--results FILE]
+                               [--unlabeled FILE [--max-unlabeled N]] [--steps N] [--results FILE]
 
 The teacher is the fine-tuned one of a finished generation run (`--teacher-run`: its RUN/finetune stage, e.g.
 from `python perf/lm_demo.py`), the recipe is that run's own (RUN/recipe.yaml). For each seed, the chain's
@@ -11,6 +11,10 @@ then training) runs twice with everything else equal: student.alpha `--kd-alpha`
 KL on the teacher's cached top-k alone; 0.5: half of it, half the completions' cross-entropy) and student.alpha 0
 (cross-entropy on the completions alone: no teacher). `--set key=value` changes a student.* field for both arms,
 `--kd-set key=value` for the distilled arm alone (e.g. kd_tokens=all: the KD term on prompt and completion).
+`--unlabeled FILE` gives the distilled arm a transfer set beyond the labelled records (data.unlabeled: prompts the
+teacher completes; e.g. builtin:finsent/train.csv, whose texts outside the labelled sample, their labels unused,
+stand for unlabelled domain text), which the no-teacher arm cannot use. `--steps N` trains each arm N optimizer
+steps (its epochs set from its own training set's size), so a larger transfer set is compared at equal compute.
 The seed picks the training and evaluation samples, the calibration texts and the training order, the same for
 both arms. A distill stage already in `--out` with the same key is reused (its own wall time is reported).
 Reports test and validation perplexity of the completions and test task accuracy (greedy label word), per seed
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 from dataclasses import replace
@@ -46,6 +51,9 @@ def main(argv=None) -> int:
                         help="a student.* field for both arms, e.g. learning_rate=5e-4")
     parser.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a student.* field for the distilled arm alone, e.g. kd_tokens=all")
+    parser.add_argument("--unlabeled", help="data.unlabeled for the distilled arm (the teacher completes it)")
+    parser.add_argument("--max-unlabeled", type=int, help="data.max_unlabeled for the distilled arm")
+    parser.add_argument("--steps", type=int, help="optimizer steps per arm (default: the recipe's epochs)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -53,19 +61,29 @@ def main(argv=None) -> int:
     changed, kd_changed = (dict(item.split("=", 1) for item in sets) for sets in (args.set, args.kd_set))
     base = _with(base, changed)
     arms = {f"distilled (alpha {args.kd_alpha:g})": args.kd_alpha, "no teacher (alpha 0)": 0.0}
-    suffix = "".join(f"-{key}{value}" for key, value in changed.items())
+    suffix = "".join(f"-{key}{value}" for key, value in changed.items()) + (f"-steps{args.steps}" if args.steps else "")
+    if args.unlabeled:
+        kd_changed["unlabeled"] = Path(args.unlabeled).name + (f"{args.max_unlabeled}" if args.max_unlabeled else "")
     kd_suffix = "".join(f"-{key}{value}" for key, value in kd_changed.items())
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, alpha in arms.items():
             recipe = replace(base, seed=seed, student=replace(base.student, alpha=alpha))
             if alpha > 0:
-                recipe = _with(recipe, kd_changed)
+                recipe = _with(recipe, {k: v for k, v in kd_changed.items() if k != "unlabeled"})
+                if args.unlabeled:
+                    recipe = replace(recipe, data=replace(recipe.data, unlabeled=args.unlabeled,
+                                                          max_unlabeled=args.max_unlabeled))
             data = load_records(recipe)
+            per_epoch = math.ceil((len(data.train) + len(data.unlabeled)) / recipe.student.batch_size)
+            if args.steps:
+                recipe = replace(recipe, student=replace(recipe.student, epochs=args.steps / per_epoch))
             stage = args.out / f"seed{seed}-alpha{alpha:g}{suffix}{kd_suffix if alpha > 0 else ''}"
             metrics = distill(recipe, data, args.teacher_run / "finetune", stage, args.out / ".cache")
             test, val = metrics["test"], metrics["validation"]
             rows.append({"seed": seed, "arm": arm, "alpha": alpha, "wall_s": read_manifest(stage)["wall_s"],
+                         "train_records": len(data.train), "unlabeled_prompts": len(data.unlabeled),
+                         "epochs": recipe.student.epochs, "steps": math.ceil(recipe.student.epochs * per_epoch),
                          "test_perplexity": test["perplexity"]["perplexity"],
                          "validation_perplexity": val["perplexity"]["perplexity"],
                          "test_task_accuracy": (test.get("task_accuracy") or {}).get("accuracy"),

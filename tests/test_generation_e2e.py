@@ -1,6 +1,7 @@
 """The text-generation chain end to end on a tiny random decoder: fine-tune, prune + distill, three .pte
 variants gated against their own references, bench, report; a rerun reuses every stage; the budget search."""
 import contextlib
+import csv
 import io
 import json
 
@@ -77,6 +78,7 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, lm_run, capsys):
     report = (out / "report.md").read_text()
     assert "Decode tokens/s" in report and "Task accuracy" in report and "Stage wall times: finetune" in report
     assert "Perplexity change from quantization" in report and "Export gate" in report
+    assert "data.unlabeled" not in report and summary["transfer_set"] is None  # no transfer set beyond the records
     pte = out / "export" / "student-int4-android-executorch"
     assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in pte.iterdir()}
 
@@ -146,3 +148,54 @@ def test_a_fresh_student_distilled_on_every_token_with_hidden_states_matched(lm_
     config = json.loads((tmp_path / "distill" / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 64)
     assert metrics["test"]["perplexity"]["perplexity"] > 1
+
+
+def test_unlabeled_prompts_completed_by_the_teacher_join_the_transfer_set(lm_recipe, lm_run, tmp_path, monkeypatch):
+    """data.unlabeled: the split's own prompts and repeats dropped, a seeded sample kept, each prompt completed by
+    the teacher greedily (cached per prompt), and the student trained on them beside the labelled records."""
+    import yaml
+
+    from edgekd.distill import lm_cache
+    from edgekd.lm_metrics import greedy_completions
+    from edgekd.models import load_causal_lm, load_tokenizer
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.tasks.generation import distill, load_records
+    from edgekd.tasks.generation_report import transfer_lines
+
+    out, _ = lm_run
+    test_rows = [row for row in csv.DictReader(open(lm_recipe / "test.csv"))]
+    new = [{"text": f"Company {i} reported results for the quarter {i}."} for i in range(9)]
+    write_csv(tmp_path / "more.csv", new + new[:2] + [{"text": r["text"]} for r in test_rows[:3]])
+    spec = yaml.safe_load((lm_recipe / "recipe.yaml").read_text())
+    spec["data"].update(unlabeled=str(tmp_path / "more.csv"), max_unlabeled=6)
+    recipe = recipe_from_dict(spec, lm_recipe)
+    data = load_records(recipe)
+    template = recipe.data.prompt_template
+    wanted = {template.replace("{text}", row["text"]) for row in new}
+    assert len(data.unlabeled) == 6 and {r.prompt for r in data.unlabeled} <= wanted
+    assert [r.prompt for r in load_records(recipe).unlabeled] == [r.prompt for r in data.unlabeled]  # seeded
+    assert data.fingerprint() == load_records(recipe_from_dict(yaml.safe_load(
+        (lm_recipe / "recipe.yaml").read_text()), lm_recipe)).fingerprint()  # the teacher's key is unchanged
+
+    metrics = distill(recipe, data, out / "finetune", tmp_path / "distill", tmp_path / "cache")
+    manifest = json.loads((tmp_path / "distill" / "manifest.json").read_text())
+    teacher, tokenizer = load_causal_lm(str(out / "finetune")), load_tokenizer(str(out / "finetune"))
+    new_tokens = manifest["transfer_set"]["max_new_tokens"]
+    longest = max(len(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) for r in data.train)
+    assert new_tokens == longest + 1
+    answers = greedy_completions(teacher, tokenizer, data.unlabeled, new_tokens, 16)
+    completed = sum(bool(a.strip()) for a in answers)
+    assert manifest["transfer_set"] == {"labelled": len(data.train), "unlabeled": 6, "teacher_completed": completed,
+                                        "max_new_tokens": new_tokens}
+    assert manifest["training"]["train_examples"] == len(data.train) + completed
+    assert metrics["test"]["perplexity"]["perplexity"] > 1
+    cached = json.loads(next((tmp_path / "cache").glob("teacher-completions-*.json")).read_text())
+    assert [cached[r.prompt] for r in data.unlabeled] == answers
+    # Another stage on the same prompts asks the teacher nothing: the completions come from the cache.
+    monkeypatch.setattr("edgekd.lm_metrics.greedy_completions", lambda *a, **k: pytest.fail("not cached"))
+    assert lm_cache.teacher_completions(teacher, tokenizer, [r.prompt for r in data.unlabeled], new_tokens,
+                                        manifest["inputs"]["teacher"]["sha256"], tmp_path / "cache") == answers
+    dropped = f" ({6 - completed} it answered with nothing dropped)" if completed < 6 else ""
+    assert transfer_lines(manifest["transfer_set"]) == [
+        f"The student was distilled on {len(data.train)} labelled records and {completed} prompts of data.unlabeled "
+        f"completed by the teacher{dropped}"]

@@ -46,6 +46,12 @@ def test_a_task_checks_its_own_keys():
     with pytest.raises(RecipeError, match=r"a fresh student with student.hidden has no channels of the teacher's"):
         recipe_from_dict({"task": "text-generation", "student": {"init": "fresh", "hidden": 0.5,
                                                                  "state_weight": 1}})
+    with pytest.raises(RecipeError, match=r"student.alpha 0 trains without the teacher: set student.alpha above 0"):
+        recipe_from_dict({"task": "text-generation", "data": {"unlabeled": "more.csv"}, "student": {"alpha": 0}})
+    with pytest.raises(RecipeError, match=r"text records have no prompt: add the text to data.train"):
+        recipe_from_dict({"task": "text-generation", "data": {"unlabeled": "more.csv", "records": "text"}})
+    with pytest.raises(RecipeError, match=r"data.max_unlabeled must be at least 2 records"):
+        recipe_from_dict({"task": "text-generation", "data": {"unlabeled": "more.csv", "max_unlabeled": 1}})
     with pytest.raises(RecipeError, match=r"compress.budget_metric must be perplexity, task-accuracy"):
         recipe_from_dict({"task": "text-generation", "compress": {"budget": 5, "budget_metric": "ppl"}})
     with pytest.raises(RecipeError, match=r"compress.budget must be >= 0 percent"):
@@ -121,3 +127,43 @@ def test_generation_samples_of_train_and_eval_records_are_seeded_and_stratified(
     assert [r.prompt for r in other.test] != [r.prompt for r in data.test]
     with pytest.raises(RecipeError, match="data.max_eval must be at least 2"):
         recipe_from_dict({"task": "text-generation", "data": {"max_eval": 1}})
+
+
+def test_unlabeled_prompts_are_the_files_prompts_the_splits_do_not_hold(tmp_path):
+    """data.unlabeled may be the training file itself, its labels unused: the texts outside the labelled sample
+    are the prompts, the evaluation splits' never are; a file with nothing new is one line."""
+    from edgekd.errors import DataError
+    from edgekd.tasks.generation import load_records
+
+    from conftest import write_csv
+
+    for name, n in (("train", 90), ("validation", 12), ("test", 12)):
+        write_csv(tmp_path / f"{name}.csv", [{"text": f"{name} text {i}", "label": ["negative", "neutral",
+                                                                                    "positive"][i % 3]}
+                                             for i in range(n)])
+    write_csv(tmp_path / "more.csv", [{"text": t} for t in [f"train text {i}" for i in range(90)]
+                                      + ["test text 1", "validation text 2", "new text", "new text"]])
+    recipe = recipe_from_dict({"task": "text-generation", "data": {
+        "train": "train.csv", "validation": "validation.csv", "test": "test.csv", "max_train": 30, "max_eval": 6,
+        "unlabeled": "more.csv"}}, tmp_path)
+    data = load_records(recipe)
+    template = recipe.data.prompt_template
+    labelled = {r.prompt for r in data.train}
+    expected = [template.replace("{text}", f"train text {i}") for i in range(90)] + [template.replace("{text}",
+                                                                                                      "new text")]
+    assert [r.prompt for r in data.unlabeled] == [p for p in expected if p not in labelled]
+    assert len(data.unlabeled) == 61 and all(r.completion == "" and r.label is None for r in data.unlabeled)
+    assert data.transfer_fingerprint() != load_records(recipe_from_dict({"task": "text-generation", "data": {
+        "train": "train.csv", "validation": "validation.csv", "test": "test.csv", "max_train": 30, "max_eval": 6,
+        "unlabeled": "more.csv", "max_unlabeled": 20}}, tmp_path)).transfer_fingerprint()
+    # prompt-completion records: the prompt column; every prompt already a split's is refused in one line
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(12)]
+    for name, part in (("train", rows[:4]), ("test", rows[4:8]), ("validation", rows[8:])):
+        write_csv(tmp_path / f"{name}-pc.csv", part)
+    write_csv(tmp_path / "more-pc.csv", [{"prompt": "q1"}, {"prompt": "q5"}, {"prompt": " "}])
+    spec = {"task": "text-generation", "data": {"records": "prompt-completion", "train": "train-pc.csv",
+                                                "validation": "validation-pc.csv", "test": "test-pc.csv",
+                                                "unlabeled": "more-pc.csv"}}
+    with pytest.raises(DataError, match=r"more-pc.csv: none of its 3 prompts is new \(each is empty or already a "
+                                        r"training, validation or test prompt\)"):
+        load_records(recipe_from_dict(spec, tmp_path))

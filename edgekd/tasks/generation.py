@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -39,16 +39,25 @@ PARITY_NEW_TOKENS = 16  # tokens each parity prompt decodes through the .pte's c
 
 @dataclass
 class LMDataset:
-    """The recipe's records, split (classification rows phrased as prompts carry their label)."""
+    """The recipe's records, split (classification rows phrased as prompts carry their label), and the
+    unlabelled prompts (data.unlabeled: completion "") the teacher completes for distillation."""
     train: list
     validation: list
     test: list
+    unlabeled: list = field(default_factory=list)
 
     def fingerprint(self) -> dict:
+        """The labelled splits' digest: what the teacher is trained and every model is scored on."""
         digest = hashlib.sha256()
         for split in (self.train, self.validation, self.test):
             digest.update(json.dumps([[r.prompt, r.completion, r.label] for r in split]).encode())
         return {"sha256": digest.hexdigest(), "rows": [len(self.train), len(self.validation), len(self.test)]}
+
+    def transfer_fingerprint(self) -> dict:
+        """The distillation data's digest: the labelled splits and the unlabelled prompts."""
+        digest = hashlib.sha256(self.fingerprint()["sha256"].encode())
+        digest.update(json.dumps([r.prompt for r in self.unlabeled]).encode())
+        return {"sha256": digest.hexdigest(), "unlabeled": len(self.unlabeled)}
 
 
 def load_records(recipe: GenerationRecipe) -> LMDataset:
@@ -92,11 +101,40 @@ def load_records(recipe: GenerationRecipe) -> LMDataset:
                                                               purpose))]
 
     train = sample(train, cfg.max_train, "max_train")
+    # Prompts the student is trained or scored on are not unlabelled ones: the evaluation splits are dropped whole
+    # (held out), so a file that also holds them (e.g. the training file itself, its labels unused) is safe.
+    unlabeled = (_unlabeled_prompts(recipe, {r.prompt for r in train + validation + test}) if cfg.unlabeled
+                 else [])
     validation, test = sample(validation, cfg.max_eval, "max_eval"), sample(test, cfg.max_eval, "max_eval-test")
     for name, split in (("validation", validation), ("test", test)):
         if not split:
             raise DataError(f"the {name} split is empty; give more rows or a separate {name} file")
-    return LMDataset(train, validation, test)
+    return LMDataset(train, validation, test, unlabeled)
+
+
+def _unlabeled_prompts(recipe: GenerationRecipe, taken: set[str]) -> list:
+    """data.unlabeled as prompt-only records: each distinct prompt not in `taken`, a seeded sample of
+    data.max_unlabeled of them where set; one DataError line for a bad file or one with nothing new."""
+    from edgekd.data import read_texts, resolve_path
+    from edgekd.lm_data import Record, read_column
+    from edgekd.recipe import DataConfig
+    from edgekd.sample import stratified_sample
+
+    cfg = recipe.data
+    path = resolve_path(cfg.unlabeled, recipe)
+    if cfg.records == "classification":
+        texts = read_texts(path, DataConfig(text_column=cfg.text_column, encoding=cfg.encoding, format=cfg.format))
+        prompts = [cfg.prompt_template.replace("{text}", text) for text in texts]
+    else:
+        prompts = read_column(path, cfg.prompt_column, cfg.encoding, cfg.format)
+    fresh = list(dict.fromkeys(p for p in prompts if p.strip() and p not in taken))
+    if not fresh:
+        raise DataError(f"data.unlabeled {path}: none of its {len(prompts)} prompts is new (each is empty or already "
+                        f"a training, validation or test prompt); give domain text the splits do not hold")
+    if cfg.max_unlabeled is not None and len(fresh) > cfg.max_unlabeled:
+        picked = stratified_sample([""] * len(fresh), cfg.max_unlabeled, recipe.seed, "max_unlabeled")
+        fresh = [fresh[i] for i in sorted(picked)]
+    return [Record(prompt, "", where=f"{path.name}, unlabeled {i + 1}") for i, prompt in enumerate(fresh)]
 
 
 def _evaluate(model, tokenizer, records: list, max_length: int, teacher=None) -> dict:
@@ -178,6 +216,8 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
     params = {"student": dict(cfg.__dict__), "max_length": recipe.data.max_length, "seed": recipe.seed}
     _, teacher_entry = stage_input(teacher_dir, "finetune")
     inputs = {"teacher": teacher_entry, "data": data.fingerprint()}
+    if data.unlabeled:  # only then: a run without data.unlabeled keeps its stage keys
+        inputs["transfer"] = data.transfer_fingerprint()
     if is_done(out, "distill", params, inputs):
         return read_manifest(out)["metrics"]
     tokenizer = load_tokenizer(str(teacher_dir))
@@ -198,8 +238,17 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
         work = out.parent / f".{out.name}.work"  # outside the stage's temporary folder: checkpoints survive
         shutil.rmtree(work, ignore_errors=True)
         length = recipe.data.max_length
+        train = data.train
+        if data.unlabeled:
+            # As many new tokens as the longest labelled completion and its eos.
+            longest = max(len(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) for r in train) + 1
+            completed = _teacher_completed(data, teacher, tokenizer, longest, teacher_entry["sha256"], cache_dir,
+                                           cfg.batch_size)
+            train = train + completed
+            stage.extra["transfer_set"] = {"labelled": len(data.train), "unlabeled": len(data.unlabeled),
+                                           "teacher_completed": len(completed), "max_new_tokens": longest}
         stage.extra["training"] = distill_lm(
-            student, teacher, tokenizer, encode(tokenizer, data.train, length),
+            student, teacher, tokenizer, encode(tokenizer, train, length),
             encode(tokenizer, data.validation, length), work, kind=KD_KINDS[cfg.loss], temperature=cfg.temperature,
             alpha=cfg.alpha, k=cfg.top_k, epochs=cfg.epochs, lr=cfg.learning_rate, batch_size=cfg.batch_size,
             seed=recipe.seed, cache_dir=cache_dir, teacher_digest=teacher_entry["sha256"], kd_tokens=cfg.kd_tokens,
@@ -214,6 +263,19 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
         stage.metrics["params"] = count_parameters(student)
         stage.extra.update({"plan": plan, "max_length": length})
     return stage.metrics
+
+
+def _teacher_completed(data: LMDataset, teacher, tokenizer, max_new_tokens: int, digest: str, cache_dir: Path,
+                       batch_size: int) -> list:
+    """The unlabelled prompts with the teacher's greedy completions (sequence-level KD's targets; the KD term
+    adds its top-k there); a prompt the teacher answers with nothing is dropped."""
+    from dataclasses import replace
+
+    from edgekd.distill.lm_cache import teacher_completions
+
+    answers = teacher_completions(teacher, tokenizer, [r.prompt for r in data.unlabeled], max_new_tokens, digest,
+                                  cache_dir, batch_size)
+    return [replace(r, completion=answer) for r, answer in zip(data.unlabeled, answers) if answer.strip()]
 
 
 def _figure(metrics: dict, metric: str) -> float:

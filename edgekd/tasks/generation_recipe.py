@@ -64,6 +64,11 @@ class LMDataConfig:
     # Validation and test each cut to a seeded, stratified sample of this many records (None: all). Every
     # metric runs the models over them several times: on a CPU this is where an LLM run's minutes go.
     max_eval: int | None = None
+    # Prompts without completions (a text column phrased by prompt_template for classification records, the
+    # prompt column for prompt-completion): the teacher completes each greedily and they join the distillation
+    # transfer set, data no-teacher training cannot use. Prompts of the train/validation/test splits are dropped.
+    unlabeled: str | None = None
+    max_unlabeled: int | None = None  # a seeded sample of this many unlabelled prompts (None: all)
     split_fractions: list[float] = field(default_factory=lambda: [0.15, 0.15])
 
     def __post_init__(self):
@@ -73,7 +78,10 @@ class LMDataConfig:
             raise RecipeError("data.prompt_template must contain {text}, where each record's text goes")
         if not 8 <= self.max_length <= 8192:
             raise RecipeError(f"data.max_length must be between 8 and 8192 tokens, not {self.max_length}")
-        for key in ("max_train", "max_eval"):
+        if self.unlabeled and self.records == "text":
+            raise RecipeError("data.unlabeled holds prompts for the teacher to complete, and text records have no "
+                              "prompt: add the text to data.train, or use prompt-completion records")
+        for key in ("max_train", "max_eval", "max_unlabeled"):
             if getattr(self, key) is not None and getattr(self, key) < 2:
                 raise RecipeError(f"data.{key} must be at least 2 records (or left out: all)")
 
@@ -184,6 +192,9 @@ class GenerationRecipe(RecipeBase):
                 and self.data.records != "classification"):
             raise RecipeError(f"compress.budget_metric task-accuracy needs labelled records (data.records: "
                               f"classification), not {self.data.records}; use budget_metric: perplexity")
+        if self.data.unlabeled and self.student.alpha == 0:
+            raise RecipeError("data.unlabeled is completed by the teacher for distillation, and student.alpha 0 "
+                              "trains without the teacher: set student.alpha above 0, or remove data.unlabeled")
         if self.max_seq_len < self.data.max_length:
             raise RecipeError(f"max_seq_len {self.max_seq_len} must be at least data.max_length "
                               f"{self.data.max_length}: the exported cache must hold a whole record")

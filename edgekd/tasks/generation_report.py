@@ -48,6 +48,7 @@ def collect(run_dir: Path) -> dict:
     summary = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "run": str(run_dir), "variants": variants, "failed": failed, "eager": eager,
                "ratios": _ratios(variants, eager), "search": _search(run_dir),
+               "transfer_set": _transfer_set(run_dir),
                "stages": stage_times(run_dir, exports),
                "bench": bench and {k: bench.get(k) for k in ("ratios_at_prompt_tokens", "new_tokens", "rounds",
                                                               "threads", "machine", "versions", "skipped")}}
@@ -64,6 +65,22 @@ def _search(run_dir: Path) -> dict | None:
     if (yaml.safe_load(recipe.read_text()).get("compress") or {}).get("budget") is None:  # 0 is a budget
         return None
     return verify_stage(run_dir / "compress", "compress")["metrics"]
+
+
+def _transfer_set(run_dir: Path) -> dict | None:
+    """What the student was distilled on beyond the labelled records (data.unlabeled), where it was."""
+    if not (run_dir / "distill" / "manifest.json").is_file():
+        return None
+    return read_manifest(run_dir / "distill", "distill").get("transfer_set")
+
+
+def transfer_lines(transfer: dict | None) -> list[str]:
+    if not transfer:
+        return []
+    empty = transfer["unlabeled"] - transfer["teacher_completed"]
+    return [f"The student was distilled on {transfer['labelled']} labelled records and {transfer['teacher_completed']} "
+            f"prompts of data.unlabeled completed by the teacher" + (f" ({empty} it answered with nothing dropped)"
+                                                                     if empty else "")]
 
 
 def search_lines(search: dict | None) -> list[str]:
@@ -153,7 +170,7 @@ def render_markdown(summary: dict) -> str:
     out = ["# edgekd report: text generation", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
-    out += [""] + [f"- {line}" for line in ratio_lines(summary)]
+    out += [""] + [f"- {line}" for line in ratio_lines(summary) + transfer_lines(summary.get("transfer_set"))]
     search = search_lines(summary.get("search"))
     if search:
         out += ["", search[0]] + [f"- {line}" for line in search[1:]]
@@ -179,7 +196,7 @@ def render_html(summary: dict) -> str:
     header, rows = table_rows(summary)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    lines = ratio_lines(summary) + search_lines(summary.get("search"))
+    lines = ratio_lines(summary) + transfer_lines(summary.get("transfer_set")) + search_lines(summary.get("search"))
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     failed = "".join(f"<p><b>{html.escape(f['name'])} failed its gate</b>: {html.escape(f['reason'])}</p>"
                      for f in summary["failed"])
