@@ -93,6 +93,11 @@ class TopK:
         return self.values[take].float(), self.indices[take].long()
 
 
+def record_key(record: dict) -> str:
+    """One record's identity in a cache file (its tokens and label positions), for reuse across files."""
+    return hashlib.sha256(json.dumps([record["input_ids"], record["labels"]]).encode()).hexdigest()[:20]
+
+
 def cache_key(teacher_digest: str, records: list[dict], k: int) -> str:
     digest = hashlib.sha256(teacher_digest.encode())
     digest.update(json.dumps([LAYOUT, k, [[r["input_ids"], r["labels"]] for r in records]]).encode())
@@ -101,7 +106,8 @@ def cache_key(teacher_digest: str, records: list[dict], k: int) -> str:
 
 def teacher_topk(teacher, records: list[dict], k: int, teacher_digest: str, cache_dir: Path,
                  batch_size: int = 16) -> tuple[TopK, bool]:
-    """The teacher's top-k at every label position of `records`, from the cache when present; (TopK, hit)."""
+    """The teacher's top-k at every label position of `records`, from the cache when present; (TopK, hit). On a
+    miss, the records another cache file of the same teacher and k holds are taken from it, not recomputed."""
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if not 0 < k <= vocab:
         raise RecipeError(f"top-k {k} must be in 1..{vocab} (the teacher's vocabulary); 64 is a good default")
@@ -110,13 +116,50 @@ def teacher_topk(teacher, records: list[dict], k: int, teacher_digest: str, cach
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("layout") == LAYOUT:
                 return TopK(f.get_tensor("values"), f.get_tensor("indices"), f.get_tensor("offsets")), True
-    top = _compute(teacher, records, k, batch_size)
+    keys = [record_key(r) for r in records]
+    top = _assemble(records, keys, _cached_rows(Path(cache_dir), teacher_digest, k, set(keys)), teacher, k,
+                    batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     save_file({"values": top.values, "indices": top.indices, "offsets": top.offsets}, str(tmp),
-              metadata={"layout": LAYOUT, "k": str(k), "vocab": str(vocab), "examples": str(len(records))})
+              metadata={"layout": LAYOUT, "k": str(k), "vocab": str(vocab), "examples": str(len(records)),
+                        "teacher": teacher_digest, "record_keys": json.dumps(keys)})
     os.replace(tmp, path)
     return top, False
+
+
+def _cached_rows(cache_dir: Path, teacher_digest: str, k: int, wanted: set[str]) -> dict:
+    """record key -> (values, indices) of the records in `wanted` that another cache file of this teacher and k
+    already holds (another sample of the same data, a record list grown by a few): only the rest is computed."""
+    found = {}
+    for file in sorted(cache_dir.glob("teacher-topk-*.safetensors")) if cache_dir.is_dir() else ():
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            if (meta.get("layout"), meta.get("teacher"), meta.get("k")) != (LAYOUT, teacher_digest, str(k)):
+                continue
+            keys = json.loads(meta["record_keys"])
+            if not wanted.intersection(keys):
+                continue
+            values, indices, offsets = f.get_tensor("values"), f.get_tensor("indices"), f.get_tensor("offsets")
+        for i, key in enumerate(keys):
+            if key in wanted and key not in found:
+                start, end = int(offsets[i]), int(offsets[i + 1])
+                found[key] = (values[start:end], indices[start:end])
+    return found
+
+
+def _assemble(records: list[dict], keys: list[str], found: dict, teacher, k: int, batch_size: int) -> TopK:
+    """The cache of `records` in their order: rows from `found`, the teacher's forward for the others."""
+    missing = [i for i, key in enumerate(keys) if key not in found]
+    if missing:
+        fresh = _compute(teacher, [records[i] for i in missing], k, batch_size)
+        for j, i in enumerate(missing):
+            start, end = int(fresh.offsets[j]), int(fresh.offsets[j + 1])
+            found[keys[i]] = (fresh.values[start:end], fresh.indices[start:end])
+    rows = [found[key] for key in keys]
+    counts = torch.tensor([0] + [len(values) for values, _ in rows], dtype=torch.int64)
+    return TopK(torch.cat([v for v, _ in rows]).contiguous(), torch.cat([i for _, i in rows]).contiguous(),
+                counts.cumsum(0))
 
 
 @torch.no_grad()
@@ -159,14 +202,20 @@ def teacher_completions(teacher, tokenizer, prompts: list[str], max_new_tokens: 
     known = json.loads(path.read_text()) if path.is_file() else {}
     missing = [p for p in dict.fromkeys(prompts) if p not in known]
     if missing:
+        from tqdm.auto import tqdm
+
         was_training = teacher.training
         teacher.eval()
-        with torch.no_grad():
-            known.update(zip(missing, greedy_completions(teacher, tokenizer, [Record(p, "") for p in missing],
-                                                         max_new_tokens, batch_size)))
-        teacher.train(was_training)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, path)
+        with torch.no_grad():
+            for n, start in enumerate(tqdm(range(0, len(missing), batch_size), desc="teacher completions",
+                                           unit="batch")):
+                chunk = missing[start:start + batch_size]
+                known.update(zip(chunk, greedy_completions(teacher, tokenizer, [Record(p, "") for p in chunk],
+                                                           max_new_tokens, batch_size)))
+                if n % 32 == 31 or start + batch_size >= len(missing):  # a killed run keeps what it generated
+                    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+                    tmp.write_text(json.dumps(known))
+                    os.replace(tmp, path)
+        teacher.train(was_training)
     return [known[p] for p in prompts]

@@ -165,14 +165,18 @@ def test_unlabeled_prompts_completed_by_the_teacher_join_the_transfer_set(lm_rec
     out, _ = lm_run
     test_rows = [row for row in csv.DictReader(open(lm_recipe / "test.csv"))]
     new = [{"text": f"Company {i} reported results for the quarter {i}."} for i in range(9)]
-    write_csv(tmp_path / "more.csv", new + new[:2] + [{"text": r["text"]} for r in test_rows[:3]])
+    long = {"text": " ".join(["Results"] * 200)}   # no room for a completion in max_length: left out, counted
+    write_csv(tmp_path / "more.csv", new + new[:2] + [{"text": r["text"]} for r in test_rows[:3]] + [long])
     spec = yaml.safe_load((lm_recipe / "recipe.yaml").read_text())
-    spec["data"].update(unlabeled=str(tmp_path / "more.csv"), max_unlabeled=6)
+    spec["data"].update(unlabeled=str(tmp_path / "more.csv"))
     recipe = recipe_from_dict(spec, lm_recipe)
     data = load_records(recipe)
     template = recipe.data.prompt_template
-    wanted = {template.replace("{text}", row["text"]) for row in new}
-    assert len(data.unlabeled) == 6 and {r.prompt for r in data.unlabeled} <= wanted
+    wanted = [template.replace("{text}", row["text"]) for row in new + [long]]
+    assert [r.prompt for r in data.unlabeled] == wanted   # the splits' prompts and the repeats dropped
+    spec["data"]["max_unlabeled"] = 7
+    sampled = load_records(recipe_from_dict(spec, lm_recipe)).unlabeled
+    assert len(sampled) == 7 and {r.prompt for r in sampled} < set(wanted)
     assert [r.prompt for r in load_records(recipe).unlabeled] == [r.prompt for r in data.unlabeled]  # seeded
     assert data.fingerprint() == load_records(recipe_from_dict(yaml.safe_load(
         (lm_recipe / "recipe.yaml").read_text()), lm_recipe)).fingerprint()  # the teacher's key is unchanged
@@ -183,19 +187,20 @@ def test_unlabeled_prompts_completed_by_the_teacher_join_the_transfer_set(lm_rec
     new_tokens = manifest["transfer_set"]["max_new_tokens"]
     longest = max(len(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) for r in data.train)
     assert new_tokens == longest + 1
-    answers = greedy_completions(teacher, tokenizer, data.unlabeled, new_tokens, 16)
+    fits = data.unlabeled[:-1]
+    answers = greedy_completions(teacher, tokenizer, fits, new_tokens, recipe.student.batch_size)  # as batched there
     completed = sum(bool(a.strip()) for a in answers)
-    assert manifest["transfer_set"] == {"labelled": len(data.train), "unlabeled": 6, "teacher_completed": completed,
-                                        "max_new_tokens": new_tokens}
+    assert manifest["transfer_set"] == {"labelled": len(data.train), "unlabeled": 10, "teacher_completed": completed,
+                                        "too_long": 1, "max_new_tokens": new_tokens}
     assert manifest["training"]["train_examples"] == len(data.train) + completed
     assert metrics["test"]["perplexity"]["perplexity"] > 1
     cached = json.loads(next((tmp_path / "cache").glob("teacher-completions-*.json")).read_text())
-    assert [cached[r.prompt] for r in data.unlabeled] == answers
+    assert [cached[r.prompt] for r in fits] == answers and long["text"] not in "".join(cached)
     # Another stage on the same prompts asks the teacher nothing: the completions come from the cache.
     monkeypatch.setattr("edgekd.lm_metrics.greedy_completions", lambda *a, **k: pytest.fail("not cached"))
-    assert lm_cache.teacher_completions(teacher, tokenizer, [r.prompt for r in data.unlabeled], new_tokens,
+    assert lm_cache.teacher_completions(teacher, tokenizer, [r.prompt for r in fits], new_tokens,
                                         manifest["inputs"]["teacher"]["sha256"], tmp_path / "cache") == answers
-    dropped = f" ({6 - completed} it answered with nothing dropped)" if completed < 6 else ""
+    empty = f", {9 - completed} the teacher answered with nothing" if completed < 9 else ""
     assert transfer_lines(manifest["transfer_set"]) == [
         f"The student was distilled on {len(data.train)} labelled records and {completed} prompts of data.unlabeled "
-        f"completed by the teacher{dropped}"]
+        f"completed by the teacher (left out: 1 too long for data.max_length{empty})"]

@@ -242,11 +242,12 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
         if data.unlabeled:
             # As many new tokens as the longest labelled completion and its eos.
             longest = max(len(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) for r in train) + 1
-            completed = _teacher_completed(data, teacher, tokenizer, longest, teacher_entry["sha256"], cache_dir,
-                                           cfg.batch_size)
+            completed, too_long = _teacher_completed(data, teacher, tokenizer, longest, length,
+                                                     teacher_entry["sha256"], cache_dir, cfg.batch_size)
             train = train + completed
             stage.extra["transfer_set"] = {"labelled": len(data.train), "unlabeled": len(data.unlabeled),
-                                           "teacher_completed": len(completed), "max_new_tokens": longest}
+                                           "teacher_completed": len(completed), "too_long": too_long,
+                                           "max_new_tokens": longest}
         stage.extra["training"] = distill_lm(
             student, teacher, tokenizer, encode(tokenizer, train, length),
             encode(tokenizer, data.validation, length), work, kind=KD_KINDS[cfg.loss], temperature=cfg.temperature,
@@ -265,17 +266,21 @@ def distill(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, out: P
     return stage.metrics
 
 
-def _teacher_completed(data: LMDataset, teacher, tokenizer, max_new_tokens: int, digest: str, cache_dir: Path,
-                       batch_size: int) -> list:
+def _teacher_completed(data: LMDataset, teacher, tokenizer, max_new_tokens: int, max_length: int, digest: str,
+                       cache_dir: Path, batch_size: int) -> tuple[list, int]:
     """The unlabelled prompts with the teacher's greedy completions (sequence-level KD's targets; the KD term
-    adds its top-k there); a prompt the teacher answers with nothing is dropped."""
+    adds its top-k there), and how many prompts left no room in max_length for a completion (left out, like a
+    prompt the teacher answers with nothing: unlabelled text is a supplement, not data a run must fit)."""
     from dataclasses import replace
 
     from edgekd.distill.lm_cache import teacher_completions
+    from edgekd.lm_data import prompt_ids
 
-    answers = teacher_completions(teacher, tokenizer, [r.prompt for r in data.unlabeled], max_new_tokens, digest,
-                                  cache_dir, batch_size)
-    return [replace(r, completion=answer) for r, answer in zip(data.unlabeled, answers) if answer.strip()]
+    fits = [r for r in data.unlabeled if len(prompt_ids(tokenizer, r.prompt)) + max_new_tokens <= max_length]
+    answers = teacher_completions(teacher, tokenizer, [r.prompt for r in fits], max_new_tokens, digest, cache_dir,
+                                  batch_size)
+    completed = [replace(r, completion=answer) for r, answer in zip(fits, answers) if answer.strip()]
+    return completed, len(data.unlabeled) - len(fits)
 
 
 def _figure(metrics: dict, metric: str) -> float:

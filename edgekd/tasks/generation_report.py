@@ -77,10 +77,13 @@ def _transfer_set(run_dir: Path) -> dict | None:
 def transfer_lines(transfer: dict | None) -> list[str]:
     if not transfer:
         return []
-    empty = transfer["unlabeled"] - transfer["teacher_completed"]
+    too_long = transfer.get("too_long", 0)
+    empty = transfer["unlabeled"] - transfer["teacher_completed"] - too_long
+    left_out = [f"{too_long} too long for data.max_length"] * bool(too_long) + [
+        f"{empty} the teacher answered with nothing"] * bool(empty)
     return [f"The student was distilled on {transfer['labelled']} labelled records and {transfer['teacher_completed']} "
-            f"prompts of data.unlabeled completed by the teacher" + (f" ({empty} it answered with nothing dropped)"
-                                                                     if empty else "")]
+            f"prompts of data.unlabeled completed by the teacher" + (f" (left out: {', '.join(left_out)})"
+                                                                     if left_out else "")]
 
 
 def search_lines(search: dict | None) -> list[str]:
