@@ -151,6 +151,8 @@ def _cached_rows(cache_dir: Path, teacher_digest: str, k: int, wanted: set[str])
 def _assemble(records: list[dict], keys: list[str], found: dict, teacher, k: int, batch_size: int) -> TopK:
     """The cache of `records` in their order: rows from `found`, the teacher's forward for the others."""
     missing = [i for i, key in enumerate(keys) if key not in found]
+    if len(missing) == len(records):   # nothing cached: the computed cache is already in order
+        return _compute(teacher, records, k, batch_size)
     if missing:
         fresh = _compute(teacher, [records[i] for i in missing], k, batch_size)
         for j, i in enumerate(missing):

@@ -54,9 +54,8 @@ class LMDataset:
         return {"sha256": digest.hexdigest(), "rows": [len(self.train), len(self.validation), len(self.test)]}
 
     def transfer_fingerprint(self) -> dict:
-        """The distillation data's digest: the labelled splits and the unlabelled prompts."""
-        digest = hashlib.sha256(self.fingerprint()["sha256"].encode())
-        digest.update(json.dumps([r.prompt for r in self.unlabeled]).encode())
+        """The unlabelled prompts' digest: what the distill stage adds to fingerprint()'s."""
+        digest = hashlib.sha256(json.dumps([r.prompt for r in self.unlabeled]).encode())
         return {"sha256": digest.hexdigest(), "unlabeled": len(self.unlabeled)}
 
 
