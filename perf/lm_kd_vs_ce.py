@@ -2,7 +2,7 @@
 
     python perf/lm_kd_vs_ce.py --teacher-run runs/perf-lm-demo [--seeds 0,1,2] [--out runs/perf-lm-kd]
                                [--kd-alpha 1] [--set learning_rate=5e-4 ...] [--kd-set kd_tokens=all ...]
-                               [--unlabeled FILE [--max-unlabeled N]] [--steps N] [--results FILE]
+                               [--unlabeled FILE [--max-unlabeled N]] [--steps N] [--results FILE] [--resume]
 
 The teacher is the fine-tuned one of a finished generation run (`--teacher-run`: its RUN/finetune stage, e.g.
 from `python perf/lm_demo.py`), the recipe is that run's own (RUN/recipe.yaml). For each seed, the chain's
@@ -17,6 +17,8 @@ stand for unlabelled domain text), which the no-teacher arm cannot use. `--steps
 steps (its epochs set from its own training set's size), so a larger transfer set is compared at equal compute.
 The seed picks the training and evaluation samples, the calibration texts and the training order, the same for
 both arms. A distill stage already in `--out` with the same key is reused (its own wall time is reported).
+`--resume` keeps the rows `--results` already holds for the same recipe, changes and steps (and, where a row names
+it, the same teacher stage key) and runs only the seeds it lacks: one seed pair can take an hour on a laptop's cores.
 Reports test and validation perplexity of the completions and test task accuracy (greedy label word), per seed
 and as means, with the paired per-seed difference (mean, standard error); records perf/results/lm_kd_vs_ce.json
 (or `--results`) and prints a table.
@@ -37,7 +39,6 @@ RESULTS = Path(__file__).parent / "results" / "lm_kd_vs_ce.json"
 def main(argv=None) -> int:
     import yaml
 
-    from edgekd.benchmarks.host import cpu_model
     from edgekd.manifest import read_manifest
     from edgekd.recipe import recipe_from_dict
     from edgekd.tasks.generation import distill, load_records
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-unlabeled", type=int, help="data.max_unlabeled for the distilled arm")
     parser.add_argument("--steps", type=int, help="optimizer steps per arm (default: the recipe's epochs)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows --results holds for this configuration; run only the seeds it lacks")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     base = recipe_from_dict(yaml.safe_load((args.teacher_run / "recipe.yaml").read_text()))
@@ -65,8 +68,15 @@ def main(argv=None) -> int:
     if args.unlabeled:
         kd_changed["unlabeled"] = Path(args.unlabeled).name + (f"{args.max_unlabeled}" if args.max_unlabeled else "")
     kd_suffix = "".join(f"-{key}{value}" for key, value in kd_changed.items())
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    finetune = read_manifest(args.teacher_run / "finetune")
+    teacher = {"key": finetune["key"], "test_perplexity": finetune["metrics"]["test"]["perplexity"]["perplexity"]}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = _earlier_rows(args.results, base.to_dict(), changed, kd_changed, args.steps, arms, seeds,
+                         teacher) if args.resume else []
+    for seed in seeds:
+        if any(r["seed"] == seed for r in rows):
+            print(f"seed {seed}: kept from {args.results}", flush=True)
+            continue
         for arm, alpha in arms.items():
             recipe = replace(base, seed=seed, student=replace(base.student, alpha=alpha))
             if alpha > 0:
@@ -81,7 +91,8 @@ def main(argv=None) -> int:
             stage = args.out / f"seed{seed}-alpha{alpha:g}{suffix}{kd_suffix if alpha > 0 else ''}"
             metrics = distill(recipe, data, args.teacher_run / "finetune", stage, args.out / ".cache")
             test, val = metrics["test"], metrics["validation"]
-            rows.append({"seed": seed, "arm": arm, "alpha": alpha, "wall_s": read_manifest(stage)["wall_s"],
+            rows.append({"seed": seed, "arm": arm, "alpha": alpha, "teacher": teacher,
+                         "wall_s": read_manifest(stage)["wall_s"],
                          "train_records": len(data.train), "unlabeled_prompts": len(data.unlabeled),
                          "epochs": recipe.student.epochs, "steps": math.ceil(recipe.student.epochs * per_epoch),
                          "test_perplexity": test["perplexity"]["perplexity"],
@@ -90,6 +101,15 @@ def main(argv=None) -> int:
                          "test_task_n": (test.get("task_accuracy") or {}).get("n"),
                          "test_agreement_with_teacher": test["agreement"]["agreement"]})
             print(json.dumps(rows[-1]), flush=True)
+        _record(args, argv, rows, arms, seeds, base, changed, kd_changed)  # a killed run keeps this seed
+    return 0
+
+
+def _record(args, argv, rows, arms, seeds, base, changed, kd_changed) -> None:
+    """Print the table and write `args.results` from the rows so far."""
+    from edgekd.benchmarks.host import cpu_model
+
+    rows.sort(key=lambda r: (seeds.index(r["seed"]), list(arms).index(r["arm"])))
     means = {arm: {key: sum(r[key] for r in rows if r["arm"] == arm) / sum(r["arm"] == arm for r in rows)
                    for key in ("test_perplexity", "validation_perplexity", "test_task_accuracy",
                                "test_agreement_with_teacher")} for arm in arms}
@@ -120,8 +140,32 @@ def main(argv=None) -> int:
         "distilled_better": wins,
         "paired_difference": {key: {"mean": m, "standard_error": se} for key, (m, se) in paired.items()}},
         indent=2) + "\n")
-    print(f"recorded in {args.results}")
-    return 0
+    print(f"recorded in {args.results}", flush=True)
+
+
+def _earlier_rows(results: Path, recipe: dict, changed: dict, kd_changed: dict, steps: int | None, arms: dict,
+                  seeds: list[int], teacher: dict) -> list[dict]:
+    """The rows of an earlier `results` file for the same configuration and of `seeds` (both arms of a seed or none).
+
+    A different recipe, change or step count is refused rather than mixed in; so is a row whose teacher stage key
+    differs. Rows written before the teacher was recorded are kept, with a line saying so."""
+    if not results.is_file():
+        return []
+    earlier = json.loads(results.read_text())
+    configuration = (earlier["recipe"], earlier["student_changes"], earlier["distilled_arm_changes"])
+    if configuration != (recipe, changed, kd_changed):
+        raise SystemExit(f"{results} holds another recipe or other changes; drop --resume or give another --results")
+    rows = [r for r in earlier["rows"] if r["seed"] in seeds and arms.get(r["arm"]) == r["alpha"]]
+    for r in rows:
+        if steps and r["steps"] != steps:
+            raise SystemExit(f"{results}: seed {r['seed']} ran {r['steps']} steps, not {steps}; drop --resume")
+        if "teacher" not in r:
+            print(f"seed {r['seed']} ({r['arm']}): its teacher was not recorded; kept on the same recipe", flush=True)
+        elif r["teacher"]["key"] != teacher["key"]:
+            raise SystemExit(f"{results}: seed {r['seed']} used teacher {r['teacher']['key']}, not {teacher['key']}; "
+                             f"drop --resume or pass that teacher's --teacher-run")
+    complete = {s for s in seeds if sum(r["seed"] == s for r in rows) == len(arms)}
+    return [r for r in rows if r["seed"] in complete]
 
 
 def _with(recipe, changes: dict):
