@@ -404,6 +404,14 @@ class AndroidDevice:
             return {"error": f"minibench failed on {art.name}: {parsed['error']}"}
         return {"latency_ms": parsed["latency_ms"], "load_ms": parsed["load_ms"], "pss_mb": parsed["pss_mb"]}
 
+    def measure_decoders(self, exports: list, settings: Settings, prompt_lengths, new_tokens: int, seed: int) -> dict:
+        """Decoder exports with ExecuTorch's llama_main (benchmarks/android_llm.py)."""
+        from edgekd.benchmarks.android_llm import measure_decoders
+
+        if settings.baselines:
+            raise BenchError("--baselines run on the host; a phone measures the exports alone")
+        return measure_decoders(self.serial, exports, settings, prompt_lengths, new_tokens, seed, self.sleep)
+
     @staticmethod
     def _finish(row: dict, runs: list[dict], settings: Settings) -> dict:
         row = dict(row)

@@ -163,5 +163,24 @@ class HostDevice:
         error = "; ".join(f"{r['name']} failed: {r['error']}" for r in failed) or None
         return Measurement([r for r in results if "error" not in r], skipped, machine, error, expected)
 
+    def measure_decoders(self, exports: list, settings: Settings, prompt_lengths, new_tokens: int, seed: int) -> dict:
+        """Decoder exports in the ExecuTorch runtime here (benchmarks/llm.py), `--baselines torch`: PyTorch eager fp32
+        of each one's source model beside them, in the same interleaved run."""
+        from edgekd.benchmarks.llm import DecoderVariant, bench_decoders
+        from edgekd.benchmarks.runtimes import source_model
+        from edgekd.errors import BenchError
+
+        unknown = [b for b in settings.baselines if b != "torch"]
+        if unknown:
+            raise BenchError(f"decoder exports take only --baselines torch (PyTorch eager generate), not "
+                             f"{', '.join(unknown)}")
+        variants, eager = [e.variant() for e in exports], {}
+        for export in exports if settings.baselines else ():
+            source = source_model(export.manifest)  # verified: the folder the .pte was exported from
+            eager.setdefault(source, DecoderVariant(f"{export.manifest['params']['model_name']}-fp32-eager",
+                                                    str(source), "torch", model=export.model))
+        return bench_decoders(variants + list(eager.values()), prompt_lengths, new_tokens, settings.rounds,
+                              settings.threads, warmup=1 if settings.warmup else 0, seed=seed)
+
 
 DEVICES.register("host")(HostDevice)

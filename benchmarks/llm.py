@@ -78,6 +78,44 @@ class DecoderVariant:
         return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+DECODER_FORMAT = "executorch-llm"  # the export format of a decoder LM (edgekd.tasks.generation.export)
+
+
+@dataclass(frozen=True)
+class DecoderExport:
+    """One decoder export stage directory, as `edgekd bench` takes it."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def file(self) -> Path:
+        return self.path / self.manifest["artifact"]
+
+    @property
+    def model(self) -> str:
+        return "teacher" if self.manifest.get("role") == "teacher" else "student"
+
+    @property
+    def quant(self) -> str:
+        return self.manifest["quant"]["name"]
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.manifest["max_seq_len"])
+
+    def variant(self) -> DecoderVariant:
+        return DecoderVariant(self.name, str(self.file), "executorch", model=self.model, quant=self.quant)
+
+
+def is_decoder_export(manifest: dict) -> bool:
+    return manifest.get("params", {}).get("format") == DECODER_FORMAT
+
+
 class _Clock:
     """A generate() streamer: the time of each put() (the prompt first, then one per new token)."""
 
@@ -181,17 +219,23 @@ def bench_decoders(variants: list[DecoderVariant], prompt_lengths=(64, 128, 512)
         rows[name]["by_prompt_tokens"] = {str(n): {f: latency_stats([t[f] for t in runs]) for f in FIGURES}
                                           for n, runs in by_length.items()}
     common = [n for n in lengths if all(n in fits[name] for name in runners)]
-    headline = common[0] if common else None
-    for row in rows.values():
-        figures = row["by_prompt_tokens"].get(str(headline), {})
-        row.update({f: figures[f]["p50"] for f in figures})
-    return {"schema": SCHEMA, "results": list(rows.values()), "skipped": skipped,
-            "ratios": decoder_ratios(list(rows.values()), teacher) if headline else [],
-            "ratios_at_prompt_tokens": headline, "prompt_lengths": lengths, "new_tokens": new_tokens,
+    return {"schema": SCHEMA, "results": list(rows.values()), "skipped": skipped, **headline(list(rows.values()),
+                                                                                           common, teacher),
+            "prompt_lengths": lengths, "new_tokens": new_tokens,
             "rounds": rounds, "warmup": warmup, "threads": threads or os.cpu_count(),
             "prompts": {"kind": "seeded random token ids", "seed": seed, "vocab_size": vocab},
             "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform()},
             "versions": versions()}
+
+
+def headline(rows: list[dict], common: list[int], teacher: str = "teacher") -> dict:
+    """Each row's figures at the shortest prompt length every row measured (set on the rows), and the ratios
+    from them: {"ratios", "ratios_at_prompt_tokens"}."""
+    at = common[0] if common else None
+    for row in rows:
+        figures = row["by_prompt_tokens"].get(str(at), {})
+        row.update({f: figures[f]["p50"] for f in FIGURES if f in figures})
+    return {"ratios": decoder_ratios(rows, teacher) if at is not None else [], "ratios_at_prompt_tokens": at}
 
 
 def decoder_ratios(rows: list[dict], teacher: str = "teacher") -> list[dict]:
@@ -201,12 +245,15 @@ def decoder_ratios(rows: list[dict], teacher: str = "teacher") -> list[dict]:
              if a["runtime"] == "executorch" and b["runtime"] == "torch" and a["model"] == b["model"]]
     pairs += [(a, b, "student over teacher") for a in rows for b in rows
               if b["model"] == teacher != a["model"] and (a["runtime"], a["quant"]) == (b["runtime"], b["quant"])]
+    def ratio(top, bottom):  # a figure a device could not read (a phone's RSS) leaves its ratio unknown
+        return round(top / bottom, 3) if top and bottom else None
+
     return [{"variant": a["name"], "over": b["name"], "kind": kind,
-             "decode_speedup": round(a["decode_tokens_per_s"] / b["decode_tokens_per_s"], 3),
-             "prefill_speedup": round(a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"], 3),
-             "ttft_speedup": round(b["ttft_ms"] / a["ttft_ms"], 3),
-             "size_ratio": round(b["size_bytes"] / a["size_bytes"], 3),
-             "peak_rss_ratio": round(b["peak_rss_mb"] / a["peak_rss_mb"], 3)} for a, b, kind in pairs]
+             "decode_speedup": ratio(a.get("decode_tokens_per_s"), b.get("decode_tokens_per_s")),
+             "prefill_speedup": ratio(a.get("prefill_tokens_per_s"), b.get("prefill_tokens_per_s")),
+             "ttft_speedup": ratio(b.get("ttft_ms"), a.get("ttft_ms")),
+             "size_ratio": ratio(b["size_bytes"], a["size_bytes"]),
+             "peak_rss_ratio": ratio(b.get("peak_rss_mb"), a.get("peak_rss_mb"))} for a, b, kind in pairs]
 
 
 def versions() -> dict:

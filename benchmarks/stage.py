@@ -44,11 +44,15 @@ def _done(out: Path, params: dict, inputs: dict) -> dict | None:
 
 
 def bench(artifact_dirs: list[Path], out: Path, iterations: int = 100, warmup: int = 10, threads: int = 0,
-          *, device: str = "host", settings: Settings | None = None) -> dict:
-    """Measure the artifacts on `device`; return the result (raises BenchError after writing a partial one)."""
+          *, device: str = "host", settings: Settings | None = None, decoder: dict | None = None) -> dict:
+    """Measure the artifacts on `device`; return the result (raises BenchError after writing a partial one).
+
+    Decoder LM exports are measured in tokens per second instead (`decoder`: prompt_lengths, new_tokens, seed)."""
     settings = settings or Settings(iterations=iterations, warmup=warmup, threads=threads)
     device_class, ident = parse_device(device)
     dev = device_class(ident)       # a device that cannot work here (ios on Linux) says so before any work
+    if _decoders(artifact_dirs):
+        return bench_decoder_exports(dev, artifact_dirs, Path(out), settings, device, **(decoder or {}))
     artifacts = load_artifacts(artifact_dirs)
     params = {**settings.to_params(), "device": device}
     inputs = {a.manifest["params"]["model_name"] + "/" + a.quant + "/" + a.name: a.source for a in artifacts}
@@ -71,6 +75,52 @@ def bench(artifact_dirs: list[Path], out: Path, iterations: int = 100, warmup: i
     if measured.error:
         kept = f"{len(finished)} of {len(measured.expected or finished)} variants" if finished else "no variant"
         raise BenchError(f"{measured.error}; {kept} finished, kept in {out} (complete: false)")
+    return stage.metrics
+
+
+def _decoders(artifact_dirs: list[Path]) -> bool:
+    """Whether the artifacts are decoder LM exports (all of them; a mix is refused)."""
+    from edgekd.benchmarks.llm import is_decoder_export
+
+    kinds = {is_decoder_export(stage_input(Path(p), "export")[0]) for p in artifact_dirs}
+    if len(kinds) > 1:
+        raise BenchError("these exports mix decoder LMs (tokens per second) and classifiers (latency per inference): "
+                         "bench each kind with its own edgekd bench command and --out")
+    return kinds == {True}
+
+
+def bench_decoder_exports(dev, artifact_dirs: list[Path], out: Path, settings: Settings, device: str,
+                          prompt_lengths=(64, 128, 512), new_tokens: int = 32, seed: int = 0) -> dict:
+    """Decoder exports on `dev` (its `measure_decoders`): time to first token, prefill and decode tokens/s per
+    prompt length, interleaved; the result schema edgekd.bench-llm/1 plus complete/finished as edgekd.bench/2."""
+    from edgekd.benchmarks.llm import DecoderExport
+
+    measure = getattr(dev, "measure_decoders", None)
+    if measure is None:
+        raise BenchError(f"--device {device.partition(':')[0]} does not run decoder LM exports yet; measure them "
+                         f"with --device host or --device android")
+    exports, inputs = [], {}
+    for path in artifact_dirs:
+        manifest, inputs[Path(path).name] = stage_input(Path(path), "export")
+        exports.append(DecoderExport(Path(path), manifest))
+    if len({e.name for e in exports}) != len(exports):
+        raise BenchError("two exports share a directory name; results are keyed by it: give each its own name")
+    if new_tokens < 2 or not prompt_lengths or min(prompt_lengths) < 1:
+        raise BenchError(f"--new-tokens must be at least 2 and every --prompt-tokens length at least 1; got "
+                         f"{new_tokens} and {list(prompt_lengths)}")
+    params = {**settings.to_params(), "device": device, "prompt_lengths": sorted(set(prompt_lengths)),
+              "new_tokens": new_tokens, "seed": seed}
+    done = _done(out, params, inputs)
+    if done:
+        return done
+    with write_stage(out, "bench", params, inputs) as stage:
+        stage.metrics = measure(exports, settings, prompt_lengths, new_tokens, seed)
+        stage.metrics.setdefault("complete", True)
+        stage.extra["machine"] = stage.metrics["machine"]
+    if not stage.metrics["complete"]:
+        finished, expected = stage.metrics["finished"], stage.metrics["expected"]
+        kept = f"{len(finished)} of {len(expected)} variants" if finished else "no variant"
+        raise BenchError(f"{stage.metrics['error']}; {kept} finished, kept in {out} (complete: false)")
     return stage.metrics
 
 

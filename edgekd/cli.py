@@ -146,18 +146,37 @@ def cmd_bench(args) -> str:
     from edgekd.benchmarks.devices import Settings
     from edgekd.benchmarks.runtimes import parse_baselines
     from edgekd.benchmarks.stage import bench
+    from edgekd.errors import BenchError
 
     _check_out(args, "bench")
     baselines = tuple(b.name for b in parse_baselines(args.baselines))
     options = {"executor_runner": args.executor_runner, "benchmark_model": args.benchmark_model,
-               "android_runner": args.android_runner, "xctestrun": args.xctestrun}
+               "android_runner": args.android_runner, "xctestrun": args.xctestrun, "llama_main": args.llama_main}
     settings = Settings(iterations=args.iterations, warmup=args.warmup, threads=args.threads, seconds=args.seconds,
                         baselines=baselines, cooldown=args.cooldown, timeout=args.timeout, rounds=args.rounds,
                         options={k: v for k, v in options.items() if v is not None})
-    metrics = bench([Path(p) for p in args.artifacts], Path(args.out), device=args.device, settings=settings)
+    try:
+        lengths = tuple(int(n) for n in args.prompt_tokens.split(","))
+    except ValueError:
+        raise BenchError(f"--prompt-tokens takes lengths in tokens, comma-separated (e.g. 64,128), "
+                          f"not {args.prompt_tokens!r}") from None
+    decoder = {"prompt_lengths": lengths, "new_tokens": args.new_tokens}
+    metrics = bench([Path(p) for p in args.artifacts], Path(args.out), device=args.device, settings=settings,
+                    decoder=decoder)
     if args.json:
         return json.dumps(metrics, indent=2)
+    if metrics.get("schema", "").startswith("edgekd.bench-llm"):
+        return "\n".join(_decoder_line(row) for row in metrics["results"])
     return "\n".join(_bench_line(row) for row in metrics["results"])
+
+
+def _decoder_line(row: dict) -> str:
+    parts = [f"{row['name']:<48}"]
+    for key, label in (("decode_tokens_per_s", "decode {:7.1f} tokens/s"), ("prefill_tokens_per_s",
+                       "prefill {:8.1f} tokens/s"), ("ttft_ms", "first token {:7.1f} ms")):
+        if row.get(key) is not None:
+            parts.append(label.format(row[key]))
+    return "  ".join(parts)
 
 
 def _bench_line(row: dict) -> str:
@@ -313,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--android-runner", choices=("executor_runner", "minibench"),
                    help="android: what runs .pte files (default: executor_runner)")
     p.add_argument("--xctestrun", help="ios: the .xctestrun of ExecuTorch's Benchmark app (build-for-testing)")
+    p.add_argument("--llama-main", help="android, decoder LM exports: ExecuTorch's llama_main built for Android")
+    p.add_argument("--prompt-tokens", default="64,128,512",
+                   help="decoder LM exports: prompt lengths in tokens, comma-separated (default: 64,128,512)")
+    p.add_argument("--new-tokens", type=int, default=32,
+                   help="decoder LM exports: tokens generated per run, eos ignored (default: 32)")
     p.add_argument("--json", action="store_true")
 
     p = add("report", cmd_report, "write report.md/.html/.json and plots for a run or bench directory")

@@ -10,6 +10,7 @@ buffer, and commands.log (one line per call, for the tests to read). Modes:
     unauthorized  the phone did not accept the host  disconnect    the phone vanishes as runner call `after` + 1 starts
     crash         executor_runner aborts             hang          executor_runner never returns
     fallback      benchmark_model runs without the XNNPACK delegate
+    llm_crash     llama_main fails to generate       (crash / hang / disconnect apply to llama_main too)
 """
 from __future__ import annotations
 
@@ -111,6 +112,46 @@ def benchmark_model(args: dict) -> None:
         "discretion.\nINFO: Peak memory footprint (MB): init=3.25 overall=9.5\n")
 
 
+def llama_main(args: dict, flags: list[str]) -> None:
+    """ExecuTorch's llama_main: the generated text and one PyTorchObserver line on stdout, the runner's log on
+    stderr (formats of tests/fixtures/bench/text_llm_runner_wheel.txt). Times in whole ms, deterministic per run:
+    load 30 + run, prefill prompt_tokens / 2 + run, decode 5 ms a token + run."""
+    model = DEVICE / args["--model_path"].lstrip("/")
+    prompt = DEVICE / args["--prompt_file"].lstrip("/")
+    if not (DEVICE / "data/local/tmp/edgekd/llama_main").is_file():
+        out(err="/system/bin/sh: /data/local/tmp/edgekd/llama_main: inaccessible or not found\n", code=127)
+    if not model.is_file() or not (DEVICE / args["--tokenizer_path"].lstrip("/")).is_file():
+        out(err="[llm_runner_helper.cpp:49] Failed to load tokenizer\n"
+                "E 00:00:00.001 executorch:main.cpp:187] Failed to create llama runner\n", code=1)
+    if not prompt.is_file():
+        out(err=f"Failed to read prompt file at path: {args['--prompt_file']}\n", code=1)
+    run = count_run()
+    if MODE == "hang":
+        time.sleep(60)
+    if MODE == "llm_crash" or MODE == "crash":
+        out(err="[text_llm_runner.cpp:89] RSS after loading model: 80.5 MiB (0 if unsupported)\n"
+                "E 00:00:00.200 executorch:main.cpp:222] Failed to run llama runner\n", code=1)
+    n = int(prompt.name.split("-")[1].split(".")[0])  # prompt-N.txt holds an N-token text
+    new = int(args["--max_new_tokens"]) - 1  # the prefill gives the first token
+    t0 = 1796236729031 + 10_000 * run
+    load_end = t0 + 30 + run
+    prompt_end = load_end + n // 2 + run
+    end = prompt_end + 5 * new + run
+    stats = {"prefill_token_per_sec": round(n * 1000 / (prompt_end - load_end), 3),
+             "decode_token_per_sec": round(new * 1000 / (end - prompt_end), 3), "prompt_tokens": n,
+             "generated_tokens": new, "model_load_start_ms": t0, "model_load_end_ms": load_end,
+             "inference_start_ms": load_end, "inference_end_ms": end, "model_execution_start_ms": end - 4,
+             "model_execution_end_ms": end, "prompt_eval_end_ms": prompt_end, "first_token_ms": prompt_end,
+             "aggregate_sampling_time_ms": 0, "aggregate_model_execution_time_ms": end - load_end - 2,
+             "SCALING_FACTOR_UNITS_PER_SECOND": 1000}
+    log = ("[llm_runner_helper.cpp:55] Loaded json tokenizer\n"
+           + ("[llm_runner_helper.cpp:?] Doing a warmup run...\n" if "--warmup" in flags else "")
+           + f"[text_llm_runner.cpp:89] RSS after loading model: {80.5 + run:f} MiB (0 if unsupported)\n"
+           f"[text_llm_runner.cpp:258] RSS after finishing text generation: {96.25 + run:f} MiB (0 if unsupported)\n"
+           f"[stats.h:175] \tPrompt Tokens: {n}    Generated Tokens: {new}\n")
+    out(" the company said profit rose\nPyTorchObserver " + json.dumps(stats, separators=(",", ":")) + "\n", log)
+
+
 def minibench_start(extras: dict) -> None:
     model_dir = DEVICE / extras["model_dir"].lstrip("/")
     models = sorted(p.name for p in model_dir.glob("*.pte"))
@@ -162,6 +203,8 @@ def shell(command: str) -> None:
         executor_runner(args)
     if binary == "benchmark_model":
         benchmark_model(args)
+    if binary == "llama_main":
+        llama_main(args, words[1:])
     out(err=f"/system/bin/sh: {words[0]}: not found\n", code=127)
 
 

@@ -87,6 +87,28 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, lm_run, capsys):
     assert "finetune ..." in capsys.readouterr().err
 
 
+def test_edgekd_bench_measures_decoder_exports_in_tokens_per_second_beside_eager(lm_run, tmp_path, capsys):
+    """`edgekd bench` on the chain's decoder exports: the host's decoder bench, --baselines torch adding PyTorch
+    eager fp32 of each export's source model, ratios from the same run."""
+    out, _ = lm_run
+    exports = [out / "export" / name for name in ("teacher-fp32-android-executorch",
+                                                  "student-int4-android-executorch")]
+    bench_dir = tmp_path / "bench"
+    assert main(["bench", *map(str, exports), "--baselines", "torch", "--rounds", "1", "--threads", "1",
+                 "--prompt-tokens", "8", "--new-tokens", "3", "--out", str(bench_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["schema"] == "edgekd.bench-llm/1" and result["complete"] is True
+    rows = {r["name"]: r for r in result["results"]}
+    assert set(rows) == {"teacher-fp32-android-executorch", "student-int4-android-executorch",
+                         "tiny-lm-teacher-fp32-eager", "tiny-lm-student-fp32-eager"}
+    assert rows["tiny-lm-student-fp32-eager"]["path"] == str((out / "distill").resolve())
+    assert all(r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
+    kinds = {(r["variant"], r["over"]): r["kind"] for r in result["ratios"]}
+    assert kinds[("student-int4-android-executorch", "tiny-lm-student-fp32-eager")] == "executorch over eager"
+    assert main(["bench", str(exports[0]), "--baselines", "onnxruntime", "--out", str(tmp_path / "b2")]) == 1
+    assert "decoder exports take only --baselines torch" in capsys.readouterr().err
+
+
 def test_the_budget_search_exports_the_first_spec_within_budget_and_refuses_in_one_line(lm_recipe, lm_run, capsys,
                                                                                         monkeypatch):
     import yaml

@@ -393,16 +393,14 @@ def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_st
 
 def bench(recipe: GenerationRecipe, exports: list[Path], eager: dict[str, Path], out: Path) -> dict:
     """Every exported .pte and PyTorch eager fp32 of each model (`eager`: model label -> HF folder), interleaved."""
-    from edgekd.benchmarks.llm import DecoderVariant, bench_decoders
+    from edgekd.benchmarks.llm import DecoderExport, DecoderVariant, bench_decoders
     from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
 
     cfg = recipe.bench
     variants, inputs = [], {}
     for path in exports:
         manifest, inputs[path.name] = stage_input(path, "export")
-        variants.append(DecoderVariant(path.name, str(path / manifest["artifact"]), "executorch",
-                                       model=manifest["role"] if manifest["role"] == "teacher" else "student",
-                                       quant=manifest["quant"]["name"]))
+        variants.append(DecoderExport(path, manifest).variant())
     for model, folder in eager.items():
         _, inputs[f"{model}-eager"] = stage_input(folder, "finetune" if model == "teacher" else "distill")
         variants.append(DecoderVariant(f"{model}-fp32-eager", str(folder), "torch", model=model))

@@ -1,0 +1,198 @@
+"""Decoder LM exports on an Android phone (benchmarks/android_llm.py): the llama_main parser on the runner's real
+output, the prompts, and `edgekd bench --device android --llama-main` through the fake adb (tests/fake_adb.py),
+every device fault included. The exports are stage directories as edgekd writes them, with a stand-in .pte (the
+fake phone never reads it) and a real tokenizer.json."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgekd.benchmarks.android_llm import parse_llama_main, prompt_texts
+from edgekd.cli import main
+from edgekd.manifest import read_manifest, write_stage
+
+from lm_tiny import tiny_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+FAKE_ADB = Path(__file__).parent / "fake_adb.py"
+SERIAL = "emulator-5554"
+
+
+def test_the_wheels_runner_output_gives_the_runners_own_rates():
+    parsed = parse_llama_main((FIXTURES / "text_llm_runner_wheel.txt").read_text())
+    stats = json.loads((FIXTURES / "text_llm_runner_wheel.txt").read_text().split("PyTorchObserver ")[1].split("\n")[0])
+    assert parsed["error"] is None
+    assert (parsed["prompt_tokens"], parsed["generated_tokens"]) == (25, 7)
+    assert parsed["load_ms"] == 30 and parsed["ttft_ms"] == 20  # the log: load 0.030 s, first token 0.020 s
+    assert parsed["prefill_tokens_per_s"] == pytest.approx(stats["prefill_token_per_sec"])
+    assert parsed["decode_tokens_per_s"] == pytest.approx(stats["decode_token_per_sec"], rel=1e-5)
+    assert parsed["rss_mb"] == pytest.approx(668.964844 * 1.048576)
+
+
+def test_an_older_runners_paste_without_rate_fields_gives_the_rates_it_logged():
+    parsed = parse_llama_main((FIXTURES / "llama_runner_qnn_pr7175.txt").read_text())
+    # Its own log lines: "Prompt evaluation: ... Rate: 553.571429", "Generated 96 tokens: ... Rate: 53.993251"
+    assert parsed["prefill_tokens_per_s"] == pytest.approx(553.571429)
+    assert parsed["decode_tokens_per_s"] == pytest.approx(53.993251)
+    assert (parsed["load_ms"], parsed["ttft_ms"], parsed["rss_mb"]) == (887, 56, None)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("I 00:00:00.2 executorch:main.cpp:187] Failed to create llama runner\n", "Failed to create llama runner"),
+    ("ERROR: unknown command line flag 'ignore_eos'\n", "ERROR: unknown command line flag 'ignore_eos'"),
+    ("I 00:00:00.1 executorch:main.cpp:130] Resetting threadpool with num threads = 4\nSegmentation fault\n",
+     "no PyTorchObserver line in its output"),
+])
+def test_a_runner_that_stopped_says_why(text, error):
+    assert parse_llama_main(text)["error"] == error
+
+
+def test_prompt_texts_encode_to_the_asked_length():
+    from edgekd.models import BUILTIN_LLM, load_tokenizer
+
+    tokenizer = load_tokenizer(BUILTIN_LLM)  # byte-level BPE: a decoded random sequence does not re-encode as is
+    texts = prompt_texts(tokenizer, (16, 64), seed=3)
+    assert {n: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for n, t in texts.items()} == {16: 16, 64: 64}
+    assert prompt_texts(tokenizer, (16,), seed=3) == {16: texts[16]}  # seeded
+
+
+# ------------------------------------------------------------------------------------------------ the wire
+
+def decoder_export(folder: Path, role: str, quant: str, max_seq_len: int = 64) -> Path:
+    tokenizer = tiny_tokenizer()
+    with write_stage(folder, "export", {"target": "android", "format": "executorch-llm", "role": role}, {}) as stage:
+        artifact = f"tiny-{role}_xnnpack_{quant}.pte"
+        (stage.path / artifact).write_bytes(b"ET12 stand-in for a decoder .pte " + role.encode())
+        tokenizer.backend_tokenizer.save(str(stage.path / "tokenizer.json"))
+        stage.metrics = {}
+        stage.extra.update(artifact=artifact, role=role, quant={"name": quant}, max_seq_len=max_seq_len)
+    return folder
+
+
+@pytest.fixture
+def phone(tmp_path, monkeypatch):
+    bin_dir, state = tmp_path / "bin", tmp_path / "adb-state"
+    bin_dir.mkdir()
+    state.mkdir()
+    shim = bin_dir / "adb"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_ADB}" "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_STATE", str(state))
+
+    def set_mode(mode: str = "ok", **config):
+        (state / "config.json").write_text(json.dumps({"mode": mode, "serial": SERIAL, **config}))
+        return state
+
+    return set_mode
+
+
+@pytest.fixture
+def exports(tmp_path):
+    llama_main = tmp_path / "llama_main"
+    llama_main.write_bytes(b"\x7fELF llama_main for arm64-v8a")
+    return (decoder_export(tmp_path / "export" / "teacher-fp32", "teacher", "fp32"),
+            decoder_export(tmp_path / "export" / "student-fp32", "student", "fp32", max_seq_len=19), llama_main)
+
+
+def bench(exports, out, *extra):
+    teacher, student, llama_main = exports
+    return main(["bench", str(teacher), str(student), "--device", "android", "--llama-main", str(llama_main),
+                 "--prompt-tokens", "8,16", "--new-tokens", "5", "--rounds", "2", "--out", str(out), *extra])
+
+
+def runner_calls(state: Path) -> list[str]:
+    return [line for line in (state / "commands.log").read_text().splitlines() if "llama_main --model_path" in line]
+
+
+def test_decoder_exports_are_measured_interleaved_with_llama_main(phone, exports, tmp_path, capsys):
+    state = phone("ok")
+    out = tmp_path / "bench-android"
+    assert bench(exports, out, "--json") == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["schema"] == "edgekd.bench-llm/1" and result["complete"] is True
+    assert result["finished"] == ["teacher-fp32", "student-fp32"]
+    # 16 + 5 new tokens (the last never fed back) exceed the student's context of 19: skipped and said, not run.
+    assert result["skipped"] == [{"name": "student-fp32", "prompt_tokens": 16,
+                                  "reason": "16 prompt + 5 new tokens exceed its context of 19"}]
+    calls = runner_calls(state)
+    folders = [call.split("--model_path=/data/local/tmp/edgekd/")[1].split("/")[0] for call in calls]
+    assert folders == ["teacher-fp32", "student-fp32", "teacher-fp32"] * 2  # per round: 8 tokens A B, 16 tokens A
+    assert all("--temperature=0 --ignore_eos" in c and "--max_new_tokens=5" in c and "--warmup" in c for c in calls)
+    teacher, student = result["results"]
+    # The fake's run k (1-based, in call order): load 30 + k ms, prefill n / 2 + k ms, 4 decode tokens in 20 + k ms.
+    assert teacher["by_prompt_tokens"]["8"]["ttft_ms"]["samples"] == [4 + 1, 4 + 4]
+    assert teacher["by_prompt_tokens"]["16"]["decode_tokens_per_s"]["samples"] == [
+        pytest.approx(4000 / 23), pytest.approx(4000 / 26)]
+    assert student["decode_tokens_per_s"] == pytest.approx((4000 / 22 + 4000 / 25) / 2)
+    assert teacher["ttft_ms"] == pytest.approx(6.5)  # the headline: the shortest length both measured
+    assert teacher["load_ms"] == pytest.approx(33.5) and teacher["runs_done"] == teacher["runs_planned"] == 4
+    assert teacher["peak_rss_mb"] == pytest.approx((96.25 + 6) * 1.048576, abs=0.1)
+    assert teacher["by_prompt_tokens"]["16"]["prompt_tokens_on_device"] == [16]
+    (ratio,) = result["ratios"]
+    assert (ratio["variant"], ratio["over"], ratio["kind"]) == ("student-fp32", "teacher-fp32", "student over teacher")
+    assert ratio["decode_speedup"] == pytest.approx(student["decode_tokens_per_s"] / teacher["decode_tokens_per_s"],
+                                                    abs=1e-3)
+    # The wire: binary, prompts and each export's .pte and tokenizer.json in its own folder.
+    pushed = {p.relative_to(state / "device").as_posix() for p in (state / "device").rglob("*") if p.is_file()}
+    assert {"data/local/tmp/edgekd/llama_main", "data/local/tmp/edgekd/prompt-8.txt",
+            "data/local/tmp/edgekd/student-fp32/tokenizer.json",
+            "data/local/tmp/edgekd/teacher-fp32/tiny-teacher_xnnpack_fp32.pte"} <= pushed
+    prompt = (state / "device/data/local/tmp/edgekd/prompt-16.txt").read_text()
+    assert len(tiny_tokenizer()(prompt, add_special_tokens=False)["input_ids"]) == 16
+    assert read_manifest(out)["machine"]["model"] == "Pixel 7"
+    # A rerun finds the stage done; the plain output is one line per export.
+    assert bench(exports, out) == 0
+    assert len(runner_calls(state)) == 6 and "decode" in capsys.readouterr().out
+
+
+def test_a_phone_that_goes_away_keeps_the_finished_runs(phone, exports, tmp_path, capsys):
+    state = phone("disconnect", after=3)
+    out = tmp_path / "bench-android"
+    assert bench(exports, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disconnected" in err[0] and "complete: false" in err[0]
+    metrics = read_manifest(out)["metrics"]
+    assert metrics["complete"] is False and metrics["finished"] == []
+    assert {r["name"]: r["runs_done"] for r in metrics["results"]} == {"teacher-fp32": 2, "student-fp32": 1}
+    phone("ok")
+    (state / "gone").unlink()
+    assert bench(exports, out) == 0  # a partial stage is measured again
+    assert read_manifest(out)["metrics"]["complete"] is True
+
+
+def test_a_runner_that_fails_stops_that_export_in_one_line(phone, exports, tmp_path, capsys):
+    phone("llm_crash")
+    assert bench(exports, tmp_path / "bench-android") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llama_main failed on teacher-fp32 (exit 1): Failed to run llama runner" in err[0]
+
+
+def test_a_hung_runner_is_a_timeout(phone, exports, tmp_path, capsys):
+    phone("hang")
+    assert bench(exports, tmp_path / "bench-android", "--timeout", "2") == 1
+    assert "did not answer within 2 s" in capsys.readouterr().err
+
+
+def test_a_missing_llama_main_is_named_before_the_phone_is_touched(phone, exports, tmp_path, capsys):
+    state = phone("ok")
+    teacher, student, _ = exports
+    assert main(["bench", str(teacher), "--device", "android", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--llama-main was not given" in err and "cmake" in err and len(err.splitlines()) == 1
+    assert not (state / "commands.log").exists() and not (tmp_path / "b").exists()
+
+
+def test_decoder_and_classifier_exports_are_not_mixed_and_ios_says_not_yet(exports, tmp_path, capsys):
+    teacher, _, _ = exports
+    with write_stage(tmp_path / "classifier", "export", {"target": "android", "format": "executorch"}, {}) as stage:
+        stage.metrics = {}
+    assert main(["bench", str(teacher), str(tmp_path / "classifier"), "--out", str(tmp_path / "b")]) == 1
+    assert "bench each kind with its own edgekd bench command" in capsys.readouterr().err
+    assert main(["bench", str(teacher), "--device", "ios", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "does not run decoder LM exports yet" in err or "macOS" in err  # off a Mac the device says so first
