@@ -70,7 +70,7 @@ def parse_llama_main(text: str) -> dict:
     if end > prompt_end and stats["generated_tokens"]:
         result["decode_tokens_per_s"] = stats["generated_tokens"] * 1e3 / (end - prompt_end)
     rss = [float(v) for v in _RSS.findall(text) if float(v) > 0]  # 0: the build cannot read its RSS
-    result["rss_mb"] = max(rss) * 1.048576 if rss else None      # MiB -> MB, as the host's peak_rss_mb
+    result["rss_mb"] = max(rss) if rss else None  # MiB, as the host's peak_rss_mb (2**20 bytes)
     return result
 
 

@@ -1,7 +1,8 @@
-"""Decoder LM exports on an Android phone (benchmarks/android_llm.py): the llama_main parser on the runner's real
+"""Decoder LM exports on devices. Android (benchmarks/android_llm.py): the llama_main parser on the runner's real
 output, the prompts, and `edgekd bench --device android --llama-main` through the fake adb (tests/fake_adb.py),
-every device fault included. The exports are stage directories as edgekd writes them, with a stand-in .pte (the
-fake phone never reads it) and a real tokenizer.json."""
+every device fault included. iOS (benchmarks/ios.py): the Benchmark app's LLM tests through a fake xcodebuild.
+The exports are stage directories as edgekd writes them, with a stand-in .pte (the fake devices never read it)
+and a real tokenizer.json."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def test_the_wheels_runner_output_gives_the_runners_own_rates():
     assert parsed["load_ms"] == 30 and parsed["ttft_ms"] == 20  # the log: load 0.030 s, first token 0.020 s
     assert parsed["prefill_tokens_per_s"] == pytest.approx(stats["prefill_token_per_sec"])
     assert parsed["decode_tokens_per_s"] == pytest.approx(stats["decode_token_per_sec"], rel=1e-5)
-    assert parsed["rss_mb"] == pytest.approx(668.964844 * 1.048576)
+    assert parsed["rss_mb"] == pytest.approx(668.964844)
 
 
 def test_an_older_runners_paste_without_rate_fields_gives_the_rates_it_logged():
@@ -62,8 +63,8 @@ def test_prompt_texts_encode_to_the_asked_length():
 
 # ------------------------------------------------------------------------------------------------ the wire
 
-def decoder_export(folder: Path, role: str, quant: str, max_seq_len: int = 64) -> Path:
-    tokenizer = tiny_tokenizer()
+def decoder_export(folder: Path, role: str, quant: str, max_seq_len: int = 64, tokenizer=None) -> Path:
+    tokenizer = tokenizer or tiny_tokenizer()
     with write_stage(folder, "export", {"target": "android", "format": "executorch-llm", "role": role}, {}) as stage:
         artifact = f"tiny-{role}_xnnpack_{quant}.pte"
         (stage.path / artifact).write_bytes(b"ET12 stand-in for a decoder .pte " + role.encode())
@@ -131,7 +132,7 @@ def test_decoder_exports_are_measured_interleaved_with_llama_main(phone, exports
     assert student["decode_tokens_per_s"] == pytest.approx((4000 / 22 + 4000 / 25) / 2)
     assert teacher["ttft_ms"] == pytest.approx(6.5)  # the headline: the shortest length both measured
     assert teacher["load_ms"] == pytest.approx(33.5) and teacher["runs_done"] == teacher["runs_planned"] == 4
-    assert teacher["peak_rss_mb"] == pytest.approx((96.25 + 6) * 1.048576, abs=0.1)
+    assert teacher["peak_rss_mb"] == pytest.approx(96.25 + 6, abs=0.1)
     assert teacher["by_prompt_tokens"]["16"]["prompt_tokens_on_device"] == [16]
     (ratio,) = result["ratios"]
     assert (ratio["variant"], ratio["over"], ratio["kind"]) == ("student-fp32", "teacher-fp32", "student over teacher")
@@ -187,12 +188,92 @@ def test_a_missing_llama_main_is_named_before_the_phone_is_touched(phone, export
     assert not (state / "commands.log").exists() and not (tmp_path / "b").exists()
 
 
-def test_decoder_and_classifier_exports_are_not_mixed_and_ios_says_not_yet(exports, tmp_path, capsys):
+def test_decoder_and_classifier_exports_are_not_mixed(exports, tmp_path, capsys):
     teacher, _, _ = exports
     with write_stage(tmp_path / "classifier", "export", {"target": "android", "format": "executorch"}, {}) as stage:
         stage.metrics = {}
     assert main(["bench", str(teacher), str(tmp_path / "classifier"), "--out", str(tmp_path / "b")]) == 1
     assert "bench each kind with its own edgekd bench command" in capsys.readouterr().err
-    assert main(["bench", str(teacher), "--device", "ios", "--out", str(tmp_path / "b")]) == 1
-    err = capsys.readouterr().err
-    assert "does not run decoder LM exports yet" in err or "macOS" in err  # off a Mac the device says so first
+
+
+# ------------------------------------------------------------------------------------------------ iOS
+
+# XCTest's lines for the Benchmark app's LLM test (rendered from Tests/LLM/LLMTests.mm: its metric's displayName
+# "Tokens Per Second" and unitSymbol "t/s", in XCTest's "measured [NAME, UNIT]" format of
+# tests/fixtures/bench/xcodebuild_specificationkit.txt); test names as ResourceTestCase.m builds them.
+FAKE_XCODEBUILD = r'''import sys
+models, mode = {models!r}, {mode!r}
+if mode == "hang":
+    import time; time.sleep(60)
+for i, model in enumerate(models):
+    name = f"test_generate_{{model}}_tokenizer_json_iOS_18_1_iPhone15_4"
+    for metric, values in (("Tokens Per Second, t/s", [40.0 + 10 * i + k for k in range(5)]),
+                           ("Clock Monotonic Time, s", [1.2 - 0.1 * i + 0.01 * k for k in range(5)]),
+                           ("Memory Peak Physical, kB", [409600.0 + 1024 * i] * 5)):
+        avg = sum(values) / len(values)
+        print(f"<unknown>:0: Test Case '-[LLMTests {{name}}]' measured [{{metric}}] average: {{avg:.3f}}, relative "
+              f"standard deviation: 1.000%, values: [{{', '.join(f'{{v:.6f}}' for v in values)}}], "
+              f"performanceMetricID:TokensPerSecondMetric, baselineName: \"\", baselineAverage: , polarity: unknown")
+    print(f"Test Case '-[LLMTests {{name}}]' passed (7.500 seconds).")
+print("** TEST EXECUTE SUCCEEDED **")
+'''
+UDID = "00008120-001A2B3C4D5E6F70"
+
+
+def xcodebuild(tmp_path, monkeypatch, models, mode="ok"):
+    from edgekd.benchmarks import ios
+
+    folder = tmp_path / "xcode"
+    folder.mkdir()
+    (folder / "fake.py").write_text(FAKE_XCODEBUILD.format(models=models, mode=mode))
+    (folder / "xcodebuild").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{folder / "fake.py"}" "$@"\n')
+    (folder / "xcodebuild").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(ios, "PLATFORM", "darwin")
+    (tmp_path / "Benchmark.xctestrun").write_text("<plist/>")
+    return tmp_path / "Benchmark.xctestrun"
+
+
+def ios_bench(exports, xctestrun, out, *extra):
+    teacher, student, _ = exports
+    return main(["bench", str(teacher), str(student), "--device", f"ios:{UDID}", "--xctestrun", str(xctestrun),
+                 "--out", str(out), *extra])
+
+
+def test_decoder_exports_on_an_iphone_through_the_benchmark_apps_llm_tests(exports, tmp_path, monkeypatch, capsys):
+    # ResourceTestCase.m: the file name with punctuation as '_' (teacher-fp32_llm.pte -> teacher_fp32_llm_pte)
+    xctestrun = xcodebuild(tmp_path, monkeypatch, ["teacher_fp32_llm_pte", "student_fp32_llm_pte"])
+    out = tmp_path / "bench-ios"
+    assert ios_bench(exports, xctestrun, out, "--json") == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["complete"] is True and result["prompts"]["prompt"] == "Once upon a time"
+    teacher, student = result["results"]
+    assert teacher["generate_tokens_per_s"] == 42.0 and student["generate_tokens_per_s"] == 52.0  # the medians
+    assert teacher["generate_ms"]["p50"] == pytest.approx(1220.0) and teacher["peak_rss_mb"] == 400.0
+    assert teacher["test"] == "test_generate_teacher_fp32_llm_pte_tokenizer_json_iOS_18_1_iPhone15_4"
+    (ratio,) = result["ratios"]
+    assert ratio["generate_speedup"] == pytest.approx(52 / 42, abs=1e-3) and ratio["decode_speedup"] is None
+
+
+def test_an_iphone_run_missing_an_export_keeps_the_other_and_says_how_to_build(exports, tmp_path, monkeypatch,
+                                                                               capsys):
+    xctestrun = xcodebuild(tmp_path, monkeypatch, ["teacher_fp32_llm_pte"])
+    out = tmp_path / "bench-ios"
+    assert ios_bench(exports, xctestrun, out) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no generate measurement for student-fp32" in err and "<export folder name>_llm.pte" in err
+    metrics = read_manifest(out)["metrics"]
+    assert metrics["complete"] is False and metrics["finished"] == ["teacher-fp32"]
+
+
+def test_an_iphone_that_hangs_is_a_timeout_and_other_tokenizers_are_refused(exports, tmp_path, monkeypatch, capsys):
+    xctestrun = xcodebuild(tmp_path, monkeypatch, ["teacher_fp32_llm_pte"], mode="hang")
+    assert ios_bench(exports, xctestrun, tmp_path / "b", "--timeout", "2") == 1
+    assert "xcodebuild did not finish within 2 s" in capsys.readouterr().err
+    other = tiny_tokenizer()
+    other.add_tokens(["quarterly"])
+    teacher, _, llama_main = exports
+    student = decoder_export(tmp_path / "export" / "other-student", "student", "fp32", tokenizer=other)
+    assert ios_bench((teacher, student, llama_main), xctestrun, tmp_path / "b2") == 1
+    assert "pairs every model in Resources with every tokenizer there" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
