@@ -8,7 +8,8 @@ verification set; as a folder and a zip. `verify_bundle` simulates the app on th
 The verification set is the export's test split (the recipe's data must be the data the artifact
 was exported with): for each text the Hugging Face tokenizer's ids, the PyTorch student's label
 (the model directory the export manifest names, checksum-verified) and, where this machine runs the
-artifact, its label under the Hugging Face ids. `--verify` needs nothing but the bundle.
+artifact, its label under the Hugging Face ids. `--verify` needs nothing but the bundle. A decoder LM export is
+bundled and verified by edgekd/tasks/generation_bundle.py (ExecuTorch's LLM runners, pytorch-tokenizers).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class BundleError(EdgeKDError):
 
 # --------------------------------------------------------------------------------------- bundle
 
-def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe) -> dict:
-    """Write the bundle folder `out` and `out`.zip for `platform` from export directory `artifact_dir`."""
+def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe=None) -> dict:
+    """Write the bundle folder `out` and `out`.zip for `platform` from export directory `artifact_dir`
+    (`recipe` None: the built-in recipe of the export's task)."""
     from edgekd.data import load_dataset
     from edgekd.manifest import check_out, check_zip_out, stage_input, write_stage
 
@@ -51,6 +53,13 @@ def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe) -> dict:
     if platform not in PLATFORMS:
         raise BundleError(f"unknown platform '{platform}'; known: {', '.join(PLATFORMS)}")
     export, export_input = stage_input(artifact_dir, "export")
+    from edgekd.benchmarks.llm import is_decoder_export
+    if is_decoder_export(export):  # a decoder LM: the generation task's bundle (LLM runners, its own verify)
+        from edgekd.recipe import builtin_recipe
+        from edgekd.tasks.generation_bundle import make_decoder_bundle
+        return make_decoder_bundle(artifact_dir, platform, out, recipe or builtin_recipe("text-generation"), export,
+                                   export_input)
+    recipe = recipe or builtin_recipe_for_classifier()
     fmt = f"{export['params']['target']}/{export['params']['format']}"
     if fmt not in PLATFORMS[platform]:
         fits = " or ".join(PLATFORMS[platform])
@@ -132,6 +141,11 @@ def _expected(export: dict, artifact_dir: Path, tokenizer, texts: list[str], max
             "float": export["quant"]["weights"] in ("fp32", "fp16") and export["quant"]["activations"] == "none",
             "texts": texts, "hf_ids": [[int(i) for i, m in zip(ids[0], mask[0]) if m] for ids, mask in inputs],
             "pytorch_labels": pytorch, "runtime_labels": runtime, "runtime_note": runtime_note}
+
+
+def builtin_recipe_for_classifier():
+    from edgekd.recipe import builtin_recipe
+    return builtin_recipe(None)
 
 
 def _tokenizer(artifact_dir: Path):
@@ -216,14 +230,18 @@ def _write_calling_code(platform: str, fmt: str, values: dict, root: Path) -> li
         if len(parts) == 3 and parts[1] != variant:      # Name.<variant>.ext: only this format's
             continue
         name = f"{parts[0]}.{parts[2]}" if len(parts) == 3 else source.name
-        text = source.read_text()
-        for key, value in values.items():
-            text = text.replace("{{" + key + "}}", value)
-        if re.search(r"\{\{[A-Z_]+\}\}", text):
-            raise BundleError(f"template {source.name} has an unfilled field")  # a programming error
-        (root / platform / name).write_text(text)
+        (root / platform / name).write_text(fill_template(source.read_text(), values, source.name))
         written.append(f"{platform}/{name}")
     return written
+
+
+def fill_template(text: str, values: dict, name: str) -> str:
+    """A calling-code template with its {{FIELDS}} filled in."""
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    if re.search(r"\{\{[A-Z_]+\}\}", text):
+        raise BundleError(f"template {name} has an unfilled field")  # a programming error
+    return text
 
 
 def _kernels(export: dict, artifact: Path) -> dict:
@@ -277,6 +295,9 @@ def verify_bundle(path: Path) -> dict:
     from edgekd.manifest import verify_stage
 
     manifest = verify_stage(path, "bundle")
+    if manifest.get("task") == "text-generation":
+        from edgekd.tasks.generation_bundle import verify_decoder_bundle
+        return verify_decoder_bundle(path, manifest)
     expected = json.loads((path / EXPECTED).read_text(encoding="utf-8"))
     texts, max_length = expected["texts"], expected["max_length"]
     tok = ctokenizer.CTokenizer(path / "tokenizer" / "c", max_length)

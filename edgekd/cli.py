@@ -216,11 +216,14 @@ def cmd_bundle(args) -> str:
             return json.dumps(result, indent=2)
         model = result.get("model") or (f"model labels agree with PyTorch on "
                                         f"{result['pytorch_agreement']:.1%} of the texts")
-        return (f"ok: {args.verify} ({result['files']} files, checksums match; C tokenizer exact on "
-                f"{result['texts']} test texts; {model})")
+        return (f"ok: {args.verify} ({result['files']} files, checksums match; "
+                f"{result.get('tokenizer_library', 'C tokenizer')} exact on {result['texts']} "
+                f"{result.get('texts_are', 'test texts')}; {model})")
     if not (args.artifact_dir and args.platform and args.out):
         raise EdgeKDError("edgekd bundle needs ARTIFACT_DIR, --platform and --out (or --verify BUNDLE)")
-    bundle = make_bundle(Path(args.artifact_dir), args.platform, Path(args.out), _recipe(args.recipe))
+    # No --recipe: the built-in recipe of the export's task (make_bundle reads which).
+    bundle = make_bundle(Path(args.artifact_dir), args.platform, Path(args.out),
+                         _recipe(args.recipe) if args.recipe else None)
     return _print_metrics(bundle, args)
 
 

@@ -109,6 +109,43 @@ def test_edgekd_bench_measures_decoder_exports_in_tokens_per_second_beside_eager
     assert "decoder exports take only --baselines torch" in capsys.readouterr().err
 
 
+def test_a_decoder_bundle_verifies_as_the_app_would_run_it(lm_recipe, lm_run, tmp_path, capsys, monkeypatch):
+    """`edgekd bundle` of the int4 and fp32 students: model, tokenizer.json, generation.json (the prompt format),
+    Kotlin/Swift/C++ calling code; `--verify` feeds pytorch-tokenizers' ids to the .pte and compares its greedy
+    tokens with its reference's."""
+    out, _ = lm_run
+    recipe = str(lm_recipe / "recipe.yaml")
+    for quant, platform in (("int4", "android"), ("fp32", "ios")):
+        bundle = tmp_path / f"bundle-{quant}"
+        assert main(["bundle", str(out / "export" / f"student-{quant}-android-executorch"), "--platform", platform,
+                     "--recipe", recipe, "--out", str(bundle)]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+        code = {"android": "android/EdgekdGenerator.kt", "ios": "ios/EdgekdGenerator.swift"}[platform]
+        assert {"tokenizer/tokenizer.json", "generation.json", code, "cpp/edgekd_generate.cpp",
+                "verify/expected.json", "README.md"} <= files
+        generation = json.loads((bundle / "generation.json").read_text())
+        assert generation["eos_ids"] and generation["max_seq_len"] == 128
+        assert "{{" not in (bundle / code).read_text()
+        assert main(["bundle", "--verify", f"{bundle}.zip"]) == 0, capsys.readouterr().err
+        line = capsys.readouterr().out
+        assert "pytorch-tokenizers exact on 24 validation and test prompts" in line and "greedy tokens equal" in line
+    expected = json.loads((tmp_path / "bundle-int4" / "verify" / "expected.json").read_text())
+    assert expected["reference"] == "its torchao int4 reference in PyTorch" and len(expected["generations"]) == 16
+
+    # A tokenizer library that encodes one prompt otherwise: one line, exit 1.
+    import pytorch_tokenizers
+
+    class Shifted(pytorch_tokenizers.CppHFTokenizer):
+        def encode(self, text, bos=0, eos=0):
+            ids = list(super().encode(text, bos, eos))
+            return ids[:-1] + [ids[-1] + 1] if "rose" in text else ids
+
+    monkeypatch.setattr(pytorch_tokenizers, "CppHFTokenizer", Shifted)
+    assert main(["bundle", "--verify", str(tmp_path / "bundle-fp32")]) == 1
+    assert "gives other ids than the model's tokenizer on" in capsys.readouterr().err
+
+
 def test_the_budget_search_exports_the_first_spec_within_budget_and_refuses_in_one_line(lm_recipe, lm_run, capsys,
                                                                                         monkeypatch):
     import yaml

@@ -1,0 +1,244 @@
+"""The app bundle of a decoder LM export (task text-generation), and its verification.
+
+    export dir (decoder .pte) --> model/ + tokenizer/tokenizer.json + generation.json + calling code
+                                  + verify/expected.json + README.md --> DIR, DIR.zip
+
+The app side is ExecuTorch's own: Kotlin `LlmModule` (Android), Swift `TextRunner` (iOS) and C++ `TextLLMRunner`,
+which link the C++ tokenizer library pip ships as `pytorch-tokenizers`. The XNNPACK .pte is the same file on
+Android and iOS. `generation.json` holds the prompt format the model was fine-tuned with (the chat template's user
+turn and assistant header as a fixed prefix and suffix around the user's text; checked on every verification
+prompt), the bos count the runner prepends, eos ids and the context.
+
+`--verify` simulates the app: pytorch-tokenizers' C++ tokenizer reads the bundle's tokenizer.json and must give the
+Hugging Face ids of every verification prompt (validation and test); those ids drive the bundled .pte in the
+ExecuTorch runtime, greedy, and its tokens must be its reference's (the PyTorch student for an fp32 .pte, its
+torchao-quantized reference for a quantized one) up to the first position where the reference's top-2 margin is
+within twice the export gate's logit tolerance (a near-tie: either token is the model's answer).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PLATFORMS = ("android", "ios")
+VERIFY_PROMPTS = 16      # generated through the .pte (the tokenizer check takes every validation and test prompt)
+VERIFY_NEW_TOKENS = 16
+SENTINEL = "EDGEKD_USER_TEXT"
+RESOURCES = Path(__file__).parents[1] / "resources" / "bundle" / "generation"
+CALLING_CODE = {"android": ("android/EdgekdGenerator.kt", "cpp/edgekd_generate.cpp"),
+                "ios": ("ios/EdgekdGenerator.swift", "cpp/edgekd_generate.cpp")}
+
+
+def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, export: dict,
+                        export_input: dict) -> dict:
+    """Write the bundle folder `out` and `out`.zip for `platform` from decoder export directory `artifact_dir`."""
+    from edgekd.bundle import BundleError, _c_string, _kernels, _zip, _zip_path, fill_template
+    from edgekd.manifest import write_stage
+    from edgekd.tasks.generation import load_records
+
+    if platform not in PLATFORMS:
+        raise BundleError(f"a decoder .pte runs on android or ios (ExecuTorch's LLM runners), not {platform}")
+    if getattr(recipe, "task", None) != "text-generation":
+        raise BundleError(f"{artifact_dir} is a decoder LM export; pass the generation recipe it was exported with "
+                          f"(--recipe RUN/recipe.yaml): its prompts become the bundle's verification set")
+    data = load_records(recipe)
+    if data.fingerprint()["sha256"] != export["inputs"]["data"]["sha256"]:
+        raise BundleError(f"the recipe's data is not the data {artifact_dir} was exported with; pass that "
+                          f"export's recipe with --recipe (its prompts become the bundle's verification set)")
+    model, tokenizer = _source_model(artifact_dir, export)
+    prompts = [r.prompt for r in data.validation + data.test]
+    prefix, suffix, num_bos = prompt_format(tokenizer, prompts)
+    expected = _expected(artifact_dir, export, model, tokenizer, data, recipe.seed, prefix, suffix, num_bos)
+    generation = {"prompt_prefix": prefix, "prompt_suffix": suffix, "num_bos": num_bos,
+                  "bos_id": tokenizer.bos_token_id, "eos_ids": export["metadata"].get("get_eos_ids", []),
+                  "max_seq_len": export["max_seq_len"], "chat_template": tokenizer.chat_template,
+                  "generation_config": json.loads((artifact_dir / "generation_config.json").read_text())}
+    values = {"ARTIFACT": export["artifact"], "MAX_SEQ_LEN": str(export["max_seq_len"]), "NUM_BOS": str(num_bos),
+              "C_PROMPT_PREFIX": _c_string(prefix), "C_PROMPT_SUFFIX": _c_string(suffix)}
+    params = {"platform": platform, "format": "android/executorch-llm", "artifact": export["artifact"]}
+    with write_stage(out, "bundle", params, {"export": export_input}) as stage:
+        root = stage.path
+        (root / "model").mkdir()
+        shutil.copyfile(artifact_dir / export["artifact"], root / "model" / export["artifact"])
+        (root / "tokenizer").mkdir()
+        shutil.copyfile(artifact_dir / "tokenizer.json", root / "tokenizer" / "tokenizer.json")
+        (root / "generation.json").write_text(json.dumps(generation, indent=2, ensure_ascii=False) + "\n")
+        code = []
+        for name in CALLING_CODE[platform]:
+            (root / name).parent.mkdir(exist_ok=True)
+            (root / name).write_text(fill_template((RESOURCES / name).read_text(), values, name))
+            code.append(name)
+        (root / "verify").mkdir()
+        (root / "verify" / "expected.json").write_text(json.dumps(expected, ensure_ascii=False) + "\n")
+        for name in ("LICENSE", "NOTICE"):
+            if (artifact_dir / name).is_file():
+                shutil.copyfile(artifact_dir / name, root / name)
+        kernels = _kernels(export, root / "model" / export["artifact"])
+        (root / "README.md").write_text(_readme(platform, export, generation, code, expected))
+        stage.extra.update({"task": "text-generation", "platform": platform, "format": params["format"],
+                            "artifact": f"model/{export['artifact']}", "quant": export["quant"],
+                            "max_seq_len": export["max_seq_len"], "runtime": export.get("runtime", {}),
+                            "kernels": kernels, "calling_code": code, "verify_texts": len(expected["texts"]),
+                            "verify_generations": len(expected["generations"])})
+    try:
+        _zip(out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a folder without its zip is not a finished bundle
+        raise
+    return {"bundle": str(out), "zip": str(_zip_path(out)), "files": sum(1 for p in out.rglob("*") if p.is_file()),
+            "verify_texts": len(expected["texts"]), "verify_generations": len(expected["generations"])}
+
+
+def _source_model(artifact_dir: Path, export: dict):
+    """The model the .pte was exported from (checksum-verified) and its tokenizer, chat template included."""
+    from edgekd.bundle import BundleError
+    from edgekd.errors import StageError
+    from edgekd.manifest import read_manifest, stage_input
+    from edgekd.models import load_causal_lm, load_tokenizer
+
+    source = export["inputs"]["model"]
+    try:
+        _, found = stage_input(Path(source["path"]), read_manifest(Path(source["path"]))["stage"])
+    except StageError as exc:
+        raise BundleError(f"the model {artifact_dir} was exported from cannot be read back to compute its "
+                          f"reference tokens ({exc})") from None
+    if found["sha256"] != source["sha256"]:
+        raise BundleError(f"the model at {source['path']} changed since {artifact_dir} was exported from it; "
+                          f"re-export, then bundle")
+    return load_causal_lm(source["path"]), load_tokenizer(source["path"])
+
+
+def prompt_format(tokenizer, prompts: list[str]) -> tuple[str, str, int]:
+    """(prefix, suffix, bos count): the text around a user's prompt, and the bos tokens before it, that give the ids
+    the model was fine-tuned on (edgekd.lm_data.prompt_ids) for every prompt; a BundleError when no fixed prefix
+    and suffix do (a chat template that rewrites the user's text)."""
+    from edgekd.bundle import BundleError
+    from edgekd.lm_data import prompt_ids
+
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
+                                                 add_generation_prompt=True)
+        prefix, found, suffix = rendered.partition(SENTINEL)
+        if not found:
+            raise BundleError("the chat template drops the user's text from its output; an app cannot build the "
+                              "prompt from a fixed prefix and suffix")
+    else:
+        prefix, suffix = "", "\n"
+    counts = set()
+    for prompt in prompts:
+        ids = prompt_ids(tokenizer, prompt)
+        plain = tokenizer(prefix + prompt + suffix, add_special_tokens=False)["input_ids"]
+        extra = len(ids) - len(plain)
+        if extra < 0 or ids[extra:] != plain or ids[:extra] != [tokenizer.bos_token_id] * extra:
+            raise BundleError(f"the prompt format is not a fixed prefix and suffix around the user's text for "
+                              f"{prompt[:50]!r}; an app could not feed the model what it was fine-tuned on")
+        counts.add(extra)
+    if len(counts) > 1:
+        raise BundleError(f"the tokenizer adds a different number of bos tokens to different prompts ({counts})")
+    return prefix, suffix, counts.pop() if counts else 0
+
+
+def _expected(artifact_dir: Path, export: dict, model, tokenizer, data, seed: int, prefix: str, suffix: str,
+              num_bos: int) -> dict:
+    """The verification set: every validation and test prompt with its Hugging Face ids; for a seeded, stratified
+    sample of them the reference's greedy tokens and, per position, whether its top-2 margin is decisive."""
+    import torch
+
+    from edgekd.compress.quant import get_spec
+    from edgekd.lm_data import prompt_ids
+    from edgekd.sample import stratified_sample
+    from edgekd.targets.llm_executorch import DecoderRunner, forced_logits, quantize_decoder, reference_generate
+
+    records = data.validation + data.test
+    spec = get_spec(export["quant"]["name"])
+    reference = model if spec.is_float else quantize_decoder(model, spec)
+    runner = DecoderRunner(artifact_dir / export["artifact"], 1)
+    tolerance = export["metrics"]["parity"]["logit_tolerance"]
+    picked = sorted(stratified_sample([str(r.label) for r in records], VERIFY_PROMPTS, seed, "bundle"))
+    generations = []
+    for i in picked:
+        ids = prompt_ids(tokenizer, records[i].prompt)
+        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, runner.eos_ids)
+        with torch.no_grad():
+            _, ref_logits = forced_logits(runner, ids, tokens, reference)
+        top2, scale = ref_logits.topk(2, dim=1).values, 1 + ref_logits.abs().amax(dim=1)
+        decisive = ((top2[:, 0] - top2[:, 1]) > 2 * tolerance * scale).tolist()
+        generations.append({"text": i, "tokens": tokens, "decisive": decisive})
+    return {"format": "android/executorch-llm", "quant": spec.name, "reference": "the PyTorch model" if spec.is_float
+            else f"its torchao {spec.name} reference in PyTorch", "logit_tolerance": tolerance,
+            "prompt_prefix": prefix, "prompt_suffix": suffix, "num_bos": num_bos,
+            "texts": [r.prompt for r in records], "hf_ids": [prompt_ids(tokenizer, r.prompt) for r in records],
+            "new_tokens": VERIFY_NEW_TOKENS, "generations": generations}
+
+
+def verify_decoder_bundle(path: Path, manifest: dict) -> dict:
+    """The app simulated here (see the module docstring); a BundleError, one line with counts, on a difference."""
+    from pytorch_tokenizers import CppHFTokenizer
+
+    from edgekd.bundle import BundleError
+    from edgekd.targets.llm_executorch import DecoderRunner, native_stderr_filtered
+
+    expected = json.loads((path / "verify" / "expected.json").read_text(encoding="utf-8"))
+    texts = expected["texts"]
+    with native_stderr_filtered():
+        native = CppHFTokenizer()
+        native.load(str(path / "tokenizer" / "tokenizer.json"))
+        ids = [list(native.encode(expected["prompt_prefix"] + text + expected["prompt_suffix"], expected["num_bos"],
+                                  0)) for text in texts]
+    wrong = [i for i, (got, want) in enumerate(zip(ids, expected["hf_ids"])) if got != want]
+    if wrong:
+        raise BundleError(f"pytorch-tokenizers (the tokenizer library the app links) gives other ids than the model's "
+                          f"tokenizer on {len(wrong)} of {len(texts)} verification prompts (first: "
+                          f"{texts[wrong[0]][:60]!r})")
+    runner = DecoderRunner(path / manifest["artifact"], 1)
+    equal, near_ties = 0, 0
+    for generation in expected["generations"]:
+        got, _ = runner.generate(ids[generation["text"]], expected["new_tokens"])
+        want, decisive = generation["tokens"], generation["decisive"]
+        fork = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if fork is None and len(got) == len(want):
+            equal += 1
+        elif fork is not None and not decisive[fork]:
+            near_ties += 1  # both tokens are within the gate's tolerance of the top: the reference's own near-tie
+        else:
+            where = fork if fork is not None else min(len(got), len(want))
+            raise BundleError(f"the bundled model fed by the app's tokenizer generates other tokens than "
+                              f"{expected['reference']} on prompt {generation['text'] + 1} (from token {where} of "
+                              f"{len(want)}, where the reference's choice is decisive)")
+    n = len(expected["generations"])
+    return {"bundle": str(path), "files": len(manifest["files"]), "texts": len(texts), "tokenizer": "exact",
+            "tokenizer_library": "pytorch-tokenizers", "texts_are": "validation and test prompts",
+            "model": f"greedy tokens equal {expected['reference']}'s on {equal} of {n} prompts"
+                     + (f", the other {near_ties} forked at a near-tie" if near_ties else "")}
+
+
+def _readme(platform: str, export: dict, generation: dict, code: list[str], expected: dict) -> str:
+    runtime = {"android": "Maven `org.pytorch:executorch-android` (`LlmModule`)",
+               "ios": "the Swift package `ExecuTorchLLM` (`TextRunner`), with `ExecuTorch` and its XNNPACK backend"}
+    lines = [
+        f"# {export['artifact']} for {platform}",
+        "",
+        f"A decoder LM ({export['quant']['name']}, context {export['max_seq_len']} tokens) exported by edgekd to "
+        f"ExecuTorch with XNNPACK and a static KV cache. Runtime: {runtime[platform]}; the C++ runner "
+        f"`TextLLMRunner` in `cpp/`. The same `.pte` runs on Android and iOS.",
+        "",
+        "| file | what it is |",
+        "|---|---|",
+        f"| `model/{export['artifact']}` | the program ({export.get('size_bytes', 0) / 1e6:.1f} MB) |",
+        "| `tokenizer/tokenizer.json` | the Hugging Face tokenizer, read by ExecuTorch's tokenizer library |",
+        "| `generation.json` | prompt prefix and suffix, bos count, eos ids, context, chat template, generation "
+        "config |",
+        *[f"| `{name}` | calling code: load, generate greedily, stream tokens |" for name in code],
+        "| `verify/expected.json` | what `edgekd bundle --verify` checks |",
+        "",
+        "The prompt is `prompt_prefix + user text + prompt_suffix` (generation.json), with `num_bos` "
+        f"({generation['num_bos']}) bos tokens: the format the model was fine-tuned with. Generation stops at an "
+        f"eos id ({generation['eos_ids']}) or when the context is full.",
+        "",
+        f"`edgekd bundle --verify THIS_FOLDER` checks every file's checksum; that the tokenizer library gives the "
+        f"model's tokenizer's ids on {len(expected['texts'])} prompts; and that the model, fed those ids, generates "
+        f"{expected['reference']}'s greedy tokens on {len(expected['generations'])} of them.",
+        "",
+    ]
+    return "\n".join(lines)
