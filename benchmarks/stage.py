@@ -82,7 +82,8 @@ def _decoders(artifact_dirs: list[Path]) -> bool:
     """Whether the artifacts are decoder LM exports (all of them; a mix is refused)."""
     from edgekd.benchmarks.llm import is_decoder_export
 
-    kinds = {is_decoder_export(stage_input(Path(p), "export")[0]) for p in artifact_dirs}
+    # The manifests only (their checksums are verified once, by whichever path measures them)
+    kinds = {is_decoder_export(read_manifest(Path(p), "export")) for p in artifact_dirs}
     if len(kinds) > 1:
         raise BenchError("these exports mix decoder LMs (tokens per second) and classifiers (latency per inference): "
                          "bench each kind with its own edgekd bench command and --out")

@@ -193,8 +193,9 @@ def cmd_report(args) -> str:
 
     out = report_dir(Path(args.run_dir), Path(args.out) if args.out else None)
     summary = write_report(Path(args.run_dir), price_per_core_hour=args.price_per_core_hour, out=out)
-    if args.json:
-        return json.dumps(machine_summary(summary), indent=2)
+    if args.json:  # a generation run's summary is already the machine view (no latency samples in it)
+        return json.dumps(machine_summary(summary) if summary["schema"].startswith("edgekd.report/") else summary,
+                          indent=2)
     return (out / "report.md").read_text(encoding="utf-8")
 
 

@@ -25,6 +25,23 @@ def _title(role: str, quant: str, asked: str | None = None) -> str:
     return f"{base}, {shown}" if quant != "fp32" else base
 
 
+def _decoder_run(path: Path) -> bool:
+    """Whether `path` is a run, or a bench stage, of decoder LM exports. A bench stage of them alone has no report
+    of its own: its run does (one line saying so)."""
+    from edgekd.benchmarks.llm import is_decoder_export
+
+    if _is_bench_dir(path):
+        if read_manifest(path)["metrics"].get("schema", "").startswith("edgekd.bench-llm"):
+            raise EdgeKDError(f"{path} measured decoder LM exports; their report is their run's: `edgekd report RUN` "
+                              f"(the folder holding export/ and bench/), or read {path}/manifest.json")
+        return False
+    try:
+        exports, _ = run_variants(path)
+    except EdgeKDError:
+        return False  # collect says what is missing
+    return any(is_decoder_export(read_manifest(e)) for e in exports)
+
+
 def _is_bench_dir(path: Path) -> bool:
     try:
         return read_manifest(path).get("stage") == "bench"
@@ -269,7 +286,11 @@ def _busy_seconds(manifests: list[dict]) -> float:
 
 
 def write_report(run_dir: Path, price_per_core_hour: float | None = None, out: Path | None = None) -> dict:
-    """Write report.md/.html/.json and plots into `out` (default: report_dir(run_dir)); return the summary."""
+    """Write report.md/.html/.json and plots into `out` (default: report_dir(run_dir)); return the summary.
+    A run of decoder LMs (task text-generation) gets the generation task's report."""
+    if _decoder_run(Path(run_dir)):
+        from edgekd.tasks.generation_report import write_report as write_generation_report
+        return write_generation_report(Path(run_dir), out)
     summary = collect(run_dir, price_per_core_hour)
     out = report_dir(Path(run_dir), out)
     out.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,12 @@ def test_edgekd_bench_measures_decoder_exports_in_tokens_per_second_beside_eager
     assert kinds[("student-int4-android-executorch", "tiny-lm-student-fp32-eager")] == "executorch over eager"
     assert main(["bench", str(exports[0]), "--baselines", "onnxruntime", "--out", str(tmp_path / "b2")]) == 1
     assert "decoder exports take only --baselines torch" in capsys.readouterr().err
+    # `edgekd report` of the run is the generation report; of a decoder bench directory alone, one line.
+    assert main(["report", str(out), "--out", str(tmp_path / "report"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schema"] == "edgekd.report-llm/1"
+    assert "Decode tokens/s" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["report", str(bench_dir)]) == 1
+    assert "their report is their run's: `edgekd report RUN`" in capsys.readouterr().err
 
 
 def test_a_decoder_bundle_verifies_as_the_app_would_run_it(lm_recipe, lm_run, tmp_path, capsys, monkeypatch):

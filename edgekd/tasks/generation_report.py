@@ -208,10 +208,12 @@ def render_html(summary: dict) -> str:
             f"<h1>edgekd report: text generation</h1><table><tr>{cells}</tr>{body}</table><ul>{notes}</ul>{failed}")
 
 
-def write_report(run_dir: Path) -> dict:
+def write_report(run_dir: Path, out: Path | None = None) -> dict:
+    """report.md/.html/.json of a generation run into `out` (default: the run directory)."""
     summary = collect(run_dir)
-    run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "report.md", render_markdown(summary))
-    atomic_write_text(run_dir / "report.html", render_html(summary))
-    atomic_write_text(run_dir / "report.json", json.dumps(summary, indent=2) + "\n")
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.md", render_markdown(summary))
+    atomic_write_text(out / "report.html", render_html(summary))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     return summary
