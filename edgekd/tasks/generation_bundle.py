@@ -174,14 +174,14 @@ def _expected(artifact_dir: Path, export: dict, model, tokenizer, data, seed: in
 
 def verify_decoder_bundle(path: Path, manifest: dict) -> dict:
     """The app simulated here (see the module docstring); a BundleError, one line with counts, on a difference."""
-    from pytorch_tokenizers import CppHFTokenizer
-
     from edgekd.bundle import BundleError
     from edgekd.targets.llm_executorch import DecoderRunner, native_stderr_filtered
 
     expected = json.loads((path / "verify" / "expected.json").read_text(encoding="utf-8"))
     texts = expected["texts"]
-    with native_stderr_filtered():
+    with native_stderr_filtered():  # the library logs its regex set-up to fd 2, from its import on
+        from pytorch_tokenizers import CppHFTokenizer
+
         native = CppHFTokenizer()
         native.load(str(path / "tokenizer" / "tokenizer.json"))
         ids = [list(native.encode(expected["prompt_prefix"] + text + expected["prompt_suffix"], expected["num_bos"],
@@ -209,7 +209,7 @@ def verify_decoder_bundle(path: Path, manifest: dict) -> dict:
     n = len(expected["generations"])
     return {"bundle": str(path), "files": len(manifest["files"]), "texts": len(texts), "tokenizer": "exact",
             "tokenizer_library": "pytorch-tokenizers", "texts_are": "validation and test prompts",
-            "model": f"greedy tokens equal {expected['reference']}'s on {equal} of {n} prompts"
+            "model": f"greedy tokens equal those of {expected['reference']} on {equal} of {n} prompts"
                      + (f", the other {near_ties} forked at a near-tie" if near_ties else "")}
 
 
