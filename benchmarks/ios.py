@@ -127,12 +127,7 @@ class IOSDevice:
             name = next(n for n, t in tests.items() if t is forward)
             row["test"] = name
             results.append(row)
-        missing = [a.name for a in todo if a.name not in {r["name"] for r in results}]
-        if error is None and code not in (None, 0) and not results:
-            error = f"xcodebuild failed (exit {code}): {_last_error(output)}"
-        if error is None and missing:
-            error = (f"no forward measurement for {', '.join(missing)} in xcodebuild's output (not in this "
-                     f"xctestrun, or its test failed): {BUILD_FOR_TESTING}")
+        error = _run_error(error, code, output, todo, results, "forward", BUILD_FOR_TESTING)
         return Measurement(results, skipped, machine, error, [a.name for a in todo])
 
     def measure_decoders(self, exports: list, settings: Settings, prompt_lengths, new_tokens: int, seed: int) -> dict:
@@ -170,12 +165,7 @@ class IOSDevice:
                 "generate_ms": latency_stats([v * 1e3 for v in clock["values"]]) if clock else None,
                 "peak_rss_mb": round(memory["average"] / 1024, 1) if memory else None,  # kB, as the host's MB
                 "runs_planned": 1, "runs_done": 1})
-        missing = [e.name for e in exports if e.name not in {r["name"] for r in results}]
-        if error is None and code not in (None, 0) and not results:
-            error = f"xcodebuild failed (exit {code}): {_last_error(output)}"
-        if error is None and missing:
-            error = (f"no generate measurement for {', '.join(missing)} in xcodebuild's output (not in this "
-                     f"xctestrun, or its test failed): {BUILD_FOR_LLM_TESTING}")
+        error = _run_error(error, code, output, exports, results, "generate", BUILD_FOR_LLM_TESTING)
         result = {"schema": SCHEMA, "results": results, "skipped": [], "ratios": decoder_ratios(results),
                   "ratios_at_prompt_tokens": None,
                   "prompts": {"kind": "the Benchmark app's own", "prompt": "Once upon a time", "sequence_length": 50,
@@ -186,6 +176,18 @@ class IOSDevice:
         if error:
             result["error"] = error
         return result
+
+
+def _run_error(error, code, output: str, expected: list, results: list[dict], test: str, build: str):
+    """The run's one line: a timeout as it was, xcodebuild's own failure when nothing was measured, else the
+    artifacts without a `test` measurement (not in this xctestrun, or their test failed); None when all were."""
+    missing = [a.name for a in expected if a.name not in {r["name"] for r in results}]
+    if error is None and code not in (None, 0) and not results:
+        error = f"xcodebuild failed (exit {code}): {_last_error(output)}"
+    if error is None and missing:
+        error = (f"no {test} measurement for {', '.join(missing)} in xcodebuild's output (not in this xctestrun, "
+                 f"or its test failed): {build}")
+    return error
 
 
 def _last_error(output: str) -> str:

@@ -88,9 +88,7 @@ def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe=None) -> di
         code = _write_calling_code(platform, fmt, values, root)
         (root / "verify").mkdir()
         (root / EXPECTED).write_text(json.dumps(expected, ensure_ascii=False) + "\n")
-        for name in ("LICENSE", "NOTICE"):
-            if (artifact_dir / name).is_file():
-                shutil.copyfile(artifact_dir / name, root / name)
+        copy_licenses(artifact_dir, root)
         kernels = _kernels(export, root / "model" / export["artifact"])
         (root / "README.md").write_text(bundle_readme(platform, fmt, export, values, kernels, tables, code))
         stage.extra.update({"platform": platform, "format": fmt, "artifact": f"model/{export['artifact']}",
@@ -98,13 +96,8 @@ def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe=None) -> di
                             "quant": export["quant"], "runtime": export.get("runtime", {}), "kernels": kernels,
                             "tokenizer": {k: v for k, v in tables.items() if k != "normalizer"},
                             "calling_code": code, "verify_texts": len(expected["texts"])})
-    try:
-        _zip(out)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # a folder without its zip is not a finished bundle
-        raise
-    return {"bundle": str(out), "zip": str(_zip_path(out)), "files": sum(1 for p in out.rglob("*") if p.is_file()),
-            "verify_texts": len(expected["texts"]), "tokenizer": {k: v for k, v in tables.items() if k != "normalizer"}}
+    return {**finish_bundle(out), "verify_texts": len(expected["texts"]),
+            "tokenizer": {k: v for k, v in tables.items() if k != "normalizer"}}
 
 
 def _expected(export: dict, artifact_dir: Path, tokenizer, texts: list[str], max_length: int) -> dict:
@@ -253,6 +246,24 @@ def _kernels(export: dict, artifact: Path) -> dict:
     delegation = export.get("delegation", {})
     return {"backend": delegation.get("backend"), "operators": names,
             "quantized_kernels": any(n.startswith("quantized_decomposed::") for n in names)}
+
+
+def copy_licenses(source: Path, dest: Path) -> None:
+    """The model's LICENSE and NOTICE, where the export carried them, beside what ships."""
+    for name in ("LICENSE", "NOTICE"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+
+
+def finish_bundle(out: Path) -> dict:
+    """The zip beside the written bundle folder (a failure removes the folder too: a folder without its zip is not
+    a finished bundle); the paths and the file count."""
+    try:
+        _zip(out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return {"bundle": str(out), "zip": str(_zip_path(out)), "files": sum(1 for p in out.rglob("*") if p.is_file())}
 
 
 def _zip_path(out: Path) -> Path:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -248,3 +250,27 @@ def check_reported_test_metrics(export_dir: Path, dataset) -> dict:
     test = manifest["metrics"]["test"]
     assert test["n"] == len(labels) and test["accuracy"] == (np.asarray(produced) == labels).mean()
     return manifest
+
+
+FAKE_ADB = Path(__file__).parent / "fake_adb.py"
+FAKE_ADB_SERIAL = "emulator-5554"
+
+
+@pytest.fixture
+def phone(tmp_path, monkeypatch):
+    """The fake adb (tests/fake_adb.py) first on PATH; returns set_mode(mode, **config) -> its state folder."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "adb-state"
+    bin_dir.mkdir()
+    state.mkdir()
+    shim = bin_dir / "adb"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_ADB}" "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_STATE", str(state))
+
+    def set_mode(mode: str = "ok", **config):
+        (state / "config.json").write_text(json.dumps({"mode": mode, "serial": FAKE_ADB_SERIAL, **config}))
+        return state
+
+    set_mode()
+    return set_mode

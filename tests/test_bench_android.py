@@ -4,8 +4,6 @@ are real exports; nothing runs them here, the fake phone answers in the real too
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +14,7 @@ from edgekd.manifest import read_manifest, verify_stage
 
 pytest.importorskip("executorch")
 
-FAKE_ADB = Path(__file__).parent / "fake_adb.py"
-SERIAL = "emulator-5554"
-
-
-@pytest.fixture
-def phone(tmp_path, monkeypatch):
-    """Install the fake adb; returns set_mode(mode, **config) and the state folder."""
-    bin_dir, state = tmp_path / "bin", tmp_path / "adb-state"
-    bin_dir.mkdir()
-    state.mkdir()
-    shim = bin_dir / "adb"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_ADB}" "$@"\n')
-    shim.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_ADB_STATE", str(state))
-
-    def set_mode(mode: str = "ok", **config):
-        (state / "config.json").write_text(json.dumps({"mode": mode, "serial": SERIAL, **config}))
-        return state
-
-    set_mode()
-    return set_mode
+from conftest import FAKE_ADB_SERIAL as SERIAL  # noqa: E402  the fake phone (the `phone` fixture, conftest.py)
 
 
 @pytest.fixture

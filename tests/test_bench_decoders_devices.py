@@ -19,8 +19,6 @@ from edgekd.manifest import read_manifest, write_stage
 from lm_tiny import tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
-FAKE_ADB = Path(__file__).parent / "fake_adb.py"
-SERIAL = "emulator-5554"
 
 
 def test_the_wheels_runner_output_gives_the_runners_own_rates():
@@ -72,24 +70,6 @@ def decoder_export(folder: Path, role: str, quant: str, max_seq_len: int = 64, t
         stage.metrics = {}
         stage.extra.update(artifact=artifact, role=role, quant={"name": quant}, max_seq_len=max_seq_len)
     return folder
-
-
-@pytest.fixture
-def phone(tmp_path, monkeypatch):
-    bin_dir, state = tmp_path / "bin", tmp_path / "adb-state"
-    bin_dir.mkdir()
-    state.mkdir()
-    shim = bin_dir / "adb"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_ADB}" "$@"\n')
-    shim.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_ADB_STATE", str(state))
-
-    def set_mode(mode: str = "ok", **config):
-        (state / "config.json").write_text(json.dumps({"mode": mode, "serial": SERIAL, **config}))
-        return state
-
-    return set_mode
 
 
 @pytest.fixture

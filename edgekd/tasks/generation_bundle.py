@@ -33,7 +33,7 @@ CALLING_CODE = {"android": ("android/EdgekdGenerator.kt", "cpp/edgekd_generate.c
 def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, export: dict,
                         export_input: dict) -> dict:
     """Write the bundle folder `out` and `out`.zip for `platform` from decoder export directory `artifact_dir`."""
-    from edgekd.bundle import BundleError, _c_string, _kernels, _zip, _zip_path, fill_template
+    from edgekd.bundle import BundleError, _c_string, _kernels, copy_licenses, fill_template, finish_bundle
     from edgekd.manifest import write_stage
     from edgekd.tasks.generation import load_records
 
@@ -49,7 +49,7 @@ def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, ex
     model, tokenizer = _source_model(artifact_dir, export)
     prompts = [r.prompt for r in data.validation + data.test]
     prefix, suffix, num_bos = prompt_format(tokenizer, prompts)
-    expected = _expected(artifact_dir, export, model, tokenizer, data, recipe.seed, prefix, suffix, num_bos)
+    expected = _expected(export, model, tokenizer, data, recipe.seed, prefix, suffix, num_bos)
     generation = {"prompt_prefix": prefix, "prompt_suffix": suffix, "num_bos": num_bos,
                   "bos_id": tokenizer.bos_token_id, "eos_ids": export["metadata"].get("get_eos_ids", []),
                   "max_seq_len": export["max_seq_len"], "chat_template": tokenizer.chat_template,
@@ -71,9 +71,7 @@ def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, ex
             code.append(name)
         (root / "verify").mkdir()
         (root / "verify" / "expected.json").write_text(json.dumps(expected, ensure_ascii=False) + "\n")
-        for name in ("LICENSE", "NOTICE"):
-            if (artifact_dir / name).is_file():
-                shutil.copyfile(artifact_dir / name, root / name)
+        copy_licenses(artifact_dir, root)
         kernels = _kernels(export, root / "model" / export["artifact"])
         (root / "README.md").write_text(_readme(platform, export, generation, code, expected))
         stage.extra.update({"task": "text-generation", "platform": platform, "format": params["format"],
@@ -81,13 +79,8 @@ def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, ex
                             "max_seq_len": export["max_seq_len"], "runtime": export.get("runtime", {}),
                             "kernels": kernels, "calling_code": code, "verify_texts": len(expected["texts"]),
                             "verify_generations": len(expected["generations"])})
-    try:
-        _zip(out)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # a folder without its zip is not a finished bundle
-        raise
-    return {"bundle": str(out), "zip": str(_zip_path(out)), "files": sum(1 for p in out.rglob("*") if p.is_file()),
-            "verify_texts": len(expected["texts"]), "verify_generations": len(expected["generations"])}
+    return {**finish_bundle(out), "verify_texts": len(expected["texts"]),
+            "verify_generations": len(expected["generations"])}
 
 
 def _source_model(artifact_dir: Path, export: dict):
@@ -139,7 +132,7 @@ def prompt_format(tokenizer, prompts: list[str]) -> tuple[str, str, int]:
     return prefix, suffix, counts.pop() if counts else 0
 
 
-def _expected(artifact_dir: Path, export: dict, model, tokenizer, data, seed: int, prefix: str, suffix: str,
+def _expected(export: dict, model, tokenizer, data, seed: int, prefix: str, suffix: str,
               num_bos: int) -> dict:
     """The verification set: every validation and test prompt with its Hugging Face ids; for a seeded, stratified
     sample of them the reference's greedy tokens and, per position, whether its top-2 margin is decisive."""
@@ -148,20 +141,20 @@ def _expected(artifact_dir: Path, export: dict, model, tokenizer, data, seed: in
     from edgekd.compress.quant import get_spec
     from edgekd.lm_data import prompt_ids
     from edgekd.sample import stratified_sample
-    from edgekd.targets.llm_executorch import DecoderRunner, forced_logits, quantize_decoder, reference_generate
+    from edgekd.targets.llm_executorch import quantize_decoder, reference_generate
 
     records = data.validation + data.test
     spec = get_spec(export["quant"]["name"])
     reference = model if spec.is_float else quantize_decoder(model, spec)
-    runner = DecoderRunner(artifact_dir / export["artifact"], 1)
+    eos_ids = export["metadata"]["get_eos_ids"]  # what the .pte stops at
     tolerance = export["metrics"]["parity"]["logit_tolerance"]
     picked = sorted(stratified_sample([str(r.label) for r in records], VERIFY_PROMPTS, seed, "bundle"))
     generations = []
     for i in picked:
         ids = prompt_ids(tokenizer, records[i].prompt)
-        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, runner.eos_ids)
-        with torch.no_grad():
-            _, ref_logits = forced_logits(runner, ids, tokens, reference)
+        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, eos_ids)
+        with torch.no_grad():  # the next-token logits along its own greedy path, one forward
+            ref_logits = reference(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
         top2, scale = ref_logits.topk(2, dim=1).values, 1 + ref_logits.abs().amax(dim=1)
         decisive = ((top2[:, 0] - top2[:, 1]) > 2 * tolerance * scale).tolist()
         generations.append({"text": i, "tokens": tokens, "decisive": decisive})
