@@ -18,9 +18,9 @@ Two checks, each in its own runtime:
     it rounds them) and, for the dynamic recipes, each Linear's input quantized per row to int8 as XNNPACK does
     on the fly (on a 4-layer cut of SmolLM2 at int4: worst logit difference 0.034 with it, 0.061 without, against
     a bound of 0.065);
-  - the bundle in LiteRT-LM (LiteRTLMRunner: text in, text and token log-probs out, the runtime an app links): its
-    tokenizer must give the Hugging Face ids of every prompt, and its log-probs of the reference's greedy path must
-    match LiteRT's own within LITERT_LM_LOGPROB_TOLERANCE (see there).
+  - the bundle in LiteRT-LM (LiteRTLMRunner: text in, text out, the runtime an app links): its tokenizer must give
+    the Hugging Face ids of every prompt, and its greedy text must follow LiteRT's greedy path but at near-ties
+    within LITERT_LM_TOLERANCE (see there: LiteRT-LM does not compute exactly what the interpreter computes).
 """
 from __future__ import annotations
 
@@ -47,11 +47,15 @@ RECIPES = {("fp32", None, "none"): "none",
            ("int4", 32, "dynamic"): "dynamic_wi4b32_afp32",      # per block of 32 input channels
            ("int4", 64, "dynamic"): "dynamic_wi4b64_afp32"}
 
-# LiteRT-LM's log-probs of a path against LiteRT's interpreter on the same .tflite, per token, scaled by
-# 1 + max |logit| as decoder_parity scales: its CPU executor does not compute them in fp32 exactly (an fp32 tiny
-# Llama: within 0.0055 x scale, while the interpreter matched PyTorch to 1e-7). A broken bundle (another model, a
-# shifted position, a wrong template) is off by whole units of log-probability.
-LITERT_LM_LOGPROB_TOLERANCE = 0.05
+# How far LiteRT-LM's CPU executor may stray from LiteRT's interpreter on the same .tflite, in logits scaled by
+# 1 + max |logit| as decoder_parity scales them. It does not compute what the interpreter computes (which matches
+# PyTorch within 2e-6 for fp32): on a 4-layer cut of SmolLM2, fp32, its greedy text forked from the interpreter's at
+# positions whose top-2 margin was up to 0.014 x scale, with float32 activations or without YNNPACK alike. A broken
+# bundle (another model, a shifted position, a wrong template) forks where the margin is whole logits.
+LITERT_LM_TOLERANCE = 0.02
+# LiteRT-LM writes an XNNPACK weight cache of the model's size beside the file unless told not to: never into an
+# export or a bundle edgekd has checksummed
+NO_CACHE = ":nocache"
 
 
 def litert_recipe(spec: QuantSpec) -> str:
@@ -238,8 +242,9 @@ class LiteRTDecoderRunner:
 
 
 class LiteRTLMRunner:
-    """A .litertlm in the LiteRT-LM runtime (pip litert-lm-api, the C++ engine apps link): text in, greedy text or
-    token log-probs out, and LiteRT-LM's own benchmark (`generate`, for benchmarks/llm.py's bench_decoders)."""
+    """A .litertlm in the LiteRT-LM runtime (pip litert-lm-api, the C++ engine apps link): text in, greedy text
+    out, and LiteRT-LM's own benchmark (`generate`, for benchmarks/llm.py's bench_decoders). Not its text scoring:
+    after a prefill it rewinds the KV cache twice and scores wrong (LiteRT-LM issue #3561, open in 0.18)."""
 
     runtime = "litert-lm"
 
@@ -250,8 +255,8 @@ class LiteRTLMRunner:
         self.file, self.threads = Path(file), threads
         self.backend = litert_lm.Backend.CPU(thread_count=threads or None)
         start = time.perf_counter()
-        with native_stderr_filtered():
-            self.engine = litert_lm.Engine(str(file), backend=self.backend)
+        with native_stderr_filtered():  # no XNNPACK weight cache written beside the file (its default)
+            self.engine = litert_lm.Engine(str(file), backend=self.backend, cache_dir=NO_CACHE)
         self.load_ms = (time.perf_counter() - start) * 1e3
         # stop sequences: litert-torch adds the template's end of turn ("<|im_end|>\n") and punctuation before it
         self.stop_sequences = [list(ids) for ids in self.engine.eos_token_ids]
@@ -274,12 +279,6 @@ class LiteRTLMRunner:
             session.run_prefill([prompt])
             return session.run_decode().texts[0]
 
-    def score(self, prompt: str, target: str) -> list[float]:
-        """The log-probability of each token of `target` after `prompt` (LiteRT-LM's text scoring)."""
-        with native_stderr_filtered(), self._session() as session:
-            session.run_prefill([prompt])
-            return list(session.run_text_scoring([target], store_token_lengths=True).token_scores[0])
-
     def generate(self, prompt_ids, max_new_tokens: int, stop_at_eos: bool = False) -> tuple[list[int], dict]:
         """LiteRT-LM's benchmark mode: a prompt of len(prompt_ids) tokens prefilled, `max_new_tokens` decoded, in a
         fresh engine (its own timer; the tokens are not returned, the ids only set the length)."""
@@ -288,7 +287,7 @@ class LiteRTLMRunner:
         n = len(list(prompt_ids))
         with native_stderr_filtered():
             info = litert_lm.Benchmark(model_path=str(self.file), backend=self.backend, prefill_tokens=n,
-                                       decode_tokens=max_new_tokens).run()
+                                       decode_tokens=max_new_tokens, cache_dir=NO_CACHE).run()
         return [], {"prompt_tokens": info.last_prefill_token_count, "new_tokens": info.last_decode_token_count,
                     "ttft_ms": info.time_to_first_token_in_second * 1e3,
                     "prefill_tokens_per_s": info.last_prefill_tokens_per_second,
@@ -300,39 +299,52 @@ class LiteRTLMRunner:
         return {"litert-lm-api": metadata.version("litert-lm-api")}
 
 
+def greedy_agreement(text: str, path: list[int], decisive: list[bool], tokenizer, eos_ids) -> dict:
+    """A runtime's greedy `text` against a reference's greedy token `path` (`decisive` per position of it): equal,
+    or forked at a position where the reference's top-2 margin is not decisive (a near-tie the runtime's own
+    rounding may break either way), or forked where it is (the runtime computes another model). Compared as text:
+    a runtime gives text, and re-encoding it need not give the same ids. The runtime is asked for more tokens than
+    the path has (LiteRT-LM's detokenizer holds back a trailing piece): a path cut by its length is compared but
+    for its last token; a path that ended at an eos must end the text there."""
+    kept = [t for t in path if t not in eos_ids]
+    stopped = len(kept) < len(path)
+    compared = kept if stopped else kept[:-1]
+    fork = next((k for k in range(len(compared)) if not text.startswith(tokenizer.decode(compared[:k + 1]))), None)
+    if fork is None and stopped and text.rstrip() != tokenizer.decode(kept).rstrip():
+        fork = len(kept)  # the reference stopped at its eos; the runtime went on
+    if fork is None:
+        return {"equal": True, "fork": None, "decisive_fork": False}
+    return {"equal": False, "fork": fork, "decisive_fork": bool(decisive[fork])}
+
+
+def decisive_positions(logits: torch.Tensor, tolerance: float) -> list[bool]:
+    """Per position of a greedy path's next-token logits [positions, vocab]: whether the top-2 margin exceeds twice
+    `tolerance` x (1 + max |logit|), so that logits within the tolerance cannot pick another token there."""
+    top2 = logits.topk(2, dim=1).values
+    return ((top2[:, 0] - top2[:, 1]) > 2 * tolerance * (1 + logits.abs().amax(dim=1))).tolist()
+
+
 def litert_lm_check(runner: LiteRTLMRunner, litert: LiteRTDecoderRunner, tokenizer, prompts: list[list[int]],
                     max_new_tokens: int) -> dict:
     """The bundle in LiteRT-LM against the same .tflite in LiteRT, on each prompt (token ids, as the model is fed
-    in PyTorch): LiteRT-LM's tokenizer gives those ids from the prompt's text; its log-probs of LiteRT's greedy
-    continuation (as text) are within LITERT_LM_LOGPROB_TOLERANCE x (1 + max |logit|) of LiteRT's; its own greedy
-    text is reported beside (equal or not: a near-tie may fork)."""
+    in PyTorch): LiteRT-LM's tokenizer gives those ids from the prompt's text, and its greedy text follows LiteRT's
+    greedy path but where LiteRT's top-2 margin is within 2 x LITERT_LM_TOLERANCE (greedy_agreement)."""
     rows = []
     for ids in prompts:
         ids = [int(t) for t in ids]
         prompt = tokenizer.decode(ids)  # special tokens (a chat template's) as text: LiteRT-LM parses them
-        tokens_equal = runner.tokenize(prompt) == ids
         path, _ = litert.generate(ids, max_new_tokens)
-        target = tokenizer.decode([t for t in path if t not in litert.eos_ids])
-        target_ids = tokenizer.encode(target, add_special_tokens=False)
-        scores = runner.score(prompt, target) if target_ids else []
-        worst = None
-        if target_ids and len(scores) == len(target_ids):
-            # teacher forcing in LiteRT: the distribution of each target token, the first from the prompt alone
-            dist = torch.cat([litert.step(torch.tensor([ids]), 0)]
-                             + [litert.step(torch.tensor([[t]]), len(ids) + i) for i, t in enumerate(target_ids[:-1])])
-            want = dist.log_softmax(-1)[torch.arange(len(target_ids)), torch.tensor(target_ids)]
-            scale = 1 + dist.abs().amax(dim=1)
-            worst = ((torch.tensor(scores) - want).abs() / scale).max().item()
-        text = runner.generate_text(prompt, max_new_tokens)
-        rows.append({"tokens_equal": tokens_equal, "scored_tokens": len(scores), "target_tokens": len(target_ids),
-                     "worst_logprob_diff": worst, "text_equal": text in (target, tokenizer.decode(
-                         path, skip_special_tokens=True))})
-    scored = [r["worst_logprob_diff"] for r in rows if r["worst_logprob_diff"] is not None]
-    worst = max(scored, default=None)
-    passed = (all(r["tokens_equal"] for r in rows) and all(r["scored_tokens"] == r["target_tokens"] for r in rows)
-              and worst is not None and worst <= LITERT_LM_LOGPROB_TOLERANCE)
+        logits = torch.cat([litert.step(torch.tensor([ids]), 0)]
+                           + [litert.step(torch.tensor([[t]]), len(ids) + i) for i, t in enumerate(path[:-1])])
+        agreement = greedy_agreement(runner.generate_text(prompt, max_new_tokens + 2), path,
+                                     decisive_positions(logits, LITERT_LM_TOLERANCE), tokenizer, litert.eos_ids)
+        rows.append({"tokens_equal": runner.tokenize(prompt) == ids, **agreement})
+    passed = all(r["tokens_equal"] and not r["decisive_fork"] for r in rows)
     return {"passed": passed, "prompts": len(rows), "tokens_equal": sum(r["tokens_equal"] for r in rows),
-            "texts_equal": sum(r["text_equal"] for r in rows), "worst_logprob_diff": worst,
-            "rule": f"LiteRT-LM's token ids equal the Hugging Face tokenizer's on every prompt, and its log-probs of "
-                    f"LiteRT's greedy path within {LITERT_LM_LOGPROB_TOLERANCE} x (1 + max |logit|) of LiteRT's",
+            "texts_equal": sum(r["equal"] for r in rows),
+            "near_tie_forks": sum(not r["equal"] and not r["decisive_fork"] for r in rows),
+            "decisive_forks": sum(r["decisive_fork"] for r in rows),
+            "rule": f"LiteRT-LM's token ids equal the Hugging Face tokenizer's on every prompt, and its greedy text "
+                    f"follows LiteRT's greedy path up to a position where LiteRT's top-2 margin is within "
+                    f"{2 * LITERT_LM_TOLERANCE} x (1 + max |logit|)",
             "per_prompt": rows}

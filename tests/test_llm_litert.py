@@ -2,23 +2,26 @@
 LiteRT's interpreter against its own reference, the bundle checked in LiteRT-LM, and the checks failing where they
 should (another model's reference, another tokenizer)."""
 import pytest
+import torch
 
-pytest.importorskip("litert_torch")
-pytest.importorskip("litert_lm")
-pytest.importorskip("tensorflow")
+from edgekd.compress.quant import get_spec
+from edgekd.errors import ExportError
+from edgekd.lm_data import FINSENT_TEMPLATE, prompt_ids
+from edgekd.targets.llm_executorch import decoder_parity
+from edgekd.targets.llm_litert import (
+    LiteRTDecoderRunner,
+    LiteRTLMRunner,
+    export_litert_decoder,
+    litert_lm_check,
+    litert_recipe,
+    litert_reference,
+)
 
-import torch  # noqa: E402
+from conftest import make_rows
+from lm_tiny import tiny_bpe_tokenizer, tiny_llama
 
-from edgekd.compress.quant import get_spec  # noqa: E402
-from edgekd.errors import ExportError  # noqa: E402
-from edgekd.lm_data import FINSENT_TEMPLATE, prompt_ids  # noqa: E402
-from edgekd.targets.llm_executorch import decoder_parity  # noqa: E402
-from edgekd.targets.llm_litert import (LiteRTDecoderRunner, LiteRTLMRunner, export_litert_decoder,  # noqa: E402
-                                       litert_lm_check, litert_recipe, litert_reference)
-
-from conftest import make_rows  # noqa: E402
-from lm_tiny import tiny_bpe_tokenizer, tiny_llama  # noqa: E402
-
+for package in ("litert_torch", "litert_lm", "tensorflow", "ai_edge_quantizer"):  # the module imports them lazily
+    pytest.importorskip(package)
 pytestmark = pytest.mark.slow
 
 
@@ -62,7 +65,7 @@ def test_the_tflite_passes_its_gate_and_the_bundle_its_litert_lm_check(tiny, exp
     engine = LiteRTLMRunner(details["file"], threads=1, max_seq_len=128)
     assert engine.eos_ids == {2}
     check = litert_lm_check(engine, litert, tokenizer, prompts, 8)
-    assert check["passed"] and check["tokens_equal"] == 3, check
+    assert check["passed"] and check["tokens_equal"] == 3 and check["decisive_forks"] == 0, check
     timings = engine.generate([0] * 16, 4)[1]
     assert timings["prompt_tokens"] == 16 and timings["decode_tokens_per_s"] > 0
 
@@ -102,3 +105,19 @@ def test_a_spec_litert_cannot_realize_is_one_line():
             litert_recipe(get_spec(name))
         assert "\n" not in str(info.value) and "use fp32, int8, int4 or int4-g64" in str(info.value)
     assert litert_recipe(get_spec("int4-g64")) == "dynamic_wi4b64_afp32"
+
+
+def test_greedy_agreement_tells_a_near_tie_fork_from_a_decisive_one():
+    from edgekd.targets.llm_litert import greedy_agreement
+
+    class Letters:  # token i is the letter chr(97 + i)
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in ids)
+
+    path, eos = [0, 1, 2, 3], {9}
+    agree = lambda text, decisive=(True,) * 4, path=path: greedy_agreement(text, path, list(decisive), Letters(), eos)
+    assert agree("abcd")["equal"] and agree("abcx")["equal"]  # a path cut by its length: its last token not compared
+    assert agree("abxd") == {"equal": False, "fork": 2, "decisive_fork": True}
+    assert agree("abxd", (True, True, False, True))["decisive_fork"] is False
+    # a path that ended at an eos: the text must end there too
+    assert agree("abc", path=[0, 1, 2, 9])["equal"] and agree("abcd", path=[0, 1, 2, 9])["decisive_fork"]
