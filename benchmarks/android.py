@@ -405,7 +405,7 @@ class AndroidDevice:
         return {"latency_ms": parsed["latency_ms"], "load_ms": parsed["load_ms"], "pss_mb": parsed["pss_mb"]}
 
     def measure_decoders(self, exports: list, settings: Settings, prompt_lengths, new_tokens: int, seed: int) -> dict:
-        """Decoder exports with ExecuTorch's llama_main (benchmarks/android_llm.py)."""
+        """Decoder exports with ExecuTorch's llama_main and LiteRT-LM's litert_lm_main (benchmarks/android_llm.py)."""
         from edgekd.benchmarks.android_llm import measure_decoders
 
         if settings.baselines:

@@ -1,6 +1,8 @@
-"""Decoder LMs on an Android phone: ExecuTorch's LLM runner `llama_main` over adb.
+"""Decoder LMs on an Android phone: ExecuTorch's LLM runner `llama_main` (a .pte) and LiteRT-LM's benchmark
+binary (a .litertlm, benchmarks/android_litert_lm.py) over adb, interleaved in one round-robin.
 
-    edgekd bench EXPORT... --device android[:SERIAL] --llama-main PATH [--prompt-tokens 64,128] --out DIR
+    edgekd bench EXPORT... --device android[:SERIAL] [--llama-main PATH] [--litert-lm-main PATH]
+                 [--prompt-tokens 64,128] --out DIR
 
 `llama_main` (examples/models/llama/main.cpp of an ExecuTorch checkout, built for Android) is pushed to
 /data/local/tmp/edgekd with each .pte and the tokenizer.json beside it. For each round and prompt length, every
@@ -10,11 +12,14 @@ one `PyTorchObserver {json}` line per generation (extension/llm/runner/stats.h, 
 timestamps give load time, time to first token, prefill and decode tokens/s by stats.h's own definitions (decode:
 the tokens after the prefill's first over the time after it); its "RSS after finishing text generation" line, where
 the build logs it, the resident memory. Prompts are seeded token ids decoded to text and re-encoded until their
-length holds (`prompt_texts`); the phone's tokenizer count is recorded beside the asked length.
+length holds (`prompt_texts`); the phone's tokenizer count is recorded beside the asked length. A .litertlm
+needs no tokenizer.json: LiteRT-LM's benchmark is given the length and makes its own prompt. Each binary is needed
+only when exports of its runtime are benched.
 
 A device fault (phone gone, runner hung) keeps the runs finished so far, with `complete: false`; a runner that
-fails on one artifact stops that artifact only. Nothing here has run on a phone: the parser is tested on the
-runner's output (a user's paste, and the same C++ runner in the executorch wheel here), the wire on a fake adb.
+fails on one artifact stops that artifact only. Nothing here has run on a phone: the parsers are tested on the
+runners' output (users' pastes, the same C++ runner in the executorch wheel here, lines rendered from LiteRT-LM's
+source), the wire on a fake adb.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from edgekd.benchmarks.android import DEVICE_DIR, Adb, _sha256, _tail
+from edgekd.benchmarks.android_litert_lm import GET_LITERT_LM_MAIN, run_litert_lm
 from edgekd.benchmarks.devices import DeviceFault
 from edgekd.benchmarks.llm import FIGURES, SCHEMA, headline
 from edgekd.benchmarks.stats import latency_stats
@@ -94,24 +100,19 @@ def prompt_texts(tokenizer, lengths, seed: int = 0) -> dict[int, str]:
 
 def measure_decoders(serial: str | None, exports: list, settings, prompt_lengths, new_tokens: int,
                      seed: int, sleep) -> dict:
-    """Every decoder export (benchmarks/llm.py's DecoderExport) on the phone with llama_main; the result as the
+    """Every decoder export (benchmarks/llm.py's DecoderExport) on the phone: a .pte with llama_main, a .litertlm
+    with LiteRT-LM's benchmark binary (benchmarks/android_litert_lm.py), all in one round-robin; the result as the
     host's decoder bench writes it (edgekd.bench-llm/1), with `error` set after a fault (see the module docstring)."""
-    from transformers import PreTrainedTokenizerFast
-
-    binary = settings.options.get("llama_main")
-    if not binary:
-        raise BenchError(f"llama_main is needed for decoder exports on Android and --llama-main was not given; "
-                         f"{BUILD_LLAMA_MAIN}")
-    if not Path(binary).is_file():
-        raise BenchError(f"--llama-main {binary}: no such file; {BUILD_LLAMA_MAIN}")
-    for art in exports:
+    binaries = _binaries(exports, settings)
+    lengths = sorted(set(prompt_lengths))
+    ptes = [a for a in exports if a.runtime == "executorch"]
+    for art in ptes:
         if not (art.path / "tokenizer.json").is_file():
             raise BenchError(f"{art.path} has no tokenizer.json beside its .pte, which llama_main reads; "
                              f"export it again with edgekd (it writes one)")
-    lengths = sorted(set(prompt_lengths))
-    # The prompts in the first export's tokenizer (the phone's runner reads the same tokenizer.json)
-    texts = prompt_texts(PreTrainedTokenizerFast(tokenizer_file=str(exports[0].path / "tokenizer.json")), lengths,
-                         seed)
+    # The prompts in the first .pte's tokenizer (the phone's runner reads the same tokenizer.json); LiteRT-LM's
+    # benchmark makes its own prompt of the asked length
+    texts = prompt_texts(_tokenizer(ptes[0]), lengths, seed) if ptes else {}
     adb = Adb(serial, settings.timeout)
     serial = adb.select()
     machine = {"device": f"android:{serial}", "model": adb.prop("ro.product.model"),
@@ -120,56 +121,102 @@ def measure_decoders(serial: str | None, exports: list, settings, prompt_lengths
                "cpu_freq_khz_start": adb.cpu_freqs_khz()}
     machine["os"], machine["cpu"] = f"Android {machine['android']}", " ".join(
         str(x) for x in (machine["model"], machine["soc"]) if x)
-    fits = {a.name: [n for n in lengths if n + new_tokens - 1 <= a.max_seq_len] for a in exports}
+    # llama_main's prefill gives the first token, so n + new - 1 positions; LiteRT-LM's benchmark decodes `new`
+    # steps after the prefill (its time to first token is the prefill plus one of them): n + new
+    fits = {a.name: [n for n in lengths if n + new_tokens - (a.runtime == "executorch") <= a.max_seq_len]
+            for a in exports}
     skipped = [{"name": a.name, "prompt_tokens": n, "reason": f"{n} prompt + {new_tokens} new tokens exceed its "
                 f"context of {a.max_seq_len}"} for a in exports for n in lengths if n not in fits[a.name]]
-    rows = {a.name: {"name": a.name, "model": a.model, "runtime": "executorch", "runner": "llama_main",
+    rows = {a.name: {"name": a.name, "model": a.model, "runtime": a.runtime, "runner": RUNNERS[a.runtime][0],
                      "quant": a.quant, "path": str(a.file), "size_bytes": a.file.stat().st_size,
                      "max_seq_len": a.max_seq_len, "runs_planned": settings.rounds * len(fits[a.name]),
-                     "versions": {"runner": "llama_main", "runner_sha256": _sha256(Path(binary))[:16]}}
+                     "versions": {"runner": binaries[a.runtime].name,
+                                  "runner_sha256": _sha256(binaries[a.runtime])[:16]}}
             for a in exports}
     runs = {a.name: [] for a in exports}
     failed, error = {}, None
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            adb.shell(f"mkdir -p {DEVICE_DIR}")
-            adb.push(Path(binary), f"{DEVICE_DIR}/llama_main")
-            adb.shell(f"chmod 755 {DEVICE_DIR}/llama_main")
-            for n, text in texts.items():
-                file = Path(tmp) / f"prompt-{n}.txt"
-                file.write_text(text, encoding="utf-8")
-                adb.push(file, f"{DEVICE_DIR}/{file.name}")
-            for art in exports:  # each artifact in its own folder: every tokenizer.json keeps its name
-                adb.shell(f"mkdir -p {DEVICE_DIR}/{art.name}")
-                adb.push(art.file, f"{DEVICE_DIR}/{art.name}/{art.file.name}")
-                adb.push(art.path / "tokenizer.json", f"{DEVICE_DIR}/{art.name}/tokenizer.json")
-            for _ in range(settings.rounds):
-                for n in lengths:
-                    for art in exports:  # round-robin: every artifact once per round and length
-                        if n not in fits[art.name] or art.name in failed:
-                            continue
-                        sleep(settings.cooldown)
-                        run = _run(adb, art, n, new_tokens, settings)
-                        if run["error"]:
-                            failed[art.name] = run["error"]
-                            error = error or run["error"]
-                            continue
-                        runs[art.name].append(run)
+        _push(adb, exports, binaries, texts)
+        if settings.warmup:  # the .pte warms up inside llama_main (--warmup); LiteRT-LM's first load of a bundle
+            for art in exports:  # (weights arranged for this CPU, caches) in one discarded run
+                if art.runtime == "litert-lm" and fits[art.name]:
+                    warm = run_litert_lm(adb, art, fits[art.name][0], new_tokens, settings)
+                    if warm["error"]:
+                        failed[art.name] = warm["error"]
+                        error = error or warm["error"]
+        for _ in range(settings.rounds):
+            for n in lengths:
+                for art in exports:  # round-robin: every artifact once per round and length
+                    if n not in fits[art.name] or art.name in failed:
+                        continue
+                    sleep(settings.cooldown)
+                    run = RUNNERS[art.runtime][2](adb, art, n, new_tokens, settings)
+                    if run["error"]:
+                        failed[art.name] = run["error"]
+                        error = error or run["error"]
+                        continue
+                    runs[art.name].append(run)
     except DeviceFault as fault:
         error = str(fault)
     results = [_finish(rows[a.name], runs[a.name], failed.get(a.name)) for a in exports if runs[a.name]]
     machine["cpu_freq_khz_end"] = None if error else adb.cpu_freqs_khz()
     common = [n for n in lengths if all(n in fits[a.name] for a in exports)]
     done = [r for r in results if r["runs_done"] == r["runs_planned"]]
+    prompts = {"kind": "seeded random token ids as text", "seed": seed, "asked_tokens": lengths}
+    if len(ptes) < len(exports):
+        prompts["litert-lm"] = "the runtime's own benchmark prompt of the asked length (--benchmark_prefill_tokens)"
     result = {"schema": SCHEMA, "results": results, "skipped": skipped, **headline(results, common),
               "prompt_lengths": lengths, "new_tokens": new_tokens, "rounds": settings.rounds,
               "warmup": 1 if settings.warmup else 0, "threads": settings.threads or "runner default",
-              "prompts": {"kind": "seeded random token ids as text", "seed": seed, "asked_tokens": lengths},
-              "machine": machine, "complete": error is None, "finished": [r["name"] for r in done],
-              "expected": [a.name for a in exports]}
+              "prompts": prompts, "machine": machine, "complete": error is None,
+              "finished": [r["name"] for r in done], "expected": [a.name for a in exports]}
     if error:
         result["error"] = error
     return result
+
+
+def _binaries(exports: list, settings) -> dict[str, Path]:
+    """The runner binary of each runtime among the exports (only those: a .pte alone needs no LiteRT-LM)."""
+    binaries = {}
+    for runtime in dict.fromkeys(a.runtime for a in exports):
+        if runtime not in RUNNERS:
+            art = next(a for a in exports if a.runtime == runtime)
+            raise BenchError(f"{art.name}: a {art.manifest['params']['format']} export does not run on Android; "
+                             f"bench it on its own device")
+        name, how, _ = RUNNERS[runtime]
+        flag, suffix = "--" + name.replace("_", "-"), ".pte" if runtime == "executorch" else ".litertlm"
+        given = settings.options.get(name)
+        if not given:
+            raise BenchError(f"{name} is needed for {suffix} exports on Android and {flag} was not given; {how}")
+        if not Path(given).is_file():
+            raise BenchError(f"{flag} {given}: no such file; {how}")
+        binaries[runtime] = Path(given)
+    return binaries
+
+
+def _tokenizer(art):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(art.path / "tokenizer.json"))
+
+
+def _push(adb: Adb, exports: list, binaries: dict[str, Path], texts: dict[int, str]) -> None:
+    """The runners (under the names the commands use), the prompt files and each export in its own folder."""
+    adb.shell(f"mkdir -p {DEVICE_DIR}")
+    for runtime, binary in binaries.items():
+        name = RUNNERS[runtime][0]
+        adb.push(binary, f"{DEVICE_DIR}/{name}")
+        adb.shell(f"chmod 755 {DEVICE_DIR}/{name}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, text in texts.items():
+            file = Path(tmp) / f"prompt-{n}.txt"
+            file.write_text(text, encoding="utf-8")
+            adb.push(file, f"{DEVICE_DIR}/{file.name}")
+    for art in exports:  # each artifact in its own folder: every tokenizer.json keeps its name
+        adb.shell(f"mkdir -p {DEVICE_DIR}/{art.name}")
+        adb.push(art.file, f"{DEVICE_DIR}/{art.name}/{art.file.name}")
+        if art.runtime == "executorch":
+            adb.push(art.path / "tokenizer.json", f"{DEVICE_DIR}/{art.name}/tokenizer.json")
 
 
 def _run(adb: Adb, art, prompt_tokens: int, new_tokens: int, settings) -> dict:
@@ -184,6 +231,11 @@ def _run(adb: Adb, art, prompt_tokens: int, new_tokens: int, settings) -> dict:
         return {**parsed, "error": f"llama_main failed on {art.name} (exit {proc.returncode}): "
                                    f"{parsed['error'] or _tail(proc)}"}
     return {**parsed, "asked_prompt_tokens": prompt_tokens}
+
+
+# runtime -> (the runner: its settings.options key, CLI flag and name on the phone), how to get it, one run
+RUNNERS = {"executorch": ("llama_main", BUILD_LLAMA_MAIN, _run),
+           "litert-lm": ("litert_lm_main", GET_LITERT_LM_MAIN, run_litert_lm)}
 
 
 def _finish(row: dict, runs: list[dict], error: str | None) -> dict:

@@ -151,7 +151,8 @@ def cmd_bench(args) -> str:
     _check_out(args, "bench")
     baselines = tuple(b.name for b in parse_baselines(args.baselines))
     options = {"executor_runner": args.executor_runner, "benchmark_model": args.benchmark_model,
-               "android_runner": args.android_runner, "xctestrun": args.xctestrun, "llama_main": args.llama_main}
+               "android_runner": args.android_runner, "xctestrun": args.xctestrun, "llama_main": args.llama_main,
+               "litert_lm_main": args.litert_lm_main}
     settings = Settings(iterations=args.iterations, warmup=args.warmup, threads=args.threads, seconds=args.seconds,
                         baselines=baselines, cooldown=args.cooldown, timeout=args.timeout, rounds=args.rounds,
                         options={k: v for k, v in options.items() if v is not None})
@@ -336,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--android-runner", choices=("executor_runner", "minibench"),
                    help="android: what runs .pte files (default: executor_runner)")
     p.add_argument("--xctestrun", help="ios: the .xctestrun of ExecuTorch's Benchmark app (build-for-testing)")
-    p.add_argument("--llama-main", help="android, decoder LM exports: ExecuTorch's llama_main built for Android")
+    p.add_argument("--llama-main", help="android, .pte decoder LM exports: ExecuTorch's llama_main built for Android")
+    p.add_argument("--litert-lm-main", help="android, .litertlm exports: LiteRT-LM's benchmark binary for Android "
+                                            "(litert_lm_advanced_main, or litert_lm_main up to v0.7.0)")
     p.add_argument("--prompt-tokens", default="64,128,512",
                    help="decoder LM exports: prompt lengths in tokens, comma-separated (default: 64,128,512)")
     p.add_argument("--new-tokens", type=int, default=32,

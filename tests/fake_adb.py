@@ -11,6 +11,9 @@ buffer, and commands.log (one line per call, for the tests to read). Modes:
     crash         executor_runner aborts             hang          executor_runner never returns
     fallback      benchmark_model runs without the XNNPACK delegate
     llm_crash     llama_main fails to generate       (crash / hang / disconnect apply to llama_main too)
+    litert_crash  litert_lm_main aborts on a failed check (hang / disconnect apply to it too)
+    litert_plain  litert_lm_main is LiteRT-LM's plain demo of v0.8.0 on: no benchmark flags
+    litert_v07    litert_lm_main is v0.7.0's: benchmark flags, no --num_cpu_threads
 """
 from __future__ import annotations
 
@@ -152,6 +155,55 @@ def llama_main(args: dict, flags: list[str]) -> None:
     out(" the company said profit rose\nPyTorchObserver " + json.dumps(stats, separators=(",", ":")) + "\n", log)
 
 
+# Flags of LiteRT-LM's binaries (google-ai-edge/LiteRT-LM runtime/engine/): litert_lm_advanced_main with
+# shared_flags.cc (the few read here), litert_lm_main up to v0.7.0, and the plain litert_lm_main from v0.8.0 on.
+LITERT_FLAGS = {"model_path", "backend", "benchmark", "benchmark_prefill_tokens", "benchmark_decode_tokens", "async",
+                "report_peak_memory_footprint", "num_cpu_threads"}
+LITERT_FLAGS_BY_MODE = {"litert_plain": {"model_path", "backend", "input_prompt", "input_prompt_file"},
+                        "litert_v07": LITERT_FLAGS - {"num_cpu_threads"}}
+
+
+def absl_duration(ms: float) -> str:
+    """absl::FormatDuration as BenchmarkTurnData prints it ("221.30871ms", "1.1822003s")."""
+    return f"{ms / 1000:g}s" if ms >= 1000 else f"{ms:g}ms"
+
+
+def litert_lm_main(words: list[str]) -> None:
+    """LiteRT-LM's benchmark binary: abseil's log lines on stderr and BenchmarkInfo in the format of
+    tests/fixtures/bench/litert_lm_advanced_main_rendered.txt. Times deterministic per run k (1-based, counted with
+    the other runners): init 600 + k ms, prefill 2 ms a token + k, decode 20 ms a token + k."""
+    flags = dict((w[2:].split("=", 1) + ["true"])[:2] for w in words[1:])
+    unknown = [name for name in flags if name not in LITERT_FLAGS_BY_MODE.get(MODE, LITERT_FLAGS)]
+    if unknown:  # abseil's flag parser reports each, then exits 1 (flags/parse.cc)
+        out(err="".join(f"ERROR: Unknown command line flag '{name}'\n" for name in unknown), code=1)
+    log = "I0000 00:00:{:.6f}    5151 litert_lm_lib.cc:{}] {}\n".format
+    epoch = 1773100000.0 + 100 * runs_so_far()
+    if not (DEVICE / flags["model_path"].lstrip("/")).is_file():
+        out(err=f"F0000 00:00:{epoch:.6f}    5151 litert_lm_advanced_main.cc:245] Check failed: MainHelper(argc, "
+                f"argv) is OK (NOT_FOUND: {flags['model_path']} (fake adb: no such file)) \n", code=134)
+    run = count_run()
+    if MODE == "hang":
+        time.sleep(60)
+    head = log(epoch, 96, f"Model path: {flags['model_path']}") + log(epoch, 127, f"Choose backend: {flags['backend']}")
+    if MODE == "litert_crash":
+        out(err=head + f"F0000 00:00:{epoch + 1:.6f}    5151 litert_lm_advanced_main.cc:245] Check failed: "
+                       "MainHelper(argc, argv) is OK (INTERNAL: fake adb: the prefill failed) \n"
+                       "*** Check failure stack trace: ***\nAborted \n", code=134)
+    n, m = int(flags["benchmark_prefill_tokens"]), int(flags["benchmark_decode_tokens"])
+    init, prefill, decode = 600 + run, 2 * n + run, 20 * m + run
+    info = (f"BenchmarkInfo:\n  Init Phases (3):\n    - Init Executor: {init - 40:.2f} ms\n"
+            f"    - Init Tokenizer: 40.00 ms\n    - Init Total: {init:.2f} ms\n{'-' * 50}\n"
+            f"  Time to first token: {(prefill + decode / m) / 1000:.2f} s\n{'-' * 50}\n"
+            f"  Prefill Turns (Total 1 turns):\n    Prefill Turn 1: Processed {n} tokens in "
+            f"{absl_duration(prefill)} duration.\n      Prefill Speed: {n * 1000 / prefill:.2f} tokens/sec.\n"
+            f"{'-' * 50}\n  Decode Turns (Total 1 turns):\n    Decode Turn 1: Processed {m} tokens in "
+            f"{absl_duration(decode)} duration.\n      Decode Speed: {m * 1000 / decode:.2f} tokens/sec.\n"
+            f"{'-' * 50}\n  TextToTokenIds Turns (Total 0 turns):\n    No text to token ids turns recorded.\n"
+            f"{'-' * 50}\n{'-' * 50}\n")
+    peak = log(epoch + 2, 623, f"Peak system ram usage: {300.5 + run:g}MB.")
+    out(err=head + log(epoch, 661, "Creating engine") + log(epoch + 2, 595, info.rstrip("\n")) + peak)
+
+
 def minibench_start(extras: dict) -> None:
     model_dir = DEVICE / extras["model_dir"].lstrip("/")
     models = sorted(p.name for p in model_dir.glob("*.pte"))
@@ -205,6 +257,8 @@ def shell(command: str) -> None:
         benchmark_model(args)
     if binary == "llama_main":
         llama_main(args, words[1:])
+    if binary == "litert_lm_main":
+        litert_lm_main(words)
     out(err=f"/system/bin/sh: {words[0]}: not found\n", code=127)
 
 

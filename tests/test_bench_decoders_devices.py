@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edgekd.benchmarks.android_litert_lm import parse_litert_lm_benchmark
 from edgekd.benchmarks.android_llm import parse_llama_main, prompt_texts
 from edgekd.cli import main
 from edgekd.manifest import read_manifest, write_stage
@@ -174,6 +175,179 @@ def test_decoder_and_classifier_exports_are_not_mixed(exports, tmp_path, capsys)
         stage.metrics = {}
     assert main(["bench", str(teacher), str(tmp_path / "classifier"), "--out", str(tmp_path / "b")]) == 1
     assert "bench each kind with its own edgekd bench command" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ LiteRT-LM
+
+def test_litert_lm_v070_benchmark_block_gives_its_turns_init_and_peak():
+    parsed = parse_litert_lm_benchmark((FIXTURES / "litert_lm_main_v0.7.0_rendered.txt").read_text())
+    assert parsed["error"] is None
+    assert (parsed["prompt_tokens"], parsed["generated_tokens"]) == (128, 32)
+    assert (parsed["prefill_tokens_per_s"], parsed["decode_tokens_per_s"]) == (310.30, 25.10)
+    assert parsed["load_ms"] == 640.28 and parsed["rss_mb"] == 412.137  # "Total init time", "Peak system ram usage"
+    # No "Time to first token" line before v0.8.0: the prefill plus one decode step, from the turns' durations
+    assert parsed["ttft_ms"] == pytest.approx(412.5031 + 1275.1046 / 32)
+
+
+@pytest.mark.parametrize("fixture, tokens, speeds, load_ms, printed_ttft_s, rss", [
+    ("litert_lm_advanced_main_rendered.txt", (64, 32), (289.19, 27.07), 701.35, 0.26, 398.25),
+    ("litert_lm_main_windows_v0.10.2_paste.txt", (16, 88), (19.51, 10.11), 580.10, 0.92, None)])
+def test_litert_lm_later_benchmark_blocks(fixture, tokens, speeds, load_ms, printed_ttft_s, rss):
+    parsed = parse_litert_lm_benchmark((FIXTURES / fixture).read_text())
+    assert parsed["error"] is None and (parsed["prompt_tokens"], parsed["generated_tokens"]) == tokens
+    assert (parsed["prefill_tokens_per_s"], parsed["decode_tokens_per_s"]) == speeds
+    assert parsed["load_ms"] == load_ms and parsed["rss_mb"] == rss  # "- Init Total"; the peak, not the private
+    assert parsed["ttft_ms"] == pytest.approx(printed_ttft_s * 1e3, abs=5)  # its own line, rounded to 10 ms
+
+
+@pytest.mark.parametrize("text, error", [
+    ((FIXTURES / "litert_lm_check_failed_issue319.txt").read_text(),
+     "Check failed: MainHelper(argc, argv) is OK (INVALID_ARGUMENT: Model path is empty.)"),
+    ((FIXTURES / "litert_lm_no_turns_issue1396.txt").read_text(),
+     "its BenchmarkInfo recorded no prefill turn (the engine ran no inference)"),
+    # v0.7.0 litert_lm_main.cc:173, ABSL_LOG(FATAL) behind abseil's prefix
+    ("F0000 00:00:1750000000.200000    4242 litert_lm_main.cc:173] Async mode does not support benchmarking with "
+     "specified number of prefill or decode tokens. If you want to benchmark the model, please try again with "
+     "--async=false.\n", "Async mode does not support benchmarking with specified number of prefill or decode "
+     "tokens. If you want to benchmark the model, please try again with --async=false."),
+    ("Segmentation fault\n", "no BenchmarkInfo block with a prefill and a decode turn in its output"),
+])
+def test_a_litert_lm_run_that_stopped_says_why(text, error):
+    assert parse_litert_lm_benchmark(text)["error"] == error
+
+
+@pytest.mark.parametrize("flag, says", [("benchmark", "the plain litert_lm_main of LiteRT-LM v0.8.0 or later"),
+                                        ("num_cpu_threads", "v0.7.0 or earlier sets no thread count")])
+def test_a_litert_lm_binary_without_the_flags_names_the_one_to_give(flag, says):
+    # abseil's ReportUsageError: "ERROR: " << "Unknown command line flag '" << name << "'"
+    error = parse_litert_lm_benchmark(f"ERROR: Unknown command line flag '{flag}'\n")["error"]
+    assert error.startswith(f"ERROR: Unknown command line flag '{flag}': ") and says in error
+
+
+def test_the_parsed_fragments_are_those_the_litert_lm_wheel_prints():
+    # The format strings compiled into the LiteRT-LM runtime installed here (litert-lm-api, the `litert` extra)
+    litert_lm = pytest.importorskip("litert_lm")
+    library = (Path(litert_lm.__file__).parent / "liblitert-lm.so").read_bytes()
+    for fragment in ("BenchmarkInfo:", "  Prefill Turns (Total ", "  Decode Turns (Total ", "Processed ",
+                     " duration.", " tokens/sec.", "  Time to first token: ", "Init Total",
+                     "    No prefill turns recorded.", "Unknown command line flag '"):
+        assert fragment.encode() in library, fragment
+
+
+def litert_export(folder: Path, role: str, quant: str, max_seq_len: int = 64) -> Path:
+    with write_stage(folder, "export", {"target": "android", "format": "litert-lm", "role": role}, {}) as stage:
+        artifact = f"tiny-{role}_{quant}.litertlm"
+        (stage.path / artifact).write_bytes(b"LITERTLM stand-in for a bundle " + role.encode())
+        stage.metrics = {}
+        stage.extra.update(artifact=artifact, role=role, quant={"name": quant}, max_seq_len=max_seq_len)
+    return folder
+
+
+@pytest.fixture
+def mixed(tmp_path, exports):
+    """The student as a .pte (context 19: 13 + 5 - 1 positions fit) and as a .litertlm, and both runners."""
+    litert_lm_main = tmp_path / "litert_lm_advanced_main"
+    litert_lm_main.write_bytes(b"\x7fELF litert_lm_advanced_main for arm64-v8a")
+    return (exports[1], litert_export(tmp_path / "export" / "student-fp32-litert", "student", "fp32"), exports[2],
+            litert_lm_main)
+
+
+def bench_mixed(mixed, out, *extra, binaries=(True, True)):
+    pte, bundle, llama_main, litert_lm_main = mixed
+    given = [*(["--llama-main", str(llama_main)] if binaries[0] else []),
+             *(["--litert-lm-main", str(litert_lm_main)] if binaries[1] else [])]
+    return main(["bench", str(pte), str(bundle), "--device", "android", *given, "--prompt-tokens", "8,13",
+                 "--new-tokens", "5", "--rounds", "2", "--out", str(out), *extra])
+
+
+def litert_calls(state: Path) -> list[str]:
+    return [line for line in (state / "commands.log").read_text().splitlines() if "_main --model_path" in line]
+
+
+def test_a_pte_and_a_litertlm_are_measured_in_one_round_robin(phone, mixed, tmp_path, capsys):
+    state = phone("ok")
+    assert bench_mixed(mixed, tmp_path / "b", "--threads", "2", "--json") == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["complete"] is True and result["finished"] == ["student-fp32", "student-fp32-litert"]
+    runners = [call.split(" --model_path")[0].rsplit("/", 1)[1] for call in litert_calls(state)]
+    # one discarded warm-up run of the bundle, then per round and length: .pte, .litertlm
+    assert runners == ["litert_lm_main"] + ["llama_main", "litert_lm_main"] * 4
+    litert = [c for c in litert_calls(state) if "litert_lm_main --model_path" in c]
+    assert all("--backend=cpu --benchmark --benchmark_prefill_tokens=" in c and "--benchmark_decode_tokens=5 "
+               "--async=false --report_peak_memory_footprint --num_cpu_threads=2" in c for c in litert)
+    assert [c.split("--benchmark_prefill_tokens=")[1].split(" ")[0] for c in litert] == ["8", "8", "13", "8", "13"]
+    pte, bundle = result["results"]
+    assert (bundle["runtime"], bundle["runner"], bundle["versions"]["runner"]) == (
+        "litert-lm", "litert_lm_main", "litert_lm_advanced_main")
+    assert (pte["runtime"], pte["runner"]) == ("executorch", "llama_main")
+    # The fake's run k (all runners counted, the warm-up is k=1): prefill 2 ms a token + k, decode 20 ms one + k
+    assert bundle["by_prompt_tokens"]["8"]["ttft_ms"]["samples"] == [pytest.approx(19 + 103 / 5),
+                                                                      pytest.approx(23 + 107 / 5)]
+    assert bundle["by_prompt_tokens"]["13"]["decode_tokens_per_s"]["samples"] == [
+        pytest.approx(5000 / 105, abs=0.01), pytest.approx(5000 / 109, abs=0.01)]
+    assert bundle["by_prompt_tokens"]["8"]["prompt_tokens_on_device"] == [8]
+    assert bundle["load_ms"] == 606 and bundle["peak_rss_mb"] == 309.5 and bundle["runs_done"] == 4
+    (ratio,) = result["ratios"]
+    assert (ratio["variant"], ratio["over"], ratio["kind"]) == ("student-fp32-litert", "student-fp32",
+                                                                "litert-lm over executorch")
+    assert ratio["decode_speedup"] == pytest.approx(bundle["decode_tokens_per_s"] / pte["decode_tokens_per_s"],
+                                                    abs=1e-3)
+    assert "litert-lm" in result["prompts"]
+    pushed = {p.relative_to(state / "device").as_posix() for p in (state / "device").rglob("*") if p.is_file()}
+    assert {"data/local/tmp/edgekd/litert_lm_main", "data/local/tmp/edgekd/llama_main",
+            "data/local/tmp/edgekd/student-fp32-litert/tiny-student_fp32.litertlm"} <= pushed
+    assert "data/local/tmp/edgekd/student-fp32-litert/tokenizer.json" not in pushed
+
+
+def test_each_runner_is_asked_for_only_when_its_exports_are_benched(phone, mixed, tmp_path, capsys):
+    state = phone("ok")
+    assert bench_mixed(mixed, tmp_path / "b", binaries=(True, False)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "litert_lm_main is needed for .litertlm exports" in err
+    assert "--litert-lm-main was not given" in err and "litert_lm_advanced_main" in err
+    assert not (state / "commands.log").exists() and not (tmp_path / "b").exists()
+    pte, bundle, llama_main, litert_lm_main = mixed
+    assert bench_mixed((pte, bundle, llama_main, tmp_path / "nowhere"), tmp_path / "b") == 1
+    assert "--litert-lm-main " + str(tmp_path / "nowhere") + ": no such file" in capsys.readouterr().err
+    # A bundle alone needs no llama_main (and no tokenizer.json)
+    assert main(["bench", str(bundle), "--device", "android", "--litert-lm-main", str(litert_lm_main),
+                 "--prompt-tokens", "8", "--new-tokens", "5", "--out", str(tmp_path / "b1")]) == 0
+    assert "llama_main" not in (state / "commands.log").read_text()
+
+
+def test_a_failing_litert_lm_stops_the_bundle_and_keeps_the_pte(phone, mixed, tmp_path, capsys):
+    phone("litert_crash")
+    assert bench_mixed(mixed, tmp_path / "b") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "litert_lm_main failed on student-fp32-litert (exit 134): Check failed: MainHelper" \
+        "(argc, argv) is OK (INTERNAL: fake adb: the prefill failed)" in err[0]
+    metrics = read_manifest(tmp_path / "b")["metrics"]
+    assert metrics["complete"] is False and metrics["finished"] == ["student-fp32"]
+    assert [r["name"] for r in metrics["results"]] == ["student-fp32"] and metrics["results"][0]["runs_done"] == 4
+
+
+@pytest.mark.parametrize("mode, extra, says", [
+    ("litert_plain", (), "the plain litert_lm_main of LiteRT-LM v0.8.0 or later, which has no benchmark flags"),
+    ("litert_v07", ("--threads", "2"), "v0.7.0 or earlier sets no thread count")])
+def test_a_litert_lm_binary_without_the_benchmark_flags_is_named(phone, mixed, tmp_path, capsys, mode, extra, says):
+    phone(mode)
+    assert bench_mixed(mixed, tmp_path / "b", "--warmup", "0", *extra) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "litert_lm_main failed on student-fp32-litert (exit 1)" in err
+    assert says in err
+
+
+def test_a_phone_that_goes_away_mid_round_keeps_both_runtimes_runs(phone, mixed, tmp_path, capsys):
+    state = phone("disconnect", after=3)  # the warm-up, then .pte and .litertlm once: the 4th run finds it gone
+    assert bench_mixed(mixed, tmp_path / "b") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disconnected" in err[0] and "complete: false" in err[0]
+    metrics = read_manifest(tmp_path / "b")["metrics"]
+    assert metrics["complete"] is False and metrics["finished"] == []
+    assert {r["name"]: r["runs_done"] for r in metrics["results"]} == {"student-fp32": 1, "student-fp32-litert": 1}
+    phone("ok")
+    (state / "gone").unlink()
+    assert bench_mixed(mixed, tmp_path / "b") == 0 and read_manifest(tmp_path / "b")["metrics"]["complete"] is True
 
 
 # ------------------------------------------------------------------------------------------------ iOS
