@@ -14,6 +14,8 @@ Figures are medians with their spread (benchmarks/stats.py); ratios are computed
 at the shortest prompt length every variant measured.
 
 Runtimes: "executorch": targets/llm_executorch.py's DecoderRunner (prefill in one call, then one call per token).
+"litert-lm": a .litertlm in LiteRT-LM's own benchmark (targets/llm_litert.py's LiteRTLMRunner: its prompt is that
+many tokens of its own, its clock its own; the ids only set the length).
 "torch": the Hugging Face model folder in PyTorch eager fp32, `generate(do_sample=False)` with its default
 dynamic cache, the first token and each next one timed by a streamer.
 """
@@ -33,20 +35,22 @@ from edgekd.benchmarks.stats import latency_stats
 from edgekd.errors import BenchError
 
 SCHEMA = "edgekd.bench-llm/1"
-RUNTIMES = ("executorch", "torch")
+RUNTIMES = ("executorch", "litert-lm", "torch")
 FIGURES = ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s")
 
 
 @dataclass(frozen=True)
 class DecoderVariant:
-    """One thing to measure: `path` is a .pte (runtime "executorch") or a Hugging Face model folder ("torch").
-    `model` names which model it is ("teacher", "student"): ratios pair variants by it."""
+    """One thing to measure: `path` is a .pte (runtime "executorch"), a .litertlm ("litert-lm") or a Hugging Face
+    model folder ("torch"). `model` names which model it is ("teacher", "student"): ratios pair variants by it.
+    `max_seq_len`: the context of a .litertlm (its engine does not say it; the export manifest does)."""
 
     name: str
     path: str
     runtime: str
     model: str = ""
     quant: str = "fp32"
+    max_seq_len: int | None = None
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -55,12 +59,17 @@ class DecoderVariant:
         if not Path(self.path).exists():
             raise BenchError(f"variant {self.name!r}: {self.path} does not exist; "
                              f"give the .pte file or the model folder")
+        if self.runtime == "litert-lm" and not self.max_seq_len:
+            raise BenchError(f"variant {self.name!r}: a .litertlm needs its max_seq_len (its export manifest has it)")
 
     def open(self, threads: int = 0):
         """The loaded runner: .generate(prompt_ids, max_new_tokens, stop_at_eos) -> (tokens, timings)."""
         if self.runtime == "executorch":
             from edgekd.targets.llm_executorch import DecoderRunner
             return DecoderRunner(Path(self.path), threads)
+        if self.runtime == "litert-lm":
+            from edgekd.targets.llm_litert import LiteRTLMRunner
+            return LiteRTLMRunner(Path(self.path), threads, max_seq_len=self.max_seq_len)
         return EagerDecoderRunner(Path(self.path), threads)
 
     def footprint(self, threads: int = 0) -> dict:
@@ -78,7 +87,9 @@ class DecoderVariant:
         return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-DECODER_FORMAT = "executorch-llm"  # the export format of a decoder LM (edgekd.tasks.generation.export)
+# the export formats of a decoder LM (edgekd.tasks.generation.export) and the runtime each is measured in on a host
+# (None: none here; a Core ML package runs on a Mac or an iPhone)
+DECODER_RUNTIMES = {"executorch-llm": "executorch", "litert-lm": "litert-lm", "coreml-llm": None}
 
 
 @dataclass(frozen=True)
@@ -108,12 +119,20 @@ class DecoderExport:
     def max_seq_len(self) -> int:
         return int(self.manifest["max_seq_len"])
 
+    @property
+    def runtime(self) -> str | None:
+        return DECODER_RUNTIMES[self.manifest["params"]["format"]]
+
     def variant(self) -> DecoderVariant:
-        return DecoderVariant(self.name, str(self.file), "executorch", model=self.model, quant=self.quant)
+        if self.runtime is None:
+            raise BenchError(f"{self.path} is a Core ML package, which runs on a Mac or an iPhone only (Xcode's "
+                             f"performance report measures it); bench its .pte or .litertlm exports here")
+        return DecoderVariant(self.name, str(self.file), self.runtime, model=self.model, quant=self.quant,
+                              max_seq_len=self.max_seq_len)
 
 
 def is_decoder_export(manifest: dict) -> bool:
-    return manifest.get("params", {}).get("format") == DECODER_FORMAT
+    return manifest.get("params", {}).get("format") in DECODER_RUNTIMES
 
 
 class _Clock:
@@ -198,7 +217,8 @@ def bench_decoders(variants: list[DecoderVariant], prompt_lengths=(64, 128, 512)
     rows = {v.name: {"name": v.name, "model": v.model, "runtime": v.runtime, "quant": v.quant, "path": str(v.path),
                      "size_bytes": v.size_bytes(), **v.footprint(threads)} for v in variants}
     runners = {v.name: v.open(threads) for v in variants}
-    vocab = min(_vocab_size(r) for r in runners.values())
+    # LiteRT-LM's benchmark brings its own prompt (no vocabulary to draw from)
+    vocab = min((_vocab_size(r) for r in runners.values() if r.runtime != "litert-lm"), default=2)
     prompts = seeded_prompts(lengths, vocab, seed)
     skipped, fits = [], {}
     for name, runner in runners.items():
@@ -239,10 +259,14 @@ def headline(rows: list[dict], common: list[int], teacher: str = "teacher") -> d
 
 
 def decoder_ratios(rows: list[dict], teacher: str = "teacher") -> list[dict]:
-    """From one run's medians: each .pte over PyTorch eager of the same model, and each other model over the
-    teacher in the same runtime and precision. Speed-ups > 1 mean `variant` is faster (or smaller)."""
-    pairs = [(a, b, "executorch over eager") for a in rows for b in rows
-             if a["runtime"] == "executorch" and b["runtime"] == "torch" and a["model"] == b["model"]]
+    """From one run's medians: each export over PyTorch eager of the same model, LiteRT-LM over ExecuTorch for the
+    same model and precision, and each other model over the teacher in the same runtime and precision. Speed-ups
+    > 1 mean `variant` is faster (or smaller)."""
+    pairs = [(a, b, f"{a['runtime']} over eager") for a in rows for b in rows
+             if a["runtime"] != "torch" and b["runtime"] == "torch" and a["model"] == b["model"]]
+    pairs += [(a, b, "litert-lm over executorch") for a in rows for b in rows
+              if (a["runtime"], b["runtime"]) == ("litert-lm", "executorch")
+              and (a["model"], a["quant"]) == (b["model"], b["quant"])]
     pairs += [(a, b, "student over teacher") for a in rows for b in rows
               if b["model"] == teacher != a["model"] and (a["runtime"], a["quant"]) == (b["runtime"], b["quant"])]
     def ratio(top, bottom):  # a figure a device could not read (a phone's RSS) leaves its ratio unknown
@@ -264,7 +288,7 @@ def versions() -> dict:
     from importlib import metadata
 
     found = {}
-    for name in ("torch", "executorch", "transformers"):
+    for name in ("torch", "executorch", "transformers", "litert-lm-api"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

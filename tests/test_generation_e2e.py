@@ -33,6 +33,7 @@ def lm_recipe(tmp_path_factory):
         "student": {"layers": 2, "ffn": 0.5, "kv_groups": 1, "hidden": 0.5, "calibration": 8, "top_k": 16,
                     "epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
         "compress": {"quant": ["fp32", "int4"]}, "max_seq_len": 128,
+        "targets": ["android", {"target": "android", "format": "litert"}, "ios"],
         "bench": {"prompt_lengths": [8, 16], "new_tokens": 4, "rounds": 1, "prompts": 2, "threads": 1},
     }
     import yaml
@@ -52,12 +53,15 @@ def lm_run(lm_recipe):
 def test_the_generation_chain_runs_and_reports(lm_recipe, lm_run, capsys):
     out, summary = lm_run
     names = [v["name"] for v in summary["variants"]]
-    assert names == ["teacher-fp32-android-executorch", "student-fp32-android-executorch",
-                     "student-int4-android-executorch"]
-    teacher, student, int4 = summary["variants"]
+    assert names[0] == "teacher-fp32-android-executorch" and sorted(names[1:]) == [
+        "student-fp32-android-executorch", "student-fp32-android-litert", "student-fp32-ios-coreml",
+        "student-int4-android-executorch", "student-int4-android-litert", "student-int4-ios-coreml"]
+    variants = {v["name"]: v for v in summary["variants"]}
+    teacher, student, int4 = (variants[f"{n}-android-executorch"] for n in ("teacher-fp32", "student-fp32",
+                                                                             "student-int4"))
     assert int4["size_bytes"] < student["size_bytes"] < teacher["size_bytes"]
-    for v in summary["variants"]:
-        assert v["parity"]["passed"] and v["decode_tokens_per_s"] > 0 and v["ttft_ms"] > 0
+    for v in summary["variants"]:  # a Core ML package runs on a Mac or an iPhone only: no speed measured here
+        assert v["parity"]["passed"] and (v["format"] == "coreml-llm") == (v["decode_tokens_per_s"] is None)
         assert v["perplexity"] > 1 and 0 <= v["task_accuracy"]["accuracy"] <= 1
     distill = json.loads((out / "distill" / "manifest.json").read_text())
     finetune = json.loads((out / "finetune" / "manifest.json").read_text())
@@ -81,6 +85,26 @@ def test_the_generation_chain_runs_and_reports(lm_recipe, lm_run, capsys):
     assert "data.unlabeled" not in report and summary["transfer_set"] is None  # no transfer set beyond the records
     pte = out / "export" / "student-int4-android-executorch"
     assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in pte.iterdir()}
+    # android/litert: the .litertlm alone (its gate's .tflite and LiteRT-LM's weight cache not kept), gated in
+    # LiteRT and checked in LiteRT-LM; its quality that of its own reference, its speed beside the .pte's.
+    litert_fp32, litert_int4 = variants["student-fp32-android-litert"], variants["student-int4-android-litert"]
+    assert litert_fp32["perplexity"] == litert_int4["float_perplexity"] == student["perplexity"]
+    for quant in ("fp32", "int4"):
+        folder = out / "export" / f"student-{quant}-android-litert"
+        assert {p.suffix for p in folder.iterdir()} <= {".litertlm", ".json", ""}, list(folder.iterdir())
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["params"]["format"] == "litert-lm" and manifest["metrics"]["parity"]["litert_lm"]["passed"]
+    runtime_ratios = {r["variant"]: r for r in summary["runtime_ratios"]}
+    assert set(runtime_ratios) == {"student-fp32-android-litert", "student-int4-android-litert"}
+    assert runtime_ratios["student-int4-android-litert"]["over"] == "student-int4-android-executorch"
+    assert runtime_ratios["student-int4-android-litert"]["decode_speedup"] > 0
+    assert "(LiteRT-LM over ExecuTorch: the same model and spec, interleaved in one run)" in report
+    # ios/coreml: a stateful iOS 18 package, its wrapper proven and its structure checked; fp32 stored as fp16
+    coreml = json.loads((out / "export" / "student-int4-ios-coreml" / "manifest.json").read_text())
+    assert coreml["params"]["format"] == "coreml-llm" and all(coreml["metrics"]["parity"]["structural"].values())
+    assert coreml["coreml"]["deployment_target"] == "iOS18" and coreml["artifact"].endswith(".mlpackage")
+    assert variants["student-int4-ios-coreml"]["size_bytes"] < variants["student-fp32-ios-coreml"]["size_bytes"]
+    assert "quality of a Core ML package is an estimate" in report
 
     # A rerun finds every stage done.
     assert main(["run", str(lm_recipe / "recipe.yaml"), "--out", str(out)]) == 0
@@ -150,6 +174,40 @@ def test_a_decoder_bundle_verifies_as_the_app_would_run_it(lm_recipe, lm_run, tm
     monkeypatch.setattr(pytorch_tokenizers, "CppHFTokenizer", Shifted)
     assert main(["bundle", "--verify", str(tmp_path / "bundle-fp32")]) == 1
     assert "gives other ids than the model's tokenizer on" in capsys.readouterr().err
+
+
+def test_a_litert_lm_bundle_verifies_in_litert_lm(lm_recipe, lm_run, tmp_path, capsys, monkeypatch):
+    """`edgekd bundle` of the .litertlm students for android: the file, generation.json, Kotlin (LiteRT-LM's
+    Session API); `--verify` runs it in LiteRT-LM: start token + tokenizer ids exact, greedy text the reference's.
+    A Core ML package and a .litertlm for ios are refused in one line."""
+    out, _ = lm_run
+    recipe = str(lm_recipe / "recipe.yaml")
+    for quant in ("fp32", "int4"):
+        bundle = tmp_path / f"litert-{quant}"
+        assert main(["bundle", str(out / "export" / f"student-{quant}-android-litert"), "--platform", "android",
+                     "--recipe", recipe, "--out", str(bundle)]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+        assert {"generation.json", "android/EdgekdLiteRtLmGenerator.kt", "verify/expected.json", "README.md"} <= files
+        assert [f for f in files if f.startswith("model/")] == [f"model/tiny-lm-student_litert_{quant}.litertlm"]
+        assert "{{" not in (bundle / "android" / "EdgekdLiteRtLmGenerator.kt").read_text()
+        assert main(["bundle", "--verify", f"{bundle}.zip"]) == 0, capsys.readouterr().err
+        line = capsys.readouterr().out
+        assert "LiteRT-LM's own" in line and "greedy text equal" in line
+        assert not [p for p in bundle.rglob("*xnnpack_cache*")]  # LiteRT-LM wrote no weight cache into it
+    for export, platform, message in (("student-int4-android-litert", "ios", "bundle the .pte export for ios"),
+                                      ("student-int4-ios-coreml", "ios", "edgekd does not bundle")):
+        assert main(["bundle", str(out / "export" / export), "--platform", platform, "--recipe", recipe,
+                     "--out", str(tmp_path / f"refused-{platform}")]) == 1
+        assert message in capsys.readouterr().err
+
+    # A tokenizer in the runtime that encodes prompts otherwise: one line, exit 1.
+    from edgekd.targets.llm_litert import LiteRTLMRunner
+
+    tokenize = LiteRTLMRunner.tokenize
+    monkeypatch.setattr(LiteRTLMRunner, "tokenize", lambda self, text: tokenize(self, text)[:-1])
+    assert main(["bundle", "--verify", str(tmp_path / "litert-fp32")]) == 1
+    assert "tokenizer give other ids than the model's tokenizer" in capsys.readouterr().err
 
 
 def test_the_budget_search_exports_the_first_spec_within_budget_and_refuses_in_one_line(lm_recipe, lm_run, capsys,

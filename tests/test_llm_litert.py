@@ -110,14 +110,16 @@ def test_a_spec_litert_cannot_realize_is_one_line():
 def test_greedy_agreement_tells_a_near_tie_fork_from_a_decisive_one():
     from edgekd.targets.llm_litert import greedy_agreement
 
-    class Letters:  # token i is the letter chr(97 + i)
-        def decode(self, ids):
-            return "".join(chr(97 + i) for i in ids)
-
-    path, eos = [0, 1, 2, 3], {9}
-    agree = lambda text, decisive=(True,) * 4, path=path: greedy_agreement(text, path, list(decisive), Letters(), eos)
+    prefixes = ["a", "ab", "abc", "abcd"]
+    agree = lambda text, decisive=(True,) * 5, stopped=False, prefixes=prefixes: greedy_agreement(
+        text, prefixes, stopped, list(decisive))
     assert agree("abcd")["equal"] and agree("abcx")["equal"]  # a path cut by its length: its last token not compared
     assert agree("abxd") == {"equal": False, "fork": 2, "decisive_fork": True}
     assert agree("abxd", (True, True, False, True))["decisive_fork"] is False
     # a path that ended at an eos: the text must end there too
-    assert agree("abc", path=[0, 1, 2, 9])["equal"] and agree("abcd", path=[0, 1, 2, 9])["decisive_fork"]
+    assert agree("abc", stopped=True, prefixes=prefixes[:3])["equal"]
+    assert agree("abcd", stopped=True, prefixes=prefixes[:3])["decisive_fork"]
+    # byte-level tokens that end inside a UTF-8 character decode to U+FFFD alone: checked with the next token
+    split = ["a", "a\ufffd", "aé", "aéb", "aébc"]
+    assert agree("aébcd", prefixes=split)["equal"]
+    assert agree("aèbcd", prefixes=split) == {"equal": False, "fork": 1, "decisive_fork": True}

@@ -35,8 +35,19 @@ def test_a_task_checks_its_own_keys():
         recipe_from_dict({"task": "text-generation", "student": {"loss": "revers-kl"}})
     with pytest.raises(RecipeError, match=r"data.prompt_template must contain \{text\}"):
         recipe_from_dict({"task": "text-generation", "data": {"prompt_template": "no slot"}})
-    with pytest.raises(RecipeError, match=r"android/executorch in this release, not ios"):
-        recipe_from_dict({"task": "text-generation", "targets": ["ios"]})
+    # Decoder targets: android/executorch, android/litert, ios/coreml (each once, no options); others in one line.
+    assert [t.format for t in recipe_from_dict({"task": "text-generation", "targets": ["android", "ios"]}).targets] \
+        == ["executorch", "coreml"]
+    with pytest.raises(RecipeError, match=r"exports to android/executorch, android/litert, ios/coreml, not "
+                                          r"ios/executorch-coreml"):
+        recipe_from_dict({"task": "text-generation", "targets": [{"target": "ios", "format": "executorch-coreml"}]})
+    with pytest.raises(RecipeError, match=r"exports to .*, not embedded/its default"):
+        recipe_from_dict({"task": "text-generation", "targets": ["embedded"]})
+    with pytest.raises(RecipeError, match=r"targets lists android/executorch twice"):
+        recipe_from_dict({"task": "text-generation", "targets": ["android", {"target": "android",
+                                                                             "format": "executorch"}]})
+    with pytest.raises(RecipeError, match=r"takes no options or quant of its own; list the specs in compress.quant"):
+        recipe_from_dict({"task": "text-generation", "targets": [{"target": "android", "quant": ["int8"]}]})
     with pytest.raises(RecipeError, match=r"student.hidden must be a fraction in \[0, 1\) \(the share removed\)"):
         recipe_from_dict({"task": "text-generation", "student": {"hidden": 1.0}})
     with pytest.raises(RecipeError, match=r"student.init must be cut, fresh, not 'random'"):
@@ -81,11 +92,12 @@ def test_a_generation_recipe_is_checked_against_the_teacher_before_training(tmp_
     fits = {**base, "student": {"layers": 1}, "max_seq_len": 128, "data": {"max_length": 128}}
     # A spec the decoder export cannot realize, or an int4 group wider than a Linear (64 wide here; the MLP's 128
     # neurons pruned to 64 by student.ffn 0.5): refused before any training, not by the export after it.
-    with pytest.raises(RecipeError, match=r"compress.quant int8-static: ExecuTorch decoder export realizes fp32"):
+    with pytest.raises(RecipeError, match=r"compress.quant int8-static on android/executorch: ExecuTorch decoder "
+                                          r"export realizes fp32"):
         run(recipe_from_dict({**fits, "compress": {"quant": ["int4", "int8-static"]}}, tmp_path), tmp_path / "run")
-    with pytest.raises(RecipeError, match=r"compress.quant int4-g128: .*groups 128 input channels.*\[64, 128\]"):
+    with pytest.raises(RecipeError, match=r"compress.quant int4-g128 on .*groups 128 input channels.*\[64, 128\]"):
         run(recipe_from_dict({**fits, "compress": {"quant": ["int4-g128"]}}, tmp_path), tmp_path / "run")
-    with pytest.raises(RecipeError, match=r"compress.quant int4-g128: .*\[64\] wide"):
+    with pytest.raises(RecipeError, match=r"compress.quant int4-g128 on .*\[64\] wide"):
         run(recipe_from_dict({**fits, "student": {"layers": 1, "ffn": 0.5}, "compress": {"quant": ["int4-g128"]}},
                              tmp_path), tmp_path / "run")
     # A width cut that breaks grouped KV heads (2 KV heads of 2 query heads each here), and the int4 group checked
@@ -96,7 +108,7 @@ def test_a_generation_recipe_is_checked_against_the_teacher_before_training(tmp_
     with pytest.raises(RecipeError, match=r"student: heads 3: with 1 KV heads .*heads must be one of 1, 2"):
         run(recipe_from_dict({**fits, "student": {"layers": 1, "kv_groups": 1, "heads": 3}}, tmp_path),
             tmp_path / "run")
-    with pytest.raises(RecipeError, match=r"compress.quant int4-g64: .*\[32, 64, 128\] wide"):
+    with pytest.raises(RecipeError, match=r"compress.quant int4-g64 on .*\[32, 64, 128\] wide"):
         run(recipe_from_dict({**fits, "student": {"layers": 1, "hidden": 0.5}, "compress": {"quant": ["int4-g64"]}},
                              tmp_path), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written

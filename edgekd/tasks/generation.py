@@ -338,17 +338,22 @@ def parity_prompts(data: LMDataset, tokenizer, count: int, seed: int) -> list[li
 
 
 def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_stage: str, spec_name: str,
-           out: Path, role: str, model_name: str) -> dict:
-    """One .pte with a static KV cache, gated against its own reference (fp32: the model; quantized: the
-    torchao-quantized model in PyTorch) on seeded validation prompts; a failure writes nothing (GateError)."""
+           out: Path, role: str, model_name: str, target: str = "android/executorch") -> dict:
+    """One artifact for `target` (platform/format), gated against its own reference (fp32: the model; quantized:
+    the model quantized as that format quantizes it, in PyTorch) on seeded validation prompts, or checked as the
+    format allows off its device (ios/coreml); a failure writes nothing (GateError)."""
     from edgekd.compress.quant import get_spec
     from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
     from edgekd.models import count_parameters, load_causal_lm, load_tokenizer
-    from edgekd.targets.llm_executorch import SIGNATURE, DecoderRunner, decoder_parity, export_decoder
+    from edgekd.tasks.generation_recipe import DECODER_TARGETS
 
     spec = get_spec(spec_name)
-    params = {"target": "android", "format": "executorch-llm", "quant": spec.to_dict(), "role": role,
+    platform, _, fmt = target.partition("/")
+    export_format = DECODER_TARGETS[(platform, fmt)]
+    params = {"target": platform, "format": export_format, "quant": spec.to_dict(), "role": role,
               "max_seq_len": recipe.max_seq_len, "model_name": model_name, "parity_prompts": recipe.bench.prompts}
+    if export_format == "litert-lm":  # its prefill signatures are fixed lengths: the bench's
+        params["prefill_lengths"] = recipe.bench.prompt_lengths
     _, source = stage_input(model_dir, source_stage)
     inputs = {"model": source, "data": data.fingerprint()}
     if is_done(out, "export", params, inputs):
@@ -356,39 +361,150 @@ def export(recipe: GenerationRecipe, data: LMDataset, model_dir: Path, source_st
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir))
     prompts = parity_prompts(data, tokenizer, recipe.bench.prompts, recipe.seed)
-    artifact = f"{model_name}_xnnpack_{spec.name.replace('-', '')}.pte"
     with write_stage(out, "export", params, inputs) as stage:
-        details = export_decoder(model, stage.path / artifact, spec, recipe.max_seq_len, tokenizer)
-        reference = details.pop("reference", model)
-        runner = DecoderRunner(stage.path / artifact, recipe.bench.threads)
-        parity = decoder_parity(runner, reference, prompts, PARITY_NEW_TOKENS,
-                                float_model=None if spec.is_float else model)
-        if not parity["passed"]:
-            raise GateError(f"{artifact} fails its export gate against its own reference ({parity['rule']}): "
-                            f"top-1 {parity['teacher_forced_agreement']:.1%}, worst logit difference "
-                            f"{parity['worst_logit_diff']:.3g}; nothing written")
-        # Quality of what ships: the model in PyTorch is what the .pte computes, within the gate above; an fp32
-        # .pte's is its source stage's (the same model on the same records), a quantized one's is measured here.
+        made = ARTIFACT_MAKERS[export_format](recipe, model, tokenizer, Path(model_dir), spec, stage.path,
+                                              model_name, prompts)
+        # Quality of what ships: the model in PyTorch is what the artifact computes, within the gate; an fp32
+        # artifact's is its source stage's (the same model on the same records), a quantized one's is measured here.
         source_quality = read_manifest(model_dir)["metrics"]["test"]
-        quality = (source_quality if spec.is_float else
-                   _evaluate(reference, tokenizer, data.test, recipe.data.max_length))
-        stage.metrics = {"test": quality,
-                         "parity": {k: v for k, v in parity.items() if k != "per_prompt"},
-                         "params": count_parameters(model), "load_ms": runner.load_ms}
-        if not spec.is_float:  # what quantization cost: the same test records before and after
+        quality = (source_quality if made.reference is model else
+                   _evaluate(made.reference, tokenizer, data.test, recipe.data.max_length))
+        stage.metrics = {"test": quality, "parity": made.parity, "params": count_parameters(model), **made.metrics}
+        if made.reference is not model:  # what quantization cost: the same test records before and after
             stage.metrics["float_test_perplexity"] = source_quality["perplexity"]["perplexity"]
         for name in ("LICENSE", "NOTICE"):
             if (Path(model_dir) / name).is_file():
                 shutil.copyfile(Path(model_dir) / name, stage.path / name)
-        stage.extra.update({
-            "artifact": artifact, "size_bytes": details["size_bytes"], "role": role, "quant": spec.to_dict(),
-            "max_seq_len": recipe.max_seq_len, "signature": SIGNATURE, "metadata": details["metadata"],
-            "delegation": {k: details[k] for k in ("backend", "delegated_nodes", "non_delegated_nodes",
-                                                   "delegate_calls", "non_delegated_ops")},
-            "companions": details["companions"], "export_phases_s": details["phases_s"],
-            "model_inputs": SIGNATURE["inputs"], "runtime": DecoderRunner.versions(),
-        })
+        stage.extra.update({"artifact": made.artifact, "size_bytes": made.size_bytes, "role": role,
+                            "quant": spec.to_dict(), "max_seq_len": recipe.max_seq_len, **made.extra})
     return stage.metrics
+
+
+@dataclass
+class MadeArtifact:
+    """What a format's maker leaves in the stage folder: the artifact's name and size, the model its quality is
+    measured on (`reference`: the model itself where the artifact computes it exactly), the gate's figures."""
+    artifact: str
+    size_bytes: int
+    reference: object
+    parity: dict
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def _gate_failed(artifact: str, parity: dict) -> GateError:
+    return GateError(f"{artifact} fails its export gate against its own reference ({parity['rule']}): top-1 "
+                     f"{parity['teacher_forced_agreement']:.1%}, worst logit difference "
+                     f"{parity['worst_logit_diff']:.3g}; nothing written")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Where generation stops: the tokenizer's eos and the generation config's."""
+    from edgekd.lm_data import eos_id
+
+    configured = model.generation_config.eos_token_id
+    return {eos_id(tokenizer), *([] if configured is None else
+                                 [configured] if isinstance(configured, int) else configured)}
+
+
+def make_executorch(recipe, model, tokenizer, model_dir: Path, spec, folder: Path, model_name: str,
+                    prompts) -> MadeArtifact:
+    """A .pte with a static KV cache for XNNPACK (8da4w for int4), gated in the ExecuTorch runtime."""
+    from edgekd.targets.llm_executorch import SIGNATURE, DecoderRunner, decoder_parity, export_decoder
+
+    artifact = f"{model_name}_xnnpack_{spec.name.replace('-', '')}.pte"
+    details = export_decoder(model, folder / artifact, spec, recipe.max_seq_len, tokenizer)
+    reference = details.pop("reference", model)
+    runner = DecoderRunner(folder / artifact, recipe.bench.threads)
+    parity = decoder_parity(runner, reference, prompts, PARITY_NEW_TOKENS,
+                            float_model=None if spec.is_float else model)
+    if not parity["passed"]:
+        raise _gate_failed(artifact, parity)
+    return MadeArtifact(
+        artifact, details["size_bytes"], reference, {k: v for k, v in parity.items() if k != "per_prompt"},
+        metrics={"load_ms": runner.load_ms},
+        extra={"signature": SIGNATURE, "metadata": details["metadata"],
+               "delegation": {k: details[k] for k in ("backend", "delegated_nodes", "non_delegated_nodes",
+                                                      "delegate_calls", "non_delegated_ops")},
+               "companions": details["companions"], "export_phases_s": details["phases_s"],
+               "model_inputs": SIGNATURE["inputs"], "runtime": DecoderRunner.versions()})
+
+
+def make_litert(recipe, model, tokenizer, model_dir: Path, spec, folder: Path, model_name: str,
+                prompts) -> MadeArtifact:
+    """A .litertlm (litert-torch's export, ai-edge-quantizer's recipe): its .tflite gated in LiteRT's interpreter
+    against its own reference, then the bundle itself in LiteRT-LM (tokenizer ids, log-probs of the same path)."""
+    import tempfile
+
+    from edgekd.targets.llm_executorch import decoder_parity
+    from edgekd.targets.llm_litert import (
+        LiteRTDecoderRunner,
+        LiteRTLMRunner,
+        export_litert_decoder,
+        litert_lm_check,
+        litert_reference,
+    )
+
+    artifact = f"{model_name}_litert_{spec.name.replace('-', '')}.litertlm"
+    threads = recipe.bench.threads
+    with tempfile.TemporaryDirectory(prefix="edgekd-litert-") as work:  # the gate's .tflite: not shipped twice
+        details = export_litert_decoder(model_dir, folder / artifact, spec, recipe.max_seq_len,
+                                        recipe.bench.prompt_lengths, Path(work))
+        reference = litert_reference(model, spec) if not spec.is_float else model
+        litert = LiteRTDecoderRunner(Path(details.pop("tflite")), _eos_ids(model, tokenizer), threads)
+        parity = decoder_parity(litert, reference, prompts, PARITY_NEW_TOKENS,
+                                float_model=None if spec.is_float else model)
+        if not parity["passed"]:
+            raise _gate_failed(artifact, parity)
+        engine = LiteRTLMRunner(folder / artifact, threads, recipe.max_seq_len)
+        check = litert_lm_check(engine, litert, tokenizer, prompts, PARITY_NEW_TOKENS)
+    if not check["passed"]:
+        raise GateError(f"{artifact} in LiteRT-LM differs from its own .tflite in LiteRT ({check['rule']}): "
+                        f"{check['tokens_equal']} of {check['prompts']} prompts tokenized alike, "
+                        f"{check['decisive_forks']} greedy texts forked where LiteRT's choice is decisive; nothing "
+                        f"written")
+    parity = {k: v for k, v in parity.items() if k != "per_prompt"}
+    parity["litert_lm"] = {k: v for k, v in check.items() if k != "per_prompt"}
+    return MadeArtifact(artifact, details["size_bytes"], reference, parity,
+                        metrics={"load_ms": engine.load_ms},
+                        extra={"litert": {k: details[k] for k in ("recipe", "prefill_lengths", "tflite_size_bytes",
+                                                                   "export_s")},
+                               "eos_ids": sorted(engine.eos_ids), "stop_sequences": engine.stop_sequences,
+                               "start_token_id": engine.bos_id,
+                               "runtime": {**LiteRTDecoderRunner.versions(), **LiteRTLMRunner.versions()}})
+
+
+def make_coreml(recipe, model, tokenizer, model_dir: Path, spec, folder: Path, model_name: str,
+                prompts) -> MadeArtifact:
+    """A stateful ML Program for iOS 18 (the KV cache as Core ML state, float16 compute, weights compressed per
+    spec). Core ML runs on macOS and iOS only: here its torch wrapper and exported graph are proven against the
+    model, the package checked structurally; its quality is that of coreml_reference, an estimate."""
+    from edgekd.targets.llm_coreml import WRAPPER_TOLERANCE, coreml_reference, export_coreml_decoder
+
+    artifact = f"{model_name}_coreml_{spec.name.replace('-', '')}.mlpackage"
+    details = export_coreml_decoder(model, folder / artifact, spec, recipe.max_seq_len)
+    wrapper, exported, check = details["wrapper_parity"], details["exported_parity"], details["check"]
+    parity = {"passed": wrapper["passed"] and exported["passed"] and check["passed"],
+              "rule": "the stateful torch wrapper and its exported graph against the model (fp32, logits within "
+                      "1e-4 x (1 + max |logit|)); the saved package checked structurally (states, inputs, outputs, "
+                      "weight storage, iOS 18); run on a Mac with coreml_decoder_parity",
+              "worst_logit_diff": max(wrapper["worst_logit_diff"], exported["worst_logit_diff"]),
+              "logit_tolerance": WRAPPER_TOLERANCE, "structural": check["checks"],
+              "numeric_on_device": "not run here (Core ML runs on macOS and iOS)"}
+    return MadeArtifact(artifact, details["size_bytes"], coreml_reference(model, spec), parity,
+                        metrics={"quality_is": "an estimate: the model with the package's weights in PyTorch"},
+                        extra={"coreml": {k: details[k] for k in ("deployment_target", "compute_precision", "quant",
+                                                                   "inputs", "states", "outputs", "weights",
+                                                                   "phases_s", "export_s")},
+                               "runtime": {"coremltools": _version("coremltools")}})
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+    return metadata.version(package)
+
+
+ARTIFACT_MAKERS = {"executorch-llm": make_executorch, "litert-lm": make_litert, "coreml-llm": make_coreml}
 
 
 def bench(recipe: GenerationRecipe, exports: list[Path], eager: dict[str, Path], out: Path) -> dict:
@@ -400,7 +516,8 @@ def bench(recipe: GenerationRecipe, exports: list[Path], eager: dict[str, Path],
     variants, inputs = [], {}
     for path in exports:
         manifest, inputs[path.name] = stage_input(path, "export")
-        variants.append(DecoderExport(path, manifest).variant())
+        if DecoderExport(path, manifest).runtime:  # a Core ML package runs on a Mac or an iPhone only
+            variants.append(DecoderExport(path, manifest).variant())
     for model, folder in eager.items():
         _, inputs[f"{model}-eager"] = stage_input(folder, "finetune" if model == "teacher" else "distill")
         variants.append(DecoderVariant(f"{model}-fp32-eager", str(folder), "torch", model=model))
@@ -424,7 +541,7 @@ def preflight(recipe: GenerationRecipe) -> None:
     from edgekd.compress.quant import check_groups, get_spec
     from edgekd.errors import EdgeKDError, RecipeError
     from edgekd.models import BUILTIN_LLM, _gguf_kwargs, resolve_model
-    from edgekd.targets.llm_executorch import DECODER_TYPES, check_decoder_spec
+    from edgekd.targets.llm_executorch import DECODER_TYPES
 
     cfg = recipe.teacher
     source, kwargs = (_gguf_kwargs(cfg.model) if cfg.model == BUILTIN_LLM
@@ -458,13 +575,50 @@ def preflight(recipe: GenerationRecipe) -> None:
     hidden, mlp = getattr(config, family.hidden_field), getattr(config, family.ffn_field)
     widths = {kept_neurons(hidden, 1 - student.hidden) if student.hidden else hidden, heads * head_dim,
               kept_neurons(mlp, 1 - student.ffn) if student.ffn else mlp}
-    for name in recipe.compress.quant:
-        try:
-            spec = get_spec(name)
-            check_decoder_spec(spec)
-            check_groups(spec, widths)
-        except EdgeKDError as exc:
-            raise RecipeError(f"compress.quant {name}: {exc}") from None
+    for target in recipe.targets:
+        realizable = SPEC_CHECKS[(target.target, target.format)]()
+        for name in recipe.compress.quant:
+            try:
+                spec = get_spec(name)
+                realizable(spec)
+                check_groups(spec, widths)
+            except EdgeKDError as exc:
+                raise RecipeError(f"compress.quant {name} on {target.target}/{target.format}: {exc}") from None
+
+
+def _installed(target: str, modules: tuple[str, ...], extra: str) -> None:
+    """One RecipeError line before any training when a target's exporter or runtime is not installed."""
+    from edgekd.errors import RecipeError, install_command
+    from edgekd.targets import _importable
+
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        raise RecipeError(f"targets {target} needs {', '.join(missing)}, which is not installed; run "
+                          f"`{install_command(extra)}`")
+
+
+def _executorch_spec_check():
+    _installed("android/executorch", ("executorch",), "android")
+    from edgekd.targets.llm_executorch import check_decoder_spec
+    return check_decoder_spec
+
+
+def _litert_spec_check():
+    _installed("android/litert", ("litert_torch", "ai_edge_quantizer", "tensorflow", "litert_lm"), "litert")
+    from edgekd.targets.llm_litert import litert_recipe
+    return litert_recipe
+
+
+def _coreml_spec_check():
+    _installed("ios/coreml", ("coremltools",), "ios")
+    from edgekd.targets.llm_coreml import coreml_decoder_quant
+    return coreml_decoder_quant
+
+
+# (target, format) -> the check that a QuantSpec is one its export realizes (one EdgeKDError line if not), once
+# the target's packages are found installed; imported when asked, so a recipe needs only its own targets' packages
+SPEC_CHECKS = {("android", "executorch"): _executorch_spec_check, ("android", "litert"): _litert_spec_check,
+               ("ios", "coreml"): _coreml_spec_check}
 
 
 def run(recipe: GenerationRecipe, out: Path) -> dict:
@@ -483,19 +637,21 @@ def run(recipe: GenerationRecipe, out: Path) -> dict:
     if recipe.compress.budget is not None:
         quants = [timed("compress", choose_quant, recipe, data, out / "finetune", out / "distill",
                         out / "compress")["chosen"]]
-    # The teacher's fp32 .pte is what the students are measured against; the student is exported per
-    # compress.quant, fp32 only where it is listed (a 135M export is minutes; PyTorch eager fp32 of the student is
-    # benched beside it either way).
-    plan = [("teacher-fp32", "finetune", "fp32", "teacher")]
-    plan += [(f"student-{q}", "distill", q, "student" if q == "fp32" else "compressed") for q in quants]
+    # The teacher's fp32 export on the first target is what the students are measured against; the student is
+    # exported per compress.quant on every target, fp32 only where it is listed (a 135M export is minutes; PyTorch
+    # eager fp32 of the student is benched beside it either way).
+    targets = [f"{t.target}/{t.format}" for t in recipe.targets]
+    plan = [("teacher-fp32", "finetune", "fp32", "teacher", targets[0])]
+    plan += [(f"student-{q}", "distill", q, "student" if q == "fp32" else "compressed", target)
+             for target in targets for q in quants]
     # Two exports at once, each in its own process: ExecuTorch's lowering of a decoder is single-threaded Python
     # (80 % of an export), so one export leaves a second core idle for most of its time (the demo's two: 392 s
     # side by side, 449 + 290 s one after the other). Not more: each process holds its model and the program.
     outcomes = export_variants(out, {
-        f"{name}-android-executorch": partial(export, recipe, data, out / source, source, quant,
-                                              out / "export" / f"{name}-android-executorch", role,
-                                              f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}")
-        for name, source, quant, role in plan}, workers=EXPORT_WORKERS)
+        f"{name}-{target.replace('/', '-')}": partial(
+            export, recipe, data, out / source, source, quant, out / "export" / f"{name}-{target.replace('/', '-')}",
+            role, f"{recipe.name}-{'teacher' if role == 'teacher' else 'student'}", target)
+        for name, source, quant, role, target in plan}, workers=EXPORT_WORKERS)
     exports = exported(out, outcomes)
     if exports:
         timed("bench", bench, recipe, exports, {"teacher": out / "finetune", "student": out / "distill"},

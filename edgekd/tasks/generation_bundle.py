@@ -2,6 +2,7 @@
 
     export dir (decoder .pte) --> model/ + tokenizer/tokenizer.json + generation.json + calling code
                                   + verify/expected.json + README.md --> DIR, DIR.zip
+    export dir (.litertlm)    --> model/ + generation.json + Kotlin (LiteRT-LM) + verify/expected.json + README.md
 
 The app side is ExecuTorch's own: Kotlin `LlmModule` (Android), Swift `TextRunner` (iOS) and C++ `TextLLMRunner`,
 which link the C++ tokenizer library pip ships as `pytorch-tokenizers`. The XNNPACK .pte is the same file on
@@ -14,6 +15,13 @@ Hugging Face ids of every verification prompt (validation and test); those ids d
 ExecuTorch runtime, greedy, and its tokens must be its reference's (the PyTorch student for an fp32 .pte, its
 torchao-quantized reference for a quantized one) up to the first position where the reference's top-2 margin is
 within twice the export gate's logit tolerance (a near-tie: either token is the model's answer).
+
+A .litertlm carries its own tokenizer and start token, run by LiteRT-LM's engine (Kotlin `Engine` and `Session`,
+Maven com.google.ai.edge.litertlm:litertlm-android). `--verify` runs the bundle in LiteRT-LM's Python runtime, the
+same C++ engine: its start token and tokenizer must give the Hugging Face ids of every verification prompt, and its
+greedy text must be the reference's (the PyTorch model for fp32, the model quantized as ai-edge-quantizer quantizes
+it otherwise) but at a near-tie (targets/llm_litert.py, greedy_agreement). A Core ML package is not bundled: its
+calling code could not be verified off a Mac.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ SENTINEL = "EDGEKD_USER_TEXT"
 RESOURCES = Path(__file__).parents[1] / "resources" / "bundle" / "generation"
 CALLING_CODE = {"android": ("android/EdgekdGenerator.kt", "cpp/edgekd_generate.cpp"),
                 "ios": ("ios/EdgekdGenerator.swift", "cpp/edgekd_generate.cpp")}
+LITERT_FORMAT = "android/litert-lm"
+LITERT_CODE = "android/EdgekdLiteRtLmGenerator.kt"
 
 
 def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, export: dict,
@@ -37,8 +47,14 @@ def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, ex
     from edgekd.manifest import write_stage
     from edgekd.tasks.generation import load_records
 
-    if platform not in PLATFORMS:
-        raise BundleError(f"a decoder .pte runs on android or ios (ExecuTorch's LLM runners), not {platform}")
+    fmt = export["params"]["format"]
+    if fmt == "coreml-llm":
+        raise BundleError(f"{artifact_dir} is a Core ML package, which edgekd does not bundle (its calling code could "
+                          f"not be verified off a Mac); bundle the decoder's .pte for ios (ExecuTorch's TextRunner)")
+    if platform not in PLATFORMS or (fmt == "litert-lm" and platform != "android"):
+        raise BundleError(f"a decoder .pte runs on android or ios (ExecuTorch's LLM runners) and a .litertlm on "
+                          f"android (LiteRT-LM's Kotlin API), not this {Path(export['artifact']).suffix} on "
+                          f"{platform}; bundle the .pte export for ios")
     if getattr(recipe, "task", None) != "text-generation":
         raise BundleError(f"{artifact_dir} is a decoder LM export; pass the generation recipe it was exported with "
                           f"(--recipe RUN/recipe.yaml): its prompts become the bundle's verification set")
@@ -49,6 +65,9 @@ def make_decoder_bundle(artifact_dir: Path, platform: str, out: Path, recipe, ex
     model, tokenizer = _source_model(artifact_dir, export)
     prompts = [r.prompt for r in data.validation + data.test]
     prefix, suffix, num_bos = prompt_format(tokenizer, prompts)
+    if fmt == "litert-lm":
+        return _litert_lm_bundle(artifact_dir, out, export, export_input, model, tokenizer, data, recipe.seed,
+                                 prefix, suffix, num_bos)
     expected = _expected(export, model, tokenizer, data, recipe.seed, prefix, suffix, num_bos)
     generation = {"prompt_prefix": prefix, "prompt_suffix": suffix, "num_bos": num_bos,
                   "bos_id": tokenizer.bos_token_id, "eos_ids": export["metadata"].get("get_eos_ids", []),
@@ -140,7 +159,6 @@ def _expected(export: dict, model, tokenizer, data, seed: int, prefix: str, suff
 
     from edgekd.compress.quant import get_spec
     from edgekd.lm_data import prompt_ids
-    from edgekd.sample import stratified_sample
     from edgekd.targets.llm_executorch import quantize_decoder, reference_generate
 
     records = data.validation + data.test
@@ -148,9 +166,8 @@ def _expected(export: dict, model, tokenizer, data, seed: int, prefix: str, suff
     reference = model if spec.is_float else quantize_decoder(model, spec)
     eos_ids = export["metadata"]["get_eos_ids"]  # what the .pte stops at
     tolerance = export["metrics"]["parity"]["logit_tolerance"]
-    picked = sorted(stratified_sample([str(r.label) for r in records], VERIFY_PROMPTS, seed, "bundle"))
     generations = []
-    for i in picked:
+    for i in _verification_sample(records, seed):
         ids = prompt_ids(tokenizer, records[i].prompt)
         tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, eos_ids)
         with torch.no_grad():  # the next-token logits along its own greedy path, one forward
@@ -171,6 +188,8 @@ def verify_decoder_bundle(path: Path, manifest: dict) -> dict:
     from edgekd.targets.llm_executorch import DecoderRunner, native_stderr_filtered
 
     expected = json.loads((path / "verify" / "expected.json").read_text(encoding="utf-8"))
+    if manifest["format"] == LITERT_FORMAT:
+        return _verify_litert_lm(path, manifest, expected)
     texts = expected["texts"]
     with native_stderr_filtered():  # the library logs its regex set-up to fd 2, from its import on
         from pytorch_tokenizers import CppHFTokenizer
@@ -232,6 +251,136 @@ def _readme(platform: str, export: dict, generation: dict, code: list[str], expe
         f"`edgekd bundle --verify THIS_FOLDER` checks every file's checksum; that the tokenizer library gives the "
         f"model's tokenizer's ids on {len(expected['texts'])} prompts; and that the model, fed those ids, generates "
         f"{expected['reference']}'s greedy tokens on {len(expected['generations'])} of them.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _verification_sample(records: list, seed: int) -> list[int]:
+    from edgekd.sample import stratified_sample
+    return sorted(stratified_sample([str(r.label) for r in records], VERIFY_PROMPTS, seed, "bundle"))
+
+
+def _litert_lm_bundle(artifact_dir: Path, out: Path, export: dict, export_input: dict, model, tokenizer, data,
+                      seed: int, prefix: str, suffix: str, num_bos: int) -> dict:
+    """The android bundle of a .litertlm: the file, generation.json, Kotlin calling code, verify/expected.json."""
+    import torch
+
+    from edgekd.bundle import BundleError, copy_licenses, fill_template, finish_bundle
+    from edgekd.compress.quant import get_spec
+    from edgekd.lm_data import prompt_ids
+    from edgekd.manifest import write_stage
+    from edgekd.targets.llm_executorch import reference_generate
+    from edgekd.targets.llm_litert import decisive_positions, litert_reference, prefix_texts
+
+    start = export.get("start_token_id")
+    # LiteRT-LM's prefill puts its start token before the text: a prompt format that writes it as text (SmolLM2's
+    # template begins with its bos) leaves it out, a tokenizer that adds it (num_bos 1) has it from the runtime
+    start_text = tokenizer.decode([start]) if start is not None else ""
+    if start is not None and num_bos == 0 and prefix.startswith(start_text):
+        prefix = prefix[len(start_text):]
+    elif num_bos != (start is not None):
+        raise BundleError(f"the model's prompts begin with {num_bos} bos tokens and the .litertlm's start token is "
+                          f"{start}: LiteRT-LM would not feed the model what it was fine-tuned on; re-export it")
+    records = data.validation + data.test
+    spec = get_spec(export["quant"]["name"])
+    reference = model if spec.is_float else litert_reference(model, spec)
+    eos_ids, tolerance = export["eos_ids"], export["metrics"]["parity"]["logit_tolerance"]
+    generations = []
+    for i in _verification_sample(records, seed):
+        ids = prompt_ids(tokenizer, records[i].prompt)
+        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, eos_ids)
+        with torch.no_grad():  # the next-token logits along its own greedy path, one forward
+            logits = reference(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
+        texts, stopped = prefix_texts(tokenizer, tokens, export.get("stop_sequences") or [[i] for i in eos_ids])
+        generations.append({"text": i, "tokens": tokens, "prefix_texts": texts, "stopped": stopped,
+                            "decisive": decisive_positions(logits, tolerance)})
+    expected = {"format": LITERT_FORMAT, "quant": spec.name, "logit_tolerance": tolerance,
+                "reference": "the PyTorch model" if spec.is_float else f"its ai-edge-quantizer {spec.name} reference "
+                             f"in PyTorch", "prompt_prefix": prefix, "prompt_suffix": suffix, "start_token_id": start,
+                "texts": [r.prompt for r in records], "hf_ids": [prompt_ids(tokenizer, r.prompt) for r in records],
+                "new_tokens": VERIFY_NEW_TOKENS, "generations": generations}
+    generation = {"prompt_prefix": prefix, "prompt_suffix": suffix, "start_token_id": start, "eos_ids": eos_ids,
+                  "stop_sequences": export.get("stop_sequences", []), "max_seq_len": export["max_seq_len"],
+                  "chat_template": tokenizer.chat_template}
+    artifact = export["artifact"]
+    values = {"ARTIFACT": artifact, "MAX_SEQ_LEN": str(export["max_seq_len"])}
+    params = {"platform": "android", "format": LITERT_FORMAT, "artifact": artifact}
+    with write_stage(out, "bundle", params, {"export": export_input}) as stage:
+        root = stage.path
+        (root / "model").mkdir()
+        shutil.copyfile(artifact_dir / artifact, root / "model" / artifact)
+        (root / "generation.json").write_text(json.dumps(generation, indent=2, ensure_ascii=False) + "\n")
+        (root / "android").mkdir()
+        (root / LITERT_CODE).write_text(fill_template((RESOURCES / LITERT_CODE).read_text(), values, LITERT_CODE))
+        (root / "verify").mkdir()
+        (root / "verify" / "expected.json").write_text(json.dumps(expected, ensure_ascii=False) + "\n")
+        copy_licenses(artifact_dir, root)
+        (root / "README.md").write_text(_litert_readme(export, generation, expected))
+        stage.extra.update({"task": "text-generation", "platform": "android", "format": LITERT_FORMAT,
+                            "artifact": f"model/{artifact}", "quant": export["quant"],
+                            "max_seq_len": export["max_seq_len"], "runtime": export.get("runtime", {}),
+                            "calling_code": [LITERT_CODE], "verify_texts": len(expected["texts"]),
+                            "verify_generations": len(generations)})
+    return {**finish_bundle(out), "verify_texts": len(expected["texts"]), "verify_generations": len(generations)}
+
+
+def _verify_litert_lm(path: Path, manifest: dict, expected: dict) -> dict:
+    """The .litertlm in LiteRT-LM as the app runs it: start token + tokenizer ids, then greedy text."""
+    from edgekd.bundle import BundleError
+    from edgekd.targets.llm_litert import LiteRTLMRunner, greedy_agreement
+
+    runner = LiteRTLMRunner(path / manifest["artifact"], threads=1, max_seq_len=manifest["max_seq_len"])
+    start = [] if runner.bos_id is None else [runner.bos_id]
+    prompts = [expected["prompt_prefix"] + text + expected["prompt_suffix"] for text in expected["texts"]]
+    wrong = [i for i, (prompt, want) in enumerate(zip(prompts, expected["hf_ids"]))
+             if start + runner.tokenize(prompt) != want]
+    if runner.bos_id != expected["start_token_id"] or wrong:
+        raise BundleError(f"LiteRT-LM's start token ({runner.bos_id}) and tokenizer give other ids than the model's "
+                          f"tokenizer on {len(wrong) or len(prompts)} of {len(prompts)} verification prompts (first: "
+                          f"{expected['texts'][(wrong or [0])[0]][:60]!r})")
+    equal, near_ties = 0, 0
+    for generation in expected["generations"]:
+        text = runner.generate_text(prompts[generation["text"]], expected["new_tokens"] + 2)
+        agreement = greedy_agreement(text, generation["prefix_texts"], generation["stopped"], generation["decisive"])
+        if agreement["decisive_fork"]:
+            raise BundleError(f"the bundled model in LiteRT-LM generates another text than {expected['reference']} "
+                              f"on prompt {generation['text'] + 1} (from token {agreement['fork']} of "
+                              f"{len(generation['tokens'])}, where the reference's choice is decisive)")
+        equal += agreement["equal"]
+        near_ties += not agreement["equal"]
+    n = len(expected["generations"])
+    return {"bundle": str(path), "files": len(manifest["files"]), "texts": len(prompts), "tokenizer": "exact",
+            "tokenizer_library": "LiteRT-LM's own (in the .litertlm)", "texts_are": "validation and test prompts",
+            "model": f"greedy text equal to {expected['reference']}'s on {equal} of {n} prompts"
+                     + (f", the other {near_ties} forked at a near-tie" if near_ties else "")}
+
+
+def _litert_readme(export: dict, generation: dict, expected: dict) -> str:
+    artifact = export["artifact"]
+    lines = [
+        f"# {artifact} for android (LiteRT-LM)",
+        "",
+        f"A decoder LM ({export['quant']['name']}, context {export['max_seq_len']} tokens) exported by edgekd with "
+        f"litert-torch to a LiteRT-LM bundle: the model, its tokenizer and its start and stop tokens in one file. "
+        f"Runtime: Maven `com.google.ai.edge.litertlm:litertlm-android` (`Engine`, `Session`).",
+        "",
+        "| file | what it is |",
+        "|---|---|",
+        f"| `model/{artifact}` | the model, tokenizer and metadata ({export.get('size_bytes', 0) / 1e6:.1f} MB) |",
+        "| `generation.json` | prompt prefix and suffix, start token, eos ids and stop sequences, context, chat "
+        "template |",
+        f"| `{LITERT_CODE}` | calling code: load, generate greedily, stream text |",
+        "| `verify/expected.json` | what `edgekd bundle --verify` checks |",
+        "",
+        "The prompt is `prompt_prefix + user text + prompt_suffix` (generation.json), given to a `Session` as text: "
+        f"LiteRT-LM puts the start token ({generation['start_token_id']}) before it, which together is the format "
+        "the model was fine-tuned with. The calling code uses a Session, not a Conversation: a Conversation renders "
+        "the chat template with LiteRT-LM's own template engine, which `--verify` does not check.",
+        "",
+        f"`edgekd bundle --verify THIS_FOLDER` checks every file's checksum; that LiteRT-LM's start token and "
+        f"tokenizer give the model's tokenizer's ids on {len(expected['texts'])} prompts; and that the model in "
+        f"LiteRT-LM generates {expected['reference']}'s greedy text on {len(expected['generations'])} of them.",
         "",
     ]
     return "\n".join(lines)

@@ -18,6 +18,10 @@ KD_TOKENS = ("completion", "all")
 LAYER_IMPORTANCE = ("cosine", "loss")
 RECORD_KINDS = ("classification", "prompt-completion", "text")
 BUDGET_METRICS = ("perplexity", "task-accuracy")
+# (target, format) -> the decoder export format its stage writes (edgekd/tasks/generation.py export); a target's
+# format None is its default, the first listed for it.
+DECODER_TARGETS = {("android", "executorch"): "executorch-llm", ("android", "litert"): "litert-lm",
+                   ("ios", "coreml"): "coreml-llm"}
 # The built-in data is labelled financial news; a decoder learns it as a prompt whose completion is the label word.
 SENTIMENT_PROMPT = ("Classify the sentiment of this financial news as negative, neutral or positive.\n{text}")
 
@@ -184,10 +188,22 @@ class GenerationRecipe(RecipeBase):
 
     def __post_init__(self):
         check_header(self)
+        if not self.targets:
+            raise RecipeError("targets is empty; list at least one, e.g. `targets: [android]`")
         for target in self.targets:
-            if (target.target, target.format or "executorch") != ("android", "executorch"):
-                raise RecipeError(f"a text-generation recipe exports to android/executorch in this release, not "
-                                  f"{target.target}/{target.format or 'its default'}; use `targets: [android]`")
+            target.format = target.format or next((f for t, f in DECODER_TARGETS if t == target.target), None)
+            if (target.target, target.format) not in DECODER_TARGETS:
+                known = ", ".join(f"{t}/{f}" for t, f in DECODER_TARGETS)
+                # ExecuTorch's Core ML delegate keeps no KV cache as state (targets/llm_coreml.py says why)
+                raise RecipeError(f"a text-generation recipe exports to {known}, not {target.target}/"
+                                  f"{target.format or 'its default'}; e.g. `targets: [android, ios]`")
+            if target.options or target.quant:
+                raise RecipeError(f"targets {target.target}/{target.format}: a text-generation target takes no "
+                                  f"options or quant of its own; list the specs in compress.quant")
+        names = [f"{t.target}/{t.format}" for t in self.targets]
+        if len(set(names)) != len(names):
+            twice = ", ".join(dict.fromkeys(n for n in names if names.count(n) > 1))
+            raise RecipeError(f"targets lists {twice} twice; list each target once")
         if (self.compress.budget is not None and self.compress.budget_metric == "task-accuracy"
                 and self.data.records != "classification"):
             raise RecipeError(f"compress.budget_metric task-accuracy needs labelled records (data.records: "

@@ -15,10 +15,13 @@ from edgekd.report import run_variants, stage_times
 
 SCHEMA = "edgekd.report-llm/1"
 _TITLES = {"teacher": "Teacher (fine-tuned)", "student": "Student (distilled)"}
+FORMATS = {"executorch-llm": "ExecuTorch", "litert-lm": "LiteRT-LM", "coreml-llm": "Core ML"}
 
 
-def _title(role: str, quant: str) -> str:
-    return _TITLES.get(role, "Student") + ("" if quant == "fp32" else f", {quant}")
+def _title(role: str, quant: str, fmt: str, formats: set[str]) -> str:
+    """"Student, int4", and the format where the run has more than one."""
+    title = _TITLES.get(role, "Student") + ("" if quant == "fp32" else f", {quant}")
+    return title + (f" ({FORMATS.get(fmt, fmt)})" if len(formats) > 1 else "")
 
 
 def collect(run_dir: Path) -> dict:
@@ -27,13 +30,17 @@ def collect(run_dir: Path) -> dict:
     bench = read_manifest(run_dir / "bench", "bench")["metrics"] if (run_dir / "bench").is_dir() else None
     measured = {row["name"]: row for row in (bench or {}).get("results", [])}
     variants = []
-    for path in exports:
-        manifest = verify_stage(path, "export")
+    manifests = {path: verify_stage(path, "export") for path in exports}
+    formats = {m["params"]["format"] for m in manifests.values()}
+    for path, manifest in manifests.items():
         test, row = manifest["metrics"]["test"], measured.get(path.name, {})
         accuracy = test.get("task_accuracy")
+        fmt = manifest["params"]["format"]
         variants.append({
-            "name": path.name, "role": manifest["role"], "quant": manifest["quant"]["name"],
-            "title": _title(manifest["role"], manifest["quant"]["name"]),
+            "name": path.name, "role": manifest["role"], "quant": manifest["quant"]["name"], "format": fmt,
+            # Core ML stores an fp32 spec as float16 (its states and compute are float16)
+            "title": _title(manifest["role"], "fp16" if fmt == "coreml-llm" and manifest["quant"]["name"] == "fp32"
+                            else manifest["quant"]["name"], fmt, formats),
             "artifact": str((path / manifest["artifact"]).relative_to(run_dir)),
             "size_bytes": manifest["size_bytes"], "params": manifest["metrics"]["params"],
             "perplexity": test["perplexity"]["perplexity"],
@@ -48,6 +55,8 @@ def collect(run_dir: Path) -> dict:
     summary = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "run": str(run_dir), "variants": variants, "failed": failed, "eager": eager,
                "ratios": _ratios(variants, eager), "search": _search(run_dir),
+               "runtime_ratios": [r for r in (bench or {}).get("ratios", [])
+                                  if r["kind"] == "litert-lm over executorch"],
                "transfer_set": _transfer_set(run_dir),
                "stages": stage_times(run_dir, exports),
                "bench": bench and {k: bench.get(k) for k in ("ratios_at_prompt_tokens", "new_tokens", "rounds",
@@ -143,7 +152,7 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     at = (summary.get("bench") or {}).get("ratios_at_prompt_tokens")
     header = ["Metric"] + [v["title"] for v in variants]
     rows = [
-        ["Model size (.pte)"] + [_fmt(v["size_bytes"] / 1e6, ".1f", " MB") for v in variants],
+        ["Model size"] + [_fmt(v["size_bytes"] / 1e6, ".1f", " MB") for v in variants],
         ["Parameters"] + [_fmt(v["params"] / 1e6, ".1f", " M") for v in variants],
         [f"Time to first token ({at} prompt tokens)"] + [_fmt(v["ttft_ms"], ".0f", " ms") for v in variants],
         ["Prefill tokens/s"] + [_fmt(v["prefill_tokens_per_s"], ".0f") for v in variants],
@@ -165,7 +174,20 @@ def ratio_lines(summary: dict) -> list[str]:
                          f"{r['decode_speedup']:.1f}x its decode tokens/s, {r['prefill_speedup']:.1f}x its prefill")
         else:
             lines.append(f"{r['variant']}: {r['decode_speedup']:.1f}x the decode tokens/s of {r['over']}")
+    for r in summary.get("runtime_ratios", []):
+        lines.append(f"{r['variant']}: {_fmt(r['decode_speedup'], '.2f', 'x')} the decode tokens/s of {r['over']} "
+                     f"(LiteRT-LM over ExecuTorch: the same model and spec, interleaved in one run), "
+                     f"{_fmt(r['prefill_speedup'], '.2f', 'x')} its prefill")
     return lines
+
+
+def coreml_lines(summary: dict) -> list[str]:
+    if not any(v["format"] == "coreml-llm" for v in summary["variants"]):
+        return []
+    return ["The quality of a Core ML package is an estimate (the model with the package's weights in PyTorch; its "
+            "float16 compute not modelled) and its speed is not measured: Core ML runs on macOS and iOS only, so "
+            "here its torch wrapper and exported graph are proven against the model and the package is checked "
+            "structurally."]
 
 
 def render_markdown(summary: dict) -> str:
@@ -183,15 +205,18 @@ def render_markdown(summary: dict) -> str:
             f"{name} {row['decode_tokens_per_s']:.1f} decode tokens/s" for name, row in eager.items())]
     for failure in summary["failed"]:
         out += ["", f"**{failure['name']} failed its gate**: {failure['reason']}"]
+    out += [x for line in coreml_lines(summary) for x in ("", line)]
     if summary["stages"]:
         out += ["", "Stage wall times: " + ", ".join(f"{s['stage']} {s['wall_s']:.0f} s" for s in summary["stages"])]
     bench = summary.get("bench")
     if bench:
         out += ["", f"Measured on {bench['machine']['cpu']} ({bench['machine']['cores']} cores, {bench['threads']} "
                     f"threads): medians of {bench['rounds']} interleaved rounds, {bench['new_tokens']} new tokens, "
-                    f"executorch {bench['versions'].get('executorch')}, torch {bench['versions'].get('torch')}. "
-                    f"Perplexity and task accuracy of a quantized .pte are its PyTorch reference's, which the "
-                    f"export gate matched."]
+                    f"executorch {bench['versions'].get('executorch')}, torch {bench['versions'].get('torch')}"
+                    + (f", litert-lm-api {bench['versions'].get('litert-lm-api')}" if any(
+                        v["format"] == "litert-lm" for v in summary["variants"]) else "")
+                    + ". Perplexity and task accuracy of a quantized artifact are its PyTorch reference's, which "
+                      "the export gate matched."]
     return "\n".join(out) + "\n"
 
 
@@ -199,7 +224,8 @@ def render_html(summary: dict) -> str:
     header, rows = table_rows(summary)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    lines = ratio_lines(summary) + transfer_lines(summary.get("transfer_set")) + search_lines(summary.get("search"))
+    lines = (ratio_lines(summary) + transfer_lines(summary.get("transfer_set")) + search_lines(summary.get("search"))
+             + coreml_lines(summary))
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     failed = "".join(f"<p><b>{html.escape(f['name'])} failed its gate</b>: {html.escape(f['reason'])}</p>"
                      for f in summary["failed"])
