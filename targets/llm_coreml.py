@@ -56,7 +56,6 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
-from edgekd.architecture import FAMILIES
 from edgekd.compress.quant import QuantSpec, get_spec
 from edgekd.errors import ExportError
 from edgekd.targets import RuntimeUnavailable
@@ -67,7 +66,6 @@ SPEC_VERSION = 9  # Core ML specification version of iOS 18 / macOS 15 (ct.targe
 INPUT_NAMES = ("input_ids", "causal_mask")
 STATE_NAMES = ("keyCache", "valueCache")
 MARKER = "com.github.edgekd.coreml_decoder"  # user-defined metadata: what export wrote, and that edgekd wrote it
-DECODER_TYPES = next(f for f in FAMILIES if f.name == "llama").model_types
 # The wrapper in fp32 against the HF model's full forward, as the ExecuTorch export's fp32 rule: |diff| within
 # 1e-4 x (1 + max |logit|) at every position; a wrong position or mask is off by whole logits.
 WRAPPER_TOLERANCE = 1e-4
@@ -223,24 +221,13 @@ def wrapper_parity(wrapper: torch.nn.Module, model, prompt_len: int = 6, chunk: 
 
 
 def _check_decoder(model, max_seq_len: int, quant: dict) -> None:
-    config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in DECODER_TYPES or not type(model).__name__.endswith("ForCausalLM"):
-        raise ExportError(f"Core ML decoder export takes a Hugging Face *ForCausalLM of model type "
-                          f"{', '.join(DECODER_TYPES)}; got {type(model).__name__} (model type {model_type!r}): "
-                          f"load a supported decoder with AutoModelForCausalLM")
+    from edgekd.targets.llm_executorch import check_decoder
+
+    check_decoder(model, max_seq_len, "Core ML decoder export")  # a decoder of the families mapped, a context
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         raise ExportError(f"the model's weights are {dtype}; Core ML export converts from float32: load it with "
                           f"AutoModelForCausalLM.from_pretrained(..., dtype=torch.float32)")
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(max_seq_len, int) or max_seq_len < 2 or (limit and max_seq_len > limit):
-        raise ExportError(f"max_seq_len {max_seq_len!r} must be an integer from 2 to the model's "
-                          f"max_position_embeddings ({limit}); pass a smaller max_seq_len")
-    window = getattr(config, "sliding_window", None)
-    if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()) and max_seq_len > window:
-        raise ExportError(f"this model has sliding-window layers of {window} tokens and the mask given to every "
-                          f"layer is the full causal one; pass max_seq_len <= {window}")
     block = quant.get("block_size")
     widths = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
     if block and any(w % block for w in widths):

@@ -78,12 +78,13 @@ QUANT_ERROR_SHARE = 0.5
 QUANT_LOGIT_FLOOR = 0.02
 
 
-def check_decoder(model, max_seq_len: int) -> None:
-    """One ExportError line if `model` is not a decoder this path exports, or `max_seq_len` does not fit it."""
+def check_decoder(model, max_seq_len: int, exporter: str = "ExecuTorch decoder export") -> None:
+    """One ExportError line if `model` is not a decoder this path (or `exporter`, another decoder export) exports,
+    or `max_seq_len` does not fit it."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in DECODER_TYPES or not type(model).__name__.endswith("ForCausalLM"):
-        raise ExportError(f"ExecuTorch decoder export takes a Hugging Face *ForCausalLM of model type "
+        raise ExportError(f"{exporter} takes a Hugging Face *ForCausalLM of model type "
                           f"{', '.join(DECODER_TYPES)}; got {type(model).__name__} (model type {model_type!r}): "
                           f"load a supported decoder with AutoModelForCausalLM")
     limit = getattr(config, "max_position_embeddings", None)
@@ -92,7 +93,7 @@ def check_decoder(model, max_seq_len: int) -> None:
                           f"max_position_embeddings ({limit}); pass a smaller max_seq_len")
     window = getattr(config, "sliding_window", None)
     if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()) and max_seq_len > window:
-        raise ExportError(f"this model has sliding-window layers of {window} tokens and the static cache keeps "
+        raise ExportError(f"this model has sliding-window layers of {window} tokens and the exported cache keeps "
                           f"every position; pass max_seq_len <= {window}")
 
 
@@ -354,19 +355,7 @@ class DecoderRunner:
         prompt = _as_row(prompt_ids)
         n = prompt.shape[1]
         self._check_length(n + max_new_tokens - 1, f"the prompt ({n} tokens) plus {max_new_tokens} new tokens")
-        start = time.perf_counter()
-        token = int(self.step(prompt, 0).argmax())
-        first = time.perf_counter()
-        tokens = [token]
-        while len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids):
-            token = int(self.step(torch.tensor([[token]]), n + len(tokens) - 1).argmax())
-            tokens.append(token)
-        end = time.perf_counter()
-        decoded = len(tokens) - 1  # tokens from decode steps; the first came from the prefill
-        timings = {"prompt_tokens": n, "new_tokens": len(tokens), "ttft_ms": (first - start) * 1e3,
-                   "prefill_tokens_per_s": n / (first - start),
-                   "decode_tokens_per_s": decoded / (end - first) if decoded else None}
-        return tokens, timings
+        return greedy_generate(self, prompt, max_new_tokens, stop_at_eos)
 
     @staticmethod
     def versions() -> dict:
@@ -383,6 +372,24 @@ def _as_row(prompt_ids) -> torch.Tensor:
 
 
 @torch.no_grad()
+def greedy_generate(runner, prompt: torch.Tensor, max_new_tokens: int, stop_at_eos: bool) -> tuple[list[int], dict]:
+    """Greedy decoding through `runner.step` (a cache runner: .pte, .tflite): the prompt [1, n] from position 0,
+    then one token a step; (the new tokens, timings: time to first token, prefill and decode tokens/s)."""
+    n = prompt.shape[1]
+    start = time.perf_counter()
+    token = int(runner.step(prompt, 0).argmax())
+    first = time.perf_counter()
+    tokens = [token]
+    while len(tokens) < max_new_tokens and not (stop_at_eos and token in runner.eos_ids):
+        token = int(runner.step(torch.tensor([[token]]), n + len(tokens) - 1).argmax())
+        tokens.append(token)
+    end = time.perf_counter()
+    decoded = len(tokens) - 1  # tokens from decode steps; the first came from the prefill
+    return tokens, {"prompt_tokens": n, "new_tokens": len(tokens), "ttft_ms": (first - start) * 1e3,
+                    "prefill_tokens_per_s": n / (first - start),
+                    "decode_tokens_per_s": decoded / (end - first) if decoded else None}
+
+
 def reference_generate(model, prompt_ids, max_new_tokens: int, eos_ids) -> list[int]:
     """PyTorch's greedy tokens (`generate(do_sample=False)` with its own dynamic cache), stopping at the same eos."""
     from transformers import GenerationConfig

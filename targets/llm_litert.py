@@ -216,22 +216,12 @@ class LiteRTDecoderRunner:
 
     def generate(self, prompt_ids, max_new_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], dict]:
         """Greedy decoding: (the new tokens, timings), as DecoderRunner.generate."""
-        prompt = [int(t) for t in torch.as_tensor(prompt_ids).reshape(-1)]
-        if not prompt:
+        from edgekd.targets.llm_executorch import greedy_generate
+
+        prompt = torch.as_tensor(prompt_ids).reshape(1, -1)
+        if not prompt.numel():
             raise ExportError("the prompt is empty; give at least one token (e.g. the bos token)")
-        n = len(prompt)
-        start = time.perf_counter()
-        token = int(self.step(torch.tensor([prompt]), 0).argmax())
-        first = time.perf_counter()
-        tokens = [token]
-        while len(tokens) < max_new_tokens and not (stop_at_eos and token in self.eos_ids):
-            token = int(self.step(torch.tensor([[token]]), n + len(tokens) - 1).argmax())
-            tokens.append(token)
-        end = time.perf_counter()
-        decoded = len(tokens) - 1
-        return tokens, {"prompt_tokens": n, "new_tokens": len(tokens), "ttft_ms": (first - start) * 1e3,
-                        "prefill_tokens_per_s": n / (first - start),
-                        "decode_tokens_per_s": decoded / (end - first) if decoded else None}
+        return greedy_generate(self, prompt, max_new_tokens, stop_at_eos)
 
     @staticmethod
     def versions() -> dict:

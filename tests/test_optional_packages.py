@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = {"executorch": "executorch", "ai-edge-litert": "ai_edge_litert", "litert-torch": "litert_torch",
            "ai-edge-quantizer": "ai_edge_quantizer", "tflite-micro": "tflite_micro", "coremltools": "coremltools",
            "onnxruntime": "onnxruntime", "onnx": "onnx", "gguf": "gguf", "peft": "peft",
-           "typing-extensions": "typing_extensions"}
+           "typing-extensions": "typing_extensions", "tensorflow-cpu": "tensorflow", "litert-lm-api": "litert_lm"}
 
 
 def _all_extra() -> set[str]:

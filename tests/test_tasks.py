@@ -179,3 +179,17 @@ def test_unlabeled_prompts_are_the_files_prompts_the_splits_do_not_hold(tmp_path
     with pytest.raises(DataError, match=r"more-pc.csv: none of its 3 prompts is new \(each is empty or already a "
                                         r"training, validation or test prompt\)"):
         load_records(recipe_from_dict(spec, tmp_path))
+
+
+def test_a_decoder_target_without_its_packages_is_one_line_before_training(monkeypatch):
+    """A recipe's target whose exporter or runtime is not installed: one line naming them and the pip command."""
+    import edgekd.targets as targets
+    from edgekd.tasks import generation
+
+    monkeypatch.setattr(targets, "_importable", lambda module: module not in ("litert_lm", "coremltools"))
+    with pytest.raises(RecipeError, match=r"targets android/litert needs litert_lm, which is not installed; run "
+                                          r"`pip install .*\[litert\]"):
+        generation.SPEC_CHECKS[("android", "litert")]()
+    with pytest.raises(RecipeError, match=r"targets ios/coreml needs coremltools.*\[ios\]"):
+        generation.SPEC_CHECKS[("ios", "coreml")]()
+    assert generation.SPEC_CHECKS[("android", "executorch")]() is not None

@@ -5,10 +5,13 @@
                    (compress/lm_prune.py, Minitron), then distilled on the teacher's cached top-k logits
     RUN/compress   with compress.budget only: the budget search, each compress.quant spec of the student scored
                    on the validation records, the first within the budget chosen
-    RUN/export/V   teacher fp32, the student per compress.quant (int4: 8da4w; fp32): a .pte with a static
-                   KV cache for ExecuTorch's XNNPACK backend, gated against its own reference
-    RUN/bench      TTFT, prefill and decode tokens/s of every .pte, and PyTorch eager fp32 of the student and the
-                   teacher, interleaved in one run
+    RUN/export/V   teacher fp32 for the first target, the student per compress.quant for every target, one
+                   maker per format (ARTIFACT_MAKERS): android/executorch a .pte with a static KV cache for
+                   XNNPACK (int4: 8da4w), android/litert a LiteRT-LM .litertlm, ios/coreml a stateful iOS 18
+                   ML Program; each gated against its own reference in its own runtime (Core ML: off a Mac, its
+                   torch wrapper proven and the package checked structurally)
+    RUN/bench      TTFT, prefill and decode tokens/s of every .pte and .litertlm, and PyTorch eager fp32 of the
+                   student and the teacher, interleaved in one run
     RUN/report.*   size, speed, perplexity and task accuracy of teacher and students side by side
 
 Each stage writes a manifest (edgekd/manifest.py) and skips itself on a rerun with the same key, like the
@@ -288,8 +291,9 @@ def _figure(metrics: dict, metric: str) -> float:
 
 
 def choose_quant(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, student_dir: Path, out: Path) -> dict:
-    """The budget search: every compress.quant spec of the distilled student, quantized as its export would be
-    (its torchao reference in PyTorch, which the .pte matches within the export gate), scored on the validation
+    """The budget search: every compress.quant spec of the distilled student, quantized as its .pte would be
+    (its torchao reference in PyTorch, which the .pte matches within the export gate; the chosen spec's LiteRT and
+    Core ML exports measure their own references' quality, reported beside), scored on the validation
     records against the teacher's (or the fp32 student's) figure there; the first spec in the listed order (most
     compressed first) within compress.budget is the one chosen. None within it: one line with every figure."""
     from edgekd.compress.quant import get_spec
@@ -433,7 +437,7 @@ def make_executorch(recipe, model, tokenizer, model_dir: Path, spec, folder: Pat
 def make_litert(recipe, model, tokenizer, model_dir: Path, spec, folder: Path, model_name: str,
                 prompts) -> MadeArtifact:
     """A .litertlm (litert-torch's export, ai-edge-quantizer's recipe): its .tflite gated in LiteRT's interpreter
-    against its own reference, then the bundle itself in LiteRT-LM (tokenizer ids, log-probs of the same path)."""
+    against its own reference, then the bundle itself in LiteRT-LM (start token and tokenizer ids, greedy text)."""
     import tempfile
 
     from edgekd.targets.llm_executorch import decoder_parity
