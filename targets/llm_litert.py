@@ -24,8 +24,10 @@ Two checks, each in its own runtime:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,16 +122,17 @@ def export_litert_decoder(model_dir: Path, out_file: Path, spec: QuantSpec, max_
                           prefill_lengths: list[int], work_dir: Path) -> dict:
     """Export the HF model folder `model_dir` with litert-torch: `out_file` (.litertlm) and, in `work_dir`, the
     .tflite packed into it (for the gate: LiteRTDecoderRunner). Returns the details."""
-    from litert_torch.generative.export_hf import export as export_hf
-
     recipe = litert_recipe(spec)
     lengths = sorted({n for n in prefill_lengths if 1 < n < max_seq_len}) or [min(32, max_seq_len - 1)]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        try:
-            export_hf.export(model=str(model_dir), output_dir=tmp, task="text_generation", prefill_lengths=lengths,
-                             cache_length=max_seq_len, quantization_recipe=recipe, bundle_litert_lm=True,
-                             keep_temporary_files=True)
+        try:  # its progress lines, and its import's, go to stderr: stdout is edgekd's own (--json)
+            with contextlib.redirect_stdout(sys.stderr):
+                from litert_torch.generative.export_hf import export as export_hf
+
+                export_hf.export(model=str(model_dir), output_dir=tmp, task="text_generation",
+                                 prefill_lengths=lengths, cache_length=max_seq_len, quantization_recipe=recipe,
+                                 bundle_litert_lm=True, keep_temporary_files=True)
         except Exception as exc:  # the exporter's own errors are many kinds; the line names it
             raise ExportError(f"litert-torch could not export {model_dir} ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc

@@ -290,20 +290,35 @@ def _figure(metrics: dict, metric: str) -> float:
     return metrics["perplexity"]["perplexity"] if metric == "perplexity" else 100 * metrics["task_accuracy"]["accuracy"]
 
 
+def _quantized_reference(target: str):
+    """(model, spec) -> the model quantized as `target`'s export quantizes it, in PyTorch (its export's reference)."""
+    if target == "android/litert":
+        from edgekd.targets.llm_litert import litert_reference
+        return litert_reference
+    if target == "ios/coreml":
+        from edgekd.targets.llm_coreml import coreml_reference
+        return coreml_reference
+    from edgekd.targets.llm_executorch import quantize_decoder
+    return quantize_decoder
+
+
 def choose_quant(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, student_dir: Path, out: Path) -> dict:
-    """The budget search: every compress.quant spec of the distilled student, quantized as its .pte would be
-    (its torchao reference in PyTorch, which the .pte matches within the export gate; the chosen spec's LiteRT and
-    Core ML exports measure their own references' quality, reported beside), scored on the validation
-    records against the teacher's (or the fp32 student's) figure there; the first spec in the listed order (most
-    compressed first) within compress.budget is the one chosen. None within it: one line with every figure."""
+    """The budget search: every compress.quant spec of the distilled student, quantized as each target's export
+    quantizes it (its reference in PyTorch, which the artifact matches within its export gate: torchao's for a .pte,
+    ai-edge-quantizer's grid for a .litertlm, Core ML's for a package), scored on the validation records against
+    the teacher's (or the fp32 student's) figure there, the worst target's figure counting; the first spec in the
+    listed order (most compressed first) within compress.budget is the one chosen. None within it: one line with
+    every figure."""
     from edgekd.compress.quant import get_spec
     from edgekd.manifest import is_done, read_manifest, stage_input, write_stage
     from edgekd.models import load_causal_lm, load_tokenizer
-    from edgekd.targets.llm_executorch import quantize_decoder
 
     cfg = recipe.compress
     params = {"quant": cfg.quant, "budget": cfg.budget, "budget_metric": cfg.budget_metric,
               "budget_from": cfg.budget_from, "max_length": recipe.data.max_length}
+    targets = [f"{t.target}/{t.format}" for t in recipe.targets]
+    if targets != ["android/executorch"]:  # only then: a .pte-only recipe keeps its stage key
+        params["targets"] = targets
     _, teacher = stage_input(teacher_dir, "finetune")
     _, student = stage_input(student_dir, "distill")
     inputs = {"teacher": teacher, "student": student, "data": data.fingerprint()}
@@ -314,12 +329,17 @@ def choose_quant(recipe: GenerationRecipe, data: LMDataset, teacher_dir: Path, s
     unit = "%" if cfg.budget_metric == "perplexity" else " points"
     tokenizer, model = load_tokenizer(str(student_dir)), load_causal_lm(str(student_dir))
     candidates = []
+    # what a figure costs against the baseline: percent of perplexity above it, or accuracy points below it
+    cost_of = (lambda f: 100 * (f / baseline - 1)) if cfg.budget_metric == "perplexity" else (lambda f: baseline - f)
     for name in cfg.quant:
-        figure = _figure(_evaluate(quantize_decoder(model, get_spec(name)), tokenizer, data.validation,
-                                   recipe.data.max_length), cfg.budget_metric)
-        # what the spec costs against the baseline: percent of perplexity above it, or accuracy points below it
-        cost = 100 * (figure / baseline - 1) if cfg.budget_metric == "perplexity" else baseline - figure
-        candidates.append({"quant": name, cfg.budget_metric: figure, "cost": cost, "within": cost <= cfg.budget})
+        by_target = {target: _figure(_evaluate(_quantized_reference(target)(model, get_spec(name)), tokenizer,
+                                               data.validation, recipe.data.max_length), cfg.budget_metric)
+                     for target in targets}
+        worst = max(by_target, key=lambda target: cost_of(by_target[target]))
+        cost = cost_of(by_target[worst])
+        candidates.append({"quant": name, cfg.budget_metric: by_target[worst], "cost": cost,
+                           "within": cost <= cfg.budget, "worst_target": worst,
+                           "by_target": {t: {cfg.budget_metric: f, "cost": cost_of(f)} for t, f in by_target.items()}})
     chosen = next((c["quant"] for c in candidates if c["within"]), None)
     if chosen is None:
         tried = ", ".join(f"{c['quant']} {c['cost']:+.1f}{unit}" for c in candidates)

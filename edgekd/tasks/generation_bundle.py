@@ -352,7 +352,7 @@ def _verify_litert_lm(path: Path, manifest: dict, expected: dict) -> dict:
     n = len(expected["generations"])
     return {"bundle": str(path), "files": len(manifest["files"]), "texts": len(prompts), "tokenizer": "exact",
             "tokenizer_library": "LiteRT-LM's own (in the .litertlm)", "texts_are": "validation and test prompts",
-            "model": f"greedy text equal to {expected['reference']}'s on {equal} of {n} prompts"
+            "model": f"greedy text equal to that of {expected['reference']} on {equal} of {n} prompts"
                      + (f", the other {near_ties} forked at a near-tie" if near_ties else "")}
 
 

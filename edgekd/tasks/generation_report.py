@@ -104,7 +104,9 @@ def search_lines(search: dict | None) -> list[str]:
              f"{base['from']}'s ({base[search['metric']]:.4g}), specs in the order listed:"]
     for c in search["candidates"]:
         mark = "chosen" if c["quant"] == search["chosen"] else ("within" if c["within"] else "over budget")
-        lines.append(f"{c['quant']}: {c[search['metric']]:.4g} ({c['cost']:+.1f}{unit}), {mark}")
+        worst = f" on {c['worst_target']}, the worst of {len(c['by_target'])} targets" if len(
+            c.get("by_target", {})) > 1 else ""
+        lines.append(f"{c['quant']}: {c[search['metric']]:.4g} ({c['cost']:+.1f}{unit}{worst}), {mark}")
     return lines
 
 
