@@ -218,7 +218,7 @@ def bench_decoders(variants: list[DecoderVariant], prompt_lengths=(64, 128, 512)
                      "size_bytes": v.size_bytes(), **v.footprint(threads)} for v in variants}
     runners = {v.name: v.open(threads) for v in variants}
     # LiteRT-LM's benchmark brings its own prompt (no vocabulary to draw from)
-    vocab = min((_vocab_size(r) for r in runners.values() if r.runtime != "litert-lm"), default=2)
+    vocab = min((_vocab_size(r) for r in runners.values() if getattr(r, "runtime", None) != "litert-lm"), default=2)
     prompts = seeded_prompts(lengths, vocab, seed)
     skipped, fits = [], {}
     for name, runner in runners.items():

@@ -235,7 +235,7 @@ class LiteRTDecoderRunner:
 class LiteRTLMRunner:
     """A .litertlm in the LiteRT-LM runtime (pip litert-lm-api, the C++ engine apps link): text in, greedy text
     out, and LiteRT-LM's own benchmark (`generate`, for benchmarks/llm.py's bench_decoders). Not its text scoring:
-    after a prefill it rewinds the KV cache twice and scores wrong (LiteRT-LM issue #3561, open in 0.18)."""
+    after a prefill it rewinds the KV cache twice and scores wrong (LiteRT-LM issue #3561, reported on 0.17, open)."""
 
     runtime = "litert-lm"
 

@@ -138,7 +138,7 @@ def test_variants_are_interleaved_round_robin():
 
 
 def test_bad_variants_are_one_line(tmp_path):
-    with pytest.raises(BenchError, match="unknown runtime 'onnx'; use one of executorch, torch"):
+    with pytest.raises(BenchError, match="unknown runtime 'onnx'; use one of executorch, litert-lm, torch"):
         DecoderVariant("x", str(tmp_path), "onnx")
     with pytest.raises(BenchError, match="does not exist; give the .pte file"):
         DecoderVariant("x", str(tmp_path / "gone.pte"), "executorch")
