@@ -128,8 +128,7 @@ def export_litert_decoder(model_dir: Path, out_file: Path, spec: QuantSpec, max_
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         try:  # its progress lines, and its import's, go to stderr: stdout is edgekd's own (--json)
             with contextlib.redirect_stdout(sys.stderr):
-                from litert_torch.generative.export_hf import export as export_hf
-
+                export_hf = _import_exporter()
                 export_hf.export(model=str(model_dir), output_dir=tmp, task="text_generation",
                                  prefill_lengths=lengths, cache_length=max_seq_len, quantization_recipe=recipe,
                                  bundle_litert_lm=True, keep_temporary_files=True)
@@ -149,6 +148,27 @@ def export_litert_decoder(model_dir: Path, out_file: Path, spec: QuantSpec, max_
     return {"file": str(out_file), "size_bytes": out_file.stat().st_size, "tflite": str(gate_file),
             "tflite_size_bytes": gate_file.stat().st_size, "recipe": recipe, "prefill_lengths": lengths,
             "max_seq_len": max_seq_len, "export_s": round(time.perf_counter() - start, 2), "spec": spec.to_dict()}
+
+
+def _import_exporter():
+    """litert-torch's exporter module. On import it swaps transformers' `use_kernel_forward_from_hub` for its own,
+    so every modeling module imported from then on in the process (its own imports included) builds its RMSNorm
+    from litert-torch's, sized at construction: a width-pruned student's norm then fails, and other models change.
+    So the decoder families' modeling modules are built first, and the swap is put back after: edgekd loads the
+    model before the export, so the export never used it."""
+    import importlib
+
+    import transformers
+
+    from edgekd.targets.llm_executorch import DECODER_TYPES
+
+    for model_type in DECODER_TYPES:
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    from litert_torch.generative.export_hf import export as export_hf
+    from litert_torch.generative.export_hf.core import patches
+
+    transformers.integrations.use_kernel_forward_from_hub = patches.original_use_kernel_forward_from_hub
+    return export_hf
 
 
 class LiteRTDecoderRunner:

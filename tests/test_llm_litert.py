@@ -51,6 +51,11 @@ def exported(tiny, request):
 def test_the_tflite_passes_its_gate_and_the_bundle_its_litert_lm_check(tiny, exported):
     root, model, tokenizer, prompts = tiny
     spec, details = exported
+    import transformers
+    from litert_torch.generative.export_hf.core import patches
+
+    # the exporter's import-time patch of transformers is put back: models built after it are transformers' own
+    assert transformers.integrations.use_kernel_forward_from_hub is patches.original_use_kernel_forward_from_hub
     assert details["recipe"] == ("none" if spec.is_float else "dynamic_wi4b32_afp32")
     assert details["prefill_lengths"] == [16, 64] and details["file"].endswith(".litertlm")
     litert = LiteRTDecoderRunner(details["tflite"], {2}, threads=1)
