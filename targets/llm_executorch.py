@@ -372,6 +372,13 @@ def _as_row(prompt_ids) -> torch.Tensor:
 
 
 @torch.no_grad()
+def decisive_positions(logits: torch.Tensor, tolerance: float) -> list[bool]:
+    """Per position of a greedy path's next-token logits [positions, vocab]: whether the top-2 margin exceeds twice
+    `tolerance` x (1 + max |logit|), so that logits within the tolerance cannot pick another token there."""
+    top2 = logits.topk(2, dim=1).values
+    return ((top2[:, 0] - top2[:, 1]) > 2 * tolerance * (1 + logits.abs().amax(dim=1))).tolist()
+
+
 def greedy_generate(runner, prompt: torch.Tensor, max_new_tokens: int, stop_at_eos: bool) -> tuple[list[int], dict]:
     """Greedy decoding through `runner.step` (a cache runner: .pte, .tflite): the prompt [1, n] from position 0,
     then one token a step; (the new tokens, timings: time to first token, prefill and decode tokens/s)."""

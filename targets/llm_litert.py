@@ -37,6 +37,7 @@ import torch
 
 from edgekd.compress.quant import QuantSpec
 from edgekd.errors import ExportError
+from edgekd.targets.llm_executorch import decisive_positions
 from edgekd.targets.native_log import native_stderr_filtered
 
 ARTIFACT_SUFFIX = ".litertlm"
@@ -334,13 +335,6 @@ def greedy_agreement(text: str, prefix_texts: list[str], stopped: bool, decisive
     if fork is None:
         return {"equal": True, "fork": None, "decisive_fork": False}
     return {"equal": False, "fork": fork, "decisive_fork": bool(decisive[fork])}
-
-
-def decisive_positions(logits: torch.Tensor, tolerance: float) -> list[bool]:
-    """Per position of a greedy path's next-token logits [positions, vocab]: whether the top-2 margin exceeds twice
-    `tolerance` x (1 + max |logit|), so that logits within the tolerance cannot pick another token there."""
-    top2 = logits.topk(2, dim=1).values
-    return ((top2[:, 0] - top2[:, 1]) > 2 * tolerance * (1 + logits.abs().amax(dim=1))).tolist()
 
 
 def prefix_texts(tokenizer, path: list[int], stop_sequences: list[list[int]]) -> tuple[list[str], bool]:

@@ -155,26 +155,17 @@ def _expected(export: dict, model, tokenizer, data, seed: int, prefix: str, suff
               num_bos: int) -> dict:
     """The verification set: every validation and test prompt with its Hugging Face ids; for a seeded, stratified
     sample of them the reference's greedy tokens and, per position, whether its top-2 margin is decisive."""
-    import torch
 
     from edgekd.compress.quant import get_spec
     from edgekd.lm_data import prompt_ids
-    from edgekd.targets.llm_executorch import quantize_decoder, reference_generate
+    from edgekd.targets.llm_executorch import quantize_decoder
 
     records = data.validation + data.test
     spec = get_spec(export["quant"]["name"])
     reference = model if spec.is_float else quantize_decoder(model, spec)
     eos_ids = export["metadata"]["get_eos_ids"]  # what the .pte stops at
     tolerance = export["metrics"]["parity"]["logit_tolerance"]
-    generations = []
-    for i in _verification_sample(records, seed):
-        ids = prompt_ids(tokenizer, records[i].prompt)
-        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, eos_ids)
-        with torch.no_grad():  # the next-token logits along its own greedy path, one forward
-            ref_logits = reference(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
-        top2, scale = ref_logits.topk(2, dim=1).values, 1 + ref_logits.abs().amax(dim=1)
-        decisive = ((top2[:, 0] - top2[:, 1]) > 2 * tolerance * scale).tolist()
-        generations.append({"text": i, "tokens": tokens, "decisive": decisive})
+    generations = _reference_generations(reference, tokenizer, records, seed, eos_ids, tolerance)
     return {"format": "android/executorch-llm", "quant": spec.name, "reference": "the PyTorch model" if spec.is_float
             else f"its torchao {spec.name} reference in PyTorch", "logit_tolerance": tolerance,
             "prompt_prefix": prefix, "prompt_suffix": suffix, "num_bos": num_bos,
@@ -256,22 +247,33 @@ def _readme(platform: str, export: dict, generation: dict, code: list[str], expe
     return "\n".join(lines)
 
 
-def _verification_sample(records: list, seed: int) -> list[int]:
+def _reference_generations(reference, tokenizer, records: list, seed: int, eos_ids, tolerance: float) -> list:
+    """For a seeded, stratified sample of `records`: the reference's greedy tokens (stopping at `eos_ids`) and, per
+    position, whether its top-2 margin is decisive at the export gate's `tolerance`."""
+    import torch
+
+    from edgekd.lm_data import prompt_ids
     from edgekd.sample import stratified_sample
-    return sorted(stratified_sample([str(r.label) for r in records], VERIFY_PROMPTS, seed, "bundle"))
+    from edgekd.targets.llm_executorch import decisive_positions, reference_generate
+
+    generations = []
+    for i in sorted(stratified_sample([str(r.label) for r in records], VERIFY_PROMPTS, seed, "bundle")):
+        ids = prompt_ids(tokenizer, records[i].prompt)
+        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, eos_ids)
+        with torch.no_grad():  # the next-token logits along its own greedy path, one forward
+            logits = reference(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
+        generations.append({"text": i, "tokens": tokens, "decisive": decisive_positions(logits, tolerance)})
+    return generations
 
 
 def _litert_lm_bundle(artifact_dir: Path, out: Path, export: dict, export_input: dict, model, tokenizer, data,
                       seed: int, prefix: str, suffix: str, num_bos: int) -> dict:
     """The android bundle of a .litertlm: the file, generation.json, Kotlin calling code, verify/expected.json."""
-    import torch
-
     from edgekd.bundle import BundleError, copy_licenses, fill_template, finish_bundle
     from edgekd.compress.quant import get_spec
     from edgekd.lm_data import prompt_ids
     from edgekd.manifest import write_stage
-    from edgekd.targets.llm_executorch import reference_generate
-    from edgekd.targets.llm_litert import decisive_positions, litert_reference, prefix_texts
+    from edgekd.targets.llm_litert import litert_reference, prefix_texts
 
     start = export.get("start_token_id")
     # LiteRT-LM's prefill puts its start token before the text: a prompt format that writes it as text (SmolLM2's
@@ -286,15 +288,10 @@ def _litert_lm_bundle(artifact_dir: Path, out: Path, export: dict, export_input:
     spec = get_spec(export["quant"]["name"])
     reference = model if spec.is_float else litert_reference(model, spec)
     eos_ids, tolerance = export["eos_ids"], export["metrics"]["parity"]["logit_tolerance"]
-    generations = []
-    for i in _verification_sample(records, seed):
-        ids = prompt_ids(tokenizer, records[i].prompt)
-        tokens = reference_generate(reference, ids, VERIFY_NEW_TOKENS, eos_ids)
-        with torch.no_grad():  # the next-token logits along its own greedy path, one forward
-            logits = reference(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
-        texts, stopped = prefix_texts(tokenizer, tokens, export.get("stop_sequences") or [[i] for i in eos_ids])
-        generations.append({"text": i, "tokens": tokens, "prefix_texts": texts, "stopped": stopped,
-                            "decisive": decisive_positions(logits, tolerance)})
+    generations = _reference_generations(reference, tokenizer, records, seed, eos_ids, tolerance)
+    for generation in generations:  # LiteRT-LM gives text: what of the path it shows
+        generation["prefix_texts"], generation["stopped"] = prefix_texts(
+            tokenizer, generation["tokens"], export.get("stop_sequences") or [[i] for i in eos_ids])
     expected = {"format": LITERT_FORMAT, "quant": spec.name, "logit_tolerance": tolerance,
                 "reference": "the PyTorch model" if spec.is_float else f"its ai-edge-quantizer {spec.name} reference "
                              f"in PyTorch", "prompt_prefix": prefix, "prompt_suffix": suffix, "start_token_id": start,
