@@ -152,23 +152,18 @@ def export_litert_decoder(model_dir: Path, out_file: Path, spec: QuantSpec, max_
 
 
 def _import_exporter():
-    """litert-torch's exporter module. On import it swaps transformers' `use_kernel_forward_from_hub` for its own,
-    so every modeling module imported from then on in the process (its own imports included) builds its RMSNorm
-    from litert-torch's, sized at construction: a width-pruned student's norm then fails, and other models change.
-    So the decoder families' modeling modules are built first, and the swap is put back after: edgekd loads the
-    model before the export, so the export never used it."""
-    import importlib
-
+    """litert-torch's exporter module. Its `patches` module, on import, swaps transformers'
+    `use_kernel_forward_from_hub` for its own, so every modeling module imported after it builds its RMSNorm from
+    litert-torch's, sized at construction (a width-pruned student's norm then fails), and decorates functions
+    without the mark that the `kernels` package (a dependency of transformers 5.25) checks: gemma3's import fails.
+    So that module is imported alone and the swap put back before the exporter imports the modeling modules it
+    names: edgekd loads the model itself, and the export never used the swap."""
     import transformers
-
-    from edgekd.targets.llm_executorch import DECODER_TYPES
-
-    for model_type in DECODER_TYPES:
-        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    from litert_torch.generative.export_hf import export as export_hf
     from litert_torch.generative.export_hf.core import patches
 
     transformers.integrations.use_kernel_forward_from_hub = patches.original_use_kernel_forward_from_hub
+    from litert_torch.generative.export_hf import export as export_hf
+
     return export_hf
 
 
