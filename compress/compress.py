@@ -19,7 +19,7 @@ import torch
 from edgekd.compress.prune import PruneSpec, importance, prune
 from edgekd.compress.quant import QuantSpec, get_spec, quantized_module
 from edgekd.data import Dataset, Encoded
-from edgekd.distill.training import drop_checkpoints
+from edgekd.distill.training import BATCHING, drop_checkpoints
 from edgekd.errors import RecipeError
 from edgekd.manifest import is_done, read_manifest, stage_input, stage_key, write_stage
 from edgekd.metrics import classification_metrics
@@ -66,6 +66,7 @@ def compress(recipe: Recipe, dataset: Dataset, student_dir: Path, out: Path, tea
     retrains = not prune_spec.is_noop or cfg.budget is not None or bool(cfg.qat_epochs)
     if retrains:  # recovery distillation and QAT train with these student.* settings (distill_from_teacher)
         params["student"] = {k: getattr(recipe.student, k) for k in RETRAIN_FIELDS}
+        params["batching"] = BATCHING
     if cfg.budget is not None and fmt is not None and options != fmt.options:  # candidates export with them;
         params["target_options"] = options  # defaults stay out of the key, so older runs keep theirs
     inputs = {"student": source, "data": dataset.fingerprint()}
@@ -224,7 +225,7 @@ class Compression:
         # One checkpoint (the newest) is enough to resume; the caller deletes it once the model is saved.
         saving = dict(save_strategy="epoch", save_total_limit=1) if checkpoints else dict(save_strategy="no")
         args = training_args(scratch, epochs=epochs, learning_rate=cfg.learning_rate,
-                             batch_size=cfg.batch_size, seed=self.recipe.seed, eval_strategy="no",
+                             batch_size=cfg.batch_size, seed=self.recipe.seed, eval_strategy="no", length_grouped=True,
                              load_best_model_at_end=False, disable_tqdm=True, **saving)
         torch.manual_seed(self.recipe.seed)
         trainer = DistillationTrainer(model=model, args=args, train_dataset=train, temperature=cfg.temperature,

@@ -26,6 +26,7 @@ from edgekd.distill.student import (
 )
 from edgekd.distill.trainer import DistillationTrainer, Intermediate, _heads
 from edgekd.distill.training import (
+    BATCHING,
     accuracy_metric,
     collator,
     drop_checkpoints,
@@ -50,7 +51,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
                          f"{dataset.label_names}; fine-tune the teacher on this data first")
     params = {"student": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "allow_pickle"},
               "seed": recipe.seed,
-              "max_length": max_length}
+              "max_length": max_length, "batching": BATCHING}
     inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
     if cfg.model:
         inputs["student_model"] = model_fingerprint(cfg.model, cfg.allow_pickle)
@@ -82,7 +83,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
         train = Encoded(student_tok, transfer, labels, max_length)
         val = Encoded(student_tok, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
         args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                             batch_size=cfg.batch_size, seed=recipe.seed)
+                             batch_size=cfg.batch_size, seed=recipe.seed, length_grouped=True)
         trainer = DistillationTrainer(model=student, args=args, train_dataset=train, eval_dataset=val,
                                       data_collator=collator(student_tok), compute_metrics=accuracy_metric,
                                       teacher_logits=torch.from_numpy(soft), temperature=cfg.temperature,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from edgekd.data import Dataset, Encoded, choose_max_length
 from edgekd.distill.training import (
+    BATCHING,
     accuracy_metric,
     collator,
     drop_checkpoints,
@@ -59,7 +60,7 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
     # allow_pickle only says how weights may be read, not what is trained: it is no part of the key.
     params = {"teacher": {k: v for k, v in cfg.__dict__.items() if k != "allow_pickle"},
               "max_length": max_length, "seed": recipe.seed,
-              "labels": dataset.label_names}
+              "labels": dataset.label_names, "batching": BATCHING}
     inputs = {"model": model_fingerprint(cfg.model, cfg.allow_pickle), "data": dataset.fingerprint()}
     # Checkpoints live beside the stage, keyed by it: a crash keeps them, a rerun resumes from them.
     checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
@@ -70,7 +71,8 @@ def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
         train = Encoded(tokenizer, dataset.train.texts, dataset.label_ids(dataset.train), max_length)
         val = Encoded(tokenizer, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
         args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                             batch_size=cfg.batch_size, seed=recipe.seed, weight_decay=cfg.weight_decay)
+                             batch_size=cfg.batch_size, seed=recipe.seed, weight_decay=cfg.weight_decay,
+                             length_grouped=True)
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
                           data_collator=collator(tokenizer), compute_metrics=accuracy_metric,
                           callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.patience)])

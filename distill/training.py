@@ -61,9 +61,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+# Part of a classifier stage's key: batches of texts of like length (below) train differently from random ones.
+BATCHING = "length-grouped"
+
+
 def training_args(output_dir: Path, *, epochs: float, learning_rate: float, batch_size: int, seed: int,
-                  weight_decay: float = 0.01, **overrides):
-    """HF TrainingArguments for a CPU-or-GPU run that checkpoints every epoch (for --resume)."""
+                  weight_decay: float = 0.01, length_grouped: bool = False, **overrides):
+    """HF TrainingArguments for a CPU-or-GPU run that checkpoints every epoch (for --resume).
+
+    `length_grouped`: each batch holds texts of like length (the Trainer's LengthGroupedSampler: random
+    megabatches of 50 batches, sorted within), so the per-batch padding of `collator` pads little. On long texts
+    of varied length a random batch is padded to near its longest: perf/long_texts.py measures the difference."""
     from transformers import TrainingArguments
 
     defaults = dict(
@@ -77,6 +85,7 @@ def training_args(output_dir: Path, *, epochs: float, learning_rate: float, batc
         greater_is_better=True, logging_strategy="epoch", report_to=[], seed=seed, data_seed=seed,
         remove_unused_columns=False, save_only_model=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if length_grouped else "random",
     )
     defaults.update(overrides)
     return TrainingArguments(**defaults)

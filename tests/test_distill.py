@@ -179,3 +179,36 @@ def test_without_bars_a_line_each_tenth_of_the_steps_says_how_long_is_left(tmp_p
     _train_quietly(tmp_path, 40, 2, disable_tqdm=True)
     steps = re.findall(r"\[edgekd\] step (\d+)/20: [\d.]+ s a step, about \d+ s left", capfd.readouterr().err)
     assert steps == [str(s) for s in range(2, 20, 2)]  # every tenth of 20 steps, none at the end
+
+
+def test_length_grouped_batches_pad_less_and_see_every_text_once(tmp_path, tiny_teacher_dir):
+    """The classifier stages batch texts of like length (training_args(length_grouped=True)): the padded tokens of
+    an epoch fall against random batches of the same texts, every text is seen once, and a seed repeats it."""
+    import random
+
+    import torch
+    from transformers import Trainer
+
+    from edgekd.data import Encoded
+    from edgekd.distill.training import collator, training_args
+
+    rng = random.Random(0)
+    texts = [" ".join(["word"] * rng.choice([2, 4, 40, 90])) for _ in range(200)]
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    model = load_classifier(str(tiny_teacher_dir))
+
+    def epoch(grouped: bool):
+        args = training_args(tmp_path, epochs=1, learning_rate=1e-3, batch_size=8, seed=0, eval_strategy="no",
+                             save_strategy="no", load_best_model_at_end=False, length_grouped=grouped)
+        trainer = Trainer(model=model, args=args, train_dataset=Encoded(tokenizer, texts, [0] * 200, 128),
+                          data_collator=collator(tokenizer))
+        torch.manual_seed(0)
+        batches = list(trainer.get_train_dataloader())
+        padding = sum(int((1 - b["attention_mask"]).sum()) for b in batches)
+        return padding, sorted(int(i) for b in batches for i in b["index"]), [b["index"].tolist() for b in batches]
+
+    random_padding, random_seen, _ = epoch(False)
+    grouped_padding, grouped_seen, order = epoch(True)
+    assert grouped_seen == random_seen == list(range(200))
+    assert grouped_padding < random_padding / 3
+    assert epoch(True)[2] == order
