@@ -13,9 +13,14 @@ import random
 from edgekd.errors import ModelError
 
 
-def augment(texts: list[str], copies: int, mask_token: str, seed: int, p_mask: float = 0.1,
-            p_swap: float = 0.1, p_ngram: float = 0.25) -> list[str]:
+def augment(texts: list[str], copies: int, mask_token: str, seed: int, **probabilities) -> list[str]:
     """`copies` perturbed versions of each text (deduplicated against the originals and each other)."""
+    return [text for _, text in augment_sources(texts, copies, mask_token, seed, **probabilities)]
+
+
+def augment_sources(texts: list[str], copies: int, mask_token: str, seed: int, p_mask: float = 0.1,
+                    p_swap: float = 0.1, p_ngram: float = 0.25) -> list[tuple[int, str]]:
+    """augment()'s texts, each with the index in `texts` of the text it was made from."""
     if not mask_token:  # a tokenizer without [MASK] (GPT-style): the preflight says so before training
         raise ModelError("student.augment masks words with the teacher's mask token, and its tokenizer has none; "
                          "set student.augment: 0")
@@ -24,7 +29,7 @@ def augment(texts: list[str], copies: int, mask_token: str, seed: int, p_mask: f
     seen = set(texts)
     out = []
     for _ in range(copies):
-        for text in texts:
+        for source, text in enumerate(texts):
             words = text.split()
             new = []
             for word in words:
@@ -38,5 +43,5 @@ def augment(texts: list[str], copies: int, mask_token: str, seed: int, p_mask: f
             candidate = " ".join(new)
             if candidate not in seen:
                 seen.add(candidate)
-                out.append(candidate)
+                out.append((source, candidate))
     return out

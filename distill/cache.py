@@ -21,10 +21,14 @@ def cache_key(teacher_digest: str, texts: list[str], max_length: int) -> str:
 
 def teacher_logits(teacher, tokenizer, texts: list[str], max_length: int, teacher_digest: str,
                    cache_dir: Path) -> tuple[np.ndarray, bool]:
-    """Logits [n, C] of the teacher on `texts`, from the cache when present; returns (logits, hit)."""
+    """Logits [n, C] of the teacher on `texts`, from the cache when present; returns (logits, hit).
+
+    `teacher`: the model, or a function that returns it, called only when the cache has no logits."""
     path = Path(cache_dir) / f"teacher-logits-{cache_key(teacher_digest, texts, max_length)}.safetensors"
     if path.is_file():
         return load_file(path)["logits"].numpy(), True
+    if not isinstance(teacher, torch.nn.Module):
+        teacher = teacher()
     logits = predict_logits(teacher, tokenizer, texts, max_length)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")

@@ -50,34 +50,51 @@ def tfidf_baseline(dataset: Dataset) -> dict:
             "macro_f1": metrics["macro_f1"]}
 
 
-def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
-    """Fine-tune `recipe.teacher.model` with early stopping; write the best checkpoint to `out`."""
+def teacher_params(recipe: Recipe, dataset: Dataset, max_length: int) -> tuple[dict, dict]:
+    """(params, inputs) of a teacher's training: what makes one teacher differ from another.
+
+    allow_pickle only says how weights may be read, and cross_fit how many other teachers label the transfer
+    set (distill/cross_fit.py), not how this one is trained: neither is part of the key."""
+    cfg = recipe.teacher
+    params = {"teacher": {k: v for k, v in cfg.__dict__.items() if k not in ("allow_pickle", "cross_fit")},
+              "max_length": max_length, "seed": recipe.seed,
+              "labels": dataset.label_names, "batching": BATCHING}
+    return params, {"model": model_fingerprint(cfg.model, cfg.allow_pickle), "data": dataset.fingerprint()}
+
+
+def train_teacher(recipe: Recipe, dataset: Dataset, tokenizer, texts: list[str], labels: list[int], max_length: int,
+                  checkpoints: Path):
+    """`recipe.teacher.model` fine-tuned on (texts, labels) with early stopping on the validation split; resumes
+    from the newest checkpoint in `checkpoints`. Returns the best model, in eval mode."""
     from transformers import EarlyStoppingCallback, Trainer
 
     cfg = recipe.teacher
+    model = load_classifier(cfg.model, dataset.label_names, cfg.trust_remote_code, cfg.allow_pickle)
+    train = Encoded(tokenizer, texts, labels, max_length)
+    val = Encoded(tokenizer, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
+    args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                         batch_size=cfg.batch_size, seed=recipe.seed, weight_decay=cfg.weight_decay,
+                         length_grouped=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                      data_collator=collator(tokenizer), compute_metrics=accuracy_metric,
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+    quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(checkpoints))
+    return trainer.model.eval()
+
+
+def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
+    """Fine-tune `recipe.teacher.model` with early stopping; write the best checkpoint to `out`."""
+    cfg = recipe.teacher
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
     max_length = recipe.data.max_length or choose_max_length(tokenizer, dataset.train.texts)
-    # allow_pickle only says how weights may be read, not what is trained: it is no part of the key.
-    params = {"teacher": {k: v for k, v in cfg.__dict__.items() if k != "allow_pickle"},
-              "max_length": max_length, "seed": recipe.seed,
-              "labels": dataset.label_names, "batching": BATCHING}
-    inputs = {"model": model_fingerprint(cfg.model, cfg.allow_pickle), "data": dataset.fingerprint()}
+    params, inputs = teacher_params(recipe, dataset, max_length)
     # Checkpoints live beside the stage, keyed by it: a crash keeps them, a rerun resumes from them.
     checkpoints = out.parent / f".{out.name}.checkpoints-{stage_key(params, inputs)}"
     if is_done(out, "finetune", params, inputs):
         return read_manifest(out)["metrics"]
     with write_stage(out, "finetune", params, inputs) as stage:
-        model = load_classifier(cfg.model, dataset.label_names, cfg.trust_remote_code, cfg.allow_pickle)
-        train = Encoded(tokenizer, dataset.train.texts, dataset.label_ids(dataset.train), max_length)
-        val = Encoded(tokenizer, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
-        args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                             batch_size=cfg.batch_size, seed=recipe.seed, weight_decay=cfg.weight_decay,
-                             length_grouped=True)
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-                          data_collator=collator(tokenizer), compute_metrics=accuracy_metric,
-                          callbacks=[EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
-        quiet_progress(trainer).train(resume_from_checkpoint=last_checkpoint(checkpoints))
-        model = trainer.model.eval()
+        model = train_teacher(recipe, dataset, tokenizer, dataset.train.texts, dataset.label_ids(dataset.train),
+                              max_length, checkpoints)
         stage.metrics = {
             split: classification_metrics(predict_logits(model, tokenizer, getattr(dataset, split).texts,
                                                          max_length), dataset.label_ids(getattr(dataset, split)))

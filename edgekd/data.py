@@ -263,6 +263,10 @@ def load_dataset(recipe: Recipe) -> Dataset:
     counts = Counter(train.labels)
     if len(counts) < 2:
         raise DataError(f"the training data has {len(counts)} label(s); a classifier needs at least 2")
+    folds = recipe.teacher.cross_fit
+    if folds and len(train.texts) < 2 * folds:
+        raise DataError(f"teacher.cross_fit: {folds} needs at least {2 * folds} training rows (2 per fold), and the "
+                        f"training data has {len(train.texts)}; lower teacher.cross_fit or set it to 0")
     for name, split in (("validation", validation), ("test", test)):
         unseen = sorted(set(split.labels) - set(counts))
         if unseen:

@@ -31,9 +31,13 @@ class TeacherConfig:
     weight_decay: float = 0.01
     trust_remote_code: bool = False   # run Python code shipped with a model: only for models you trust
     allow_pickle: bool = False  # read .bin/.pt-only weights, with torch.load(weights_only=True)
+    cross_fit: int = 0          # K >= 2: K more teachers, each without one fold, label the texts it left out
 
     def __post_init__(self):
         _positive(self, "epochs", "learning_rate", "batch_size")
+        if self.cross_fit != 0 and not 2 <= self.cross_fit <= 20:
+            raise RecipeError(f"teacher.cross_fit must be 0 (off) or a number of folds from 2 to 20, "
+                              f"not {self.cross_fit}")
 
 
 @dataclass

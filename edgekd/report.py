@@ -130,6 +130,8 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
         "runtimes": _runtimes(results, bench, price) if bench else None,
         "price_per_core_hour": price,
         "baseline": finetune["metrics"].get("baseline") if finetune else None,
+        "transfer_set": (read_manifest(root / "distill", "distill")["metrics"].get("transfer_set")
+                         if (root / "distill").is_dir() else None),
         "stages": stage_times(root, exports),
         "search": _search(root),
         "notes": _notes(bench, price),

@@ -360,6 +360,8 @@ def _blocks(summary, plots):
     if bl:
         b.append(("p", f"{bl.get('name') or 'Baseline'} on the same split: accuracy "
                        f"{_fmt_pct(bl.get('accuracy'))}, macro-F1 {_fmt_f1(bl.get('macro_f1'))}"))
+    if summary.get("transfer_set"):
+        b.append(("p", transfer_text(summary["transfer_set"])))
 
     if variants:
         b.append(("h2", "Latency details (ms)"))
@@ -387,6 +389,24 @@ def _blocks(summary, plots):
         b.append(("h2", "Plots"))
         b.extend(("img", alt, name, data) for name, alt, data in plots)
     return b
+
+
+def transfer_text(transfer):
+    """What the student learned from, and which teacher labelled it."""
+    texts = [f"{transfer['labelled']} labelled"] + [f"{transfer[k]} {k}" for k in ("unlabeled", "augmented")
+                                                     if transfer.get(k)]
+    confidence = transfer.get("teacher_confidence")
+    cross = transfer.get("cross_fit")
+    if not cross:
+        return (f"Distilled on {', '.join(texts)} texts, soft labels by the teacher"
+                + (f" (mean top probability on the training texts {confidence:.3f})" if confidence is not None else ""))
+    final = cross["by_final_teacher"]
+    return (f"Distilled on {', '.join(texts)} texts. Soft labels (teacher.cross_fit): {cross['by_fold_teachers']} by "
+            f"{cross['folds']} fold teachers, each training text and its copies by the one fine-tuned without it"
+            + (f"; {final} (the unlabelled texts and their copies) by the teacher" if final else "")
+            + f". On the training texts the fold teachers' accuracy is {_fmt_pct(cross['accuracy'])} and their "
+              f"mean top probability {cross['teacher_confidence']:.3f}"
+            + (f", the teacher's {confidence:.3f}" if confidence is not None else ""))
 
 
 def _runtime_blocks(runtimes):
