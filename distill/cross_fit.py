@@ -48,27 +48,40 @@ def folds(texts: list[str], labels: list[str], k: int, seed: int) -> list[int]:
     return [fold_of_text[text] for text in texts]
 
 
-def out_of_fold_logits(recipe: Recipe, dataset: Dataset, tokenizer, transfer: list[str], sources: list[int],
+def out_of_fold_logits(recipe: Recipe, dataset: Dataset, tokenizer, transfer: list[str], copied_from: list[int],
                        soft: np.ndarray, max_length: int, cache_dir: Path) -> dict:
-    """Overwrite the rows of `soft` (the final teacher's logits on `transfer`) that come from a training text
-    with the logits of the fold teacher that did not see that text. `sources[i]`: the index in train +
-    unlabeled of the text `transfer[i]` is, or was made from (an unlabelled text that is also a training text
-    counts as that one). Returns, for the manifest, who labelled what."""
+    """Overwrite the rows of `soft` (the final teacher's logits on `transfer`: train + unlabeled + augmented
+    copies) that come from a training text with the logits of the fold teacher that did not see that text.
+    `copied_from`: for each augmented copy, the index in train + unlabeled of the text it was made from. An
+    unlabelled text that is also a training text counts as that one. Returns, for the manifest, who labelled
+    what, and the fold teachers' accuracy and confidence on the training texts."""
     k = recipe.teacher.cross_fit
-    train_size = len(dataset.train)
-    fold = folds(dataset.train.texts, dataset.train.labels, k, recipe.seed)
+    train = dataset.train.texts
+    first = {text: i for i, text in reversed(list(enumerate(train)))}
+    of_corpus = [first.get(text, i) for i, text in enumerate(train + dataset.unlabeled)]
+    sources = of_corpus + [of_corpus[i] for i in copied_from]
+    fold = folds(train, dataset.train.labels, k, recipe.seed)
     params, inputs = teacher_params(recipe, dataset, max_length)
     root = Path(cache_dir) / f"cross-fit-{stage_key({**params, 'cross_fit': k}, inputs)}"
     hits = []
     for f in range(k):
-        rows = [i for i, source in enumerate(sources) if source < train_size and fold[source] == f]
+        rows = [i for i, source in enumerate(sources) if source < len(train) and fold[source] == f]
         build = partial(_fold_teacher, recipe, dataset, tokenizer, fold, f, max_length, root / f"fold-{f}")
         soft[rows], hit = teacher_logits(build, tokenizer, [transfer[i] for i in rows], max_length,
                                          f"{root.name}/fold-{f}", cache_dir)
         hits.append(hit)
-    labelled = sum(source < train_size for source in sources)
+    labelled = sum(source < len(train) for source in sources)
+    own = soft[:len(train)]
     return {"folds": k, "by_fold_teachers": labelled, "by_final_teacher": len(transfer) - labelled,
-            "cache_hit": all(hits)}
+            "cache_hit": all(hits), "teacher_confidence": confidence(own),
+            "accuracy": float(np.mean(own.argmax(-1) == np.array(dataset.label_ids(dataset.train))))}
+
+
+def confidence(logits: np.ndarray) -> float:
+    """Mean top probability (temperature 1): near 1, the soft labels say little more than the hard ones."""
+    import torch
+
+    return float(torch.softmax(torch.as_tensor(logits, dtype=torch.float32), -1).max(-1).values.mean())
 
 
 def _fold_teacher(recipe: Recipe, dataset: Dataset, tokenizer, fold: list[int], f: int, max_length: int,

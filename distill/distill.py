@@ -10,13 +10,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgekd.data import Dataset, Encoded
 from edgekd.distill.augment import augment_sources
 from edgekd.distill.cache import teacher_logits
-from edgekd.distill.cross_fit import out_of_fold_logits
+from edgekd.distill.cross_fit import confidence, out_of_fold_logits
 from edgekd.distill.student import (
     cut_layers,
     fresh_student,
@@ -75,17 +74,10 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
         soft, cache_hit = teacher_logits(teacher, tokenizer, transfer, max_length, teacher_input["sha256"],
                                          cache_dir)
         transfer_set = {"labelled": len(dataset.train), "unlabeled": len(dataset.unlabeled), "augmented": len(extra),
-                        "teacher_confidence": _confidence(soft[:len(dataset.train)])}
+                        "teacher_confidence": confidence(soft[:len(dataset.train)])}
         if recipe.teacher.cross_fit:
-            first = {text: i for i, text in reversed(list(enumerate(dataset.train.texts)))}
-            of_corpus = [first.get(text, i) for i, text in enumerate(corpus)]  # an unlabelled text seen in training
-            sources = of_corpus + [of_corpus[source] for source, _ in made]
-            transfer_set["cross_fit"] = out_of_fold_logits(recipe, dataset, tokenizer, transfer, sources, soft,
-                                                           max_length, cache_dir)
-            own = soft[:len(dataset.train)]
-            transfer_set["cross_fit"].update(
-                teacher_confidence=_confidence(own),
-                accuracy=float(np.mean(own.argmax(-1) == np.array(dataset.label_ids(dataset.train)))))
+            transfer_set["cross_fit"] = out_of_fold_logits(recipe, dataset, tokenizer, transfer,
+                                                           [source for source, _ in made], soft, max_length, cache_dir)
         torch.manual_seed(recipe.seed)  # the student starts the same whether the fold teachers trained or were cached
         student, student_tok, kept_layers = _build_student(recipe, teacher, tokenizer, dataset)
         to_teacher_ids = None
@@ -129,11 +121,6 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
                 shutil.copyfile(teacher_dir / name, stage.path / name)
     drop_checkpoints(checkpoints, out)
     return stage.metrics
-
-
-def _confidence(logits) -> float:
-    """Mean top probability (temperature 1): near 1, the soft labels say little more than the hard ones."""
-    return float(torch.softmax(torch.as_tensor(logits, dtype=torch.float32), -1).max(-1).values.mean())
 
 
 def _build_student(recipe: Recipe, teacher, tokenizer, dataset: Dataset):

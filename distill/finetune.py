@@ -66,9 +66,10 @@ def train_teacher(recipe: Recipe, dataset: Dataset, tokenizer, texts: list[str],
                   checkpoints: Path):
     """`recipe.teacher.model` fine-tuned on (texts, labels) with early stopping on the validation split; resumes
     from the newest checkpoint in `checkpoints`. Returns the best model, in eval mode."""
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     cfg = recipe.teacher
+    set_seed(recipe.seed)  # the new head is drawn here, before the Trainer seeds itself: one seed, one teacher
     model = load_classifier(cfg.model, dataset.label_names, cfg.trust_remote_code, cfg.allow_pickle)
     train = Encoded(tokenizer, texts, labels, max_length)
     val = Encoded(tokenizer, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)

@@ -59,7 +59,8 @@ def run_seed(seed: int, folds: int, out: Path) -> dict:
         int8, _ = _pooled(export["vs_fp32"])
         fp32, _ = _pooled(export["vs_fp32"], "fp32_accuracy")
         row["arms"][f"cross_fit={k}"] = {
-            "int8_accuracy": int8, "fp32_accuracy": fp32, "int8_minus_teacher_points": round(100 * (int8 - teacher_acc), 2),
+            "int8_accuracy": int8, "fp32_accuracy": fp32,
+            "int8_minus_teacher_points": round(100 * (int8 - teacher_acc), 2),
             "distill_s": round(distill_s, 1), "transfer_set": metrics["transfer_set"]}
     plain, cross = row["arms"]["cross_fit=0"], row["arms"][f"cross_fit={folds}"]
     row["cross_fit_minus_plain_points"] = round(100 * (cross["int8_accuracy"] - plain["int8_accuracy"]), 2)

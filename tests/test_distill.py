@@ -212,3 +212,37 @@ def test_length_grouped_batches_pad_less_and_see_every_text_once(tmp_path, tiny_
     assert grouped_seen == random_seen == list(range(200))
     assert grouped_padding < random_padding / 3
     assert epoch(True)[2] == order
+
+
+def test_the_teachers_new_head_is_drawn_from_the_recipes_seed(teacher_run, monkeypatch, tmp_path):
+    """The classification head is created before the Trainer seeds itself: whatever the process drew before, one
+    seed gives one initial teacher (it did not: the demo's teacher differed from run to run)."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from edgekd.distill.finetune import train_teacher
+
+    _, base, dataset = teacher_run
+    encoder = tmp_path / "encoder"  # a pretrained encoder without a classification head, like the built-in one
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(base["teacher"]["model"]).save_pretrained(encoder)
+    recipe = recipe_from_dict({**base, "teacher": {**base["teacher"], "model": str(encoder)}})
+    heads = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(*args, model=None, **kwargs):
+        heads.append(model.classifier.weight.detach().clone())
+        raise Captured
+
+    monkeypatch.setattr(transformers, "Trainer", capture)
+    tokenizer = load_tokenizer(recipe.teacher.model)
+    for draws in (1, 1000):
+        torch.rand(draws)  # the process's random stream, somewhere else
+        with pytest.raises(Captured):
+            train_teacher(recipe, dataset, tokenizer, dataset.train.texts, dataset.label_ids(dataset.train), 32,
+                          tmp_path / "checkpoints")
+    assert torch.equal(heads[0], heads[1])
