@@ -215,10 +215,12 @@ class Compression:
 
         cfg, texts = self.recipe.student, self.dataset.train.texts
         if self._soft is None:
-            teacher_input = stage_input(self.teacher_dir, "finetune")[1]
+            teacher_manifest, teacher_input = stage_input(self.teacher_dir, "finetune")
             teacher = load_classifier(str(self.teacher_dir)).eval()
-            soft, _ = teacher_logits(teacher, load_tokenizer(str(self.teacher_dir)), texts, self.max_length,
-                                     teacher_input["sha256"], self.workdir.parent / ".cache")
+            # At the teacher's own length: a student.model of another tokenizer has its own (distill.py).
+            soft, _ = teacher_logits(teacher, load_tokenizer(str(self.teacher_dir)), texts,
+                                     teacher_manifest["max_length"], teacher_input["sha256"],
+                                     self.workdir.parent / ".cache")
             self._soft = torch.from_numpy(soft)
         train = Encoded(self.tokenizer, texts, self.dataset.label_ids(self.dataset.train), self.max_length)
         scratch = checkpoints or self.workdir / ".recovery"

@@ -2,28 +2,25 @@
 on many more inputs than the labelled set has.
 
 Tang et al., 2019, "Distilling Task-Specific Knowledge from BERT into Simple Neural Networks", sec. 3.3:
-per word, with p_mask replace it by [MASK], with p_swap by another word of the corpus; then with p_ngram
-keep only a random n-gram (n in 1..5) of the result. The teacher labels every new text; hard labels
+per word, with p_mask replace it by [MASK] (drop it where the teacher's tokenizer has no mask token, as a
+decoder LLM's has not), with p_swap by another word of the corpus; then with p_ngram keep only a random
+n-gram (n in 1..5) of the result. The teacher labels every new text; hard labels
 are not used for them.
 """
 from __future__ import annotations
 
 import random
 
-from edgekd.errors import ModelError
 
-
-def augment(texts: list[str], copies: int, mask_token: str, seed: int, **probabilities) -> list[str]:
+def augment(texts: list[str], copies: int, mask_token: str | None, seed: int, **probabilities) -> list[str]:
     """`copies` perturbed versions of each text (deduplicated against the originals and each other)."""
     return [text for _, text in augment_sources(texts, copies, mask_token, seed, **probabilities)]
 
 
-def augment_sources(texts: list[str], copies: int, mask_token: str, seed: int, p_mask: float = 0.1,
+def augment_sources(texts: list[str], copies: int, mask_token: str | None, seed: int, p_mask: float = 0.1,
                     p_swap: float = 0.1, p_ngram: float = 0.25) -> list[tuple[int, str]]:
     """augment()'s texts, each with the index in `texts` of the text it was made from."""
-    if not mask_token:  # a tokenizer without [MASK] (GPT-style): the preflight says so before training
-        raise ModelError("student.augment masks words with the teacher's mask token, and its tokenizer has none; "
-                         "set student.augment: 0")
+    masked = [mask_token] if mask_token else []  # a decoder's tokenizer has no [MASK]: the word is dropped instead
     rng = random.Random(seed)
     vocabulary = sorted({word for text in texts for word in text.split()})
     seen = set(texts)
@@ -34,8 +31,7 @@ def augment_sources(texts: list[str], copies: int, mask_token: str, seed: int, p
             new = []
             for word in words:
                 draw = rng.random()
-                new.append(mask_token if draw < p_mask else
-                           rng.choice(vocabulary) if draw < p_mask + p_swap else word)
+                new += masked if draw < p_mask else [rng.choice(vocabulary) if draw < p_mask + p_swap else word]
             if len(new) > 1 and rng.random() < p_ngram:
                 n = rng.randint(1, min(5, len(new)))
                 start = rng.randint(0, len(new) - n)

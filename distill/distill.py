@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd.data import Dataset, Encoded
+from edgekd.data import Dataset, Encoded, choose_max_length
 from edgekd.distill.augment import augment_sources
 from edgekd.distill.cache import teacher_logits
 from edgekd.distill.cross_fit import confidence, out_of_fold_logits
@@ -20,8 +20,10 @@ from edgekd.distill.student import (
     cut_layers,
     fresh_student,
     layer_map,
+    layers_to_keep,
     num_layers,
     same_tokenization,
+    trim_positions,
     trim_vocabulary,
     vocabulary_coverage,
 )
@@ -53,6 +55,8 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
     params = {"student": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "allow_pickle"},
               "seed": recipe.seed,
               "max_length": max_length, "batching": BATCHING}
+    if cfg.trim_vocab:  # the position table is trimmed with the vocabulary (to max_length rows)
+        params["trim"] = "tokens+positions"
     if recipe.teacher.cross_fit:  # the transfer set's soft labels come from the fold teachers too
         params["cross_fit"] = recipe.teacher.cross_fit
     inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
@@ -80,18 +84,23 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
                                                            [source for source, _ in made], soft, max_length, cache_dir)
         torch.manual_seed(recipe.seed)  # the student starts the same whether the fold teachers trained or were cached
         student, student_tok, kept_layers = _build_student(recipe, teacher, tokenizer, dataset)
+        shares_vocabulary = same_tokenization(student_tok, tokenizer)
+        # A student.model of another tokenizer (an encoder taught by a decoder LLM) counts its own tokens.
+        student_length = max_length if shares_vocabulary else (
+            recipe.data.max_length or choose_max_length(student_tok, dataset.train.texts))
         to_teacher_ids = None
         if cfg.trim_vocab:
-            shares_vocabulary = same_tokenization(student_tok, tokenizer)
+            untrimmed = student_tok
             student, student_tok, kept = trim_vocabulary(student, student_tok, corpus, cfg.vocab_margin)
             # The trimmed vocabulary covers the whole transfer set, so teacher ids are a lookup away.
             to_teacher_ids = torch.tensor(kept) if shares_vocabulary else None
-            stage.metrics["vocabulary"] = {"kept": len(kept), "original": len(tokenizer.get_vocab()),
-                                           "test_coverage": vocabulary_coverage(tokenizer, kept, dataset.test.texts)}
+            stage.metrics["vocabulary"] = {"kept": len(kept), "original": len(untrimmed.get_vocab()),
+                                           "test_coverage": vocabulary_coverage(untrimmed, kept, dataset.test.texts),
+                                           "positions": trim_positions(student, student_tok, student_length)}
         intermediate = _intermediate(cfg, teacher, student, kept_layers, tokenizer, student_tok, to_teacher_ids)
         labels = dataset.label_ids(dataset.train) + [-100] * (len(transfer) - len(dataset.train))
-        train = Encoded(student_tok, transfer, labels, max_length)
-        val = Encoded(student_tok, dataset.validation.texts, dataset.label_ids(dataset.validation), max_length)
+        train = Encoded(student_tok, transfer, labels, student_length)
+        val = Encoded(student_tok, dataset.validation.texts, dataset.label_ids(dataset.validation), student_length)
         args = training_args(checkpoints, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                              batch_size=cfg.batch_size, seed=recipe.seed, length_grouped=True)
         trainer = DistillationTrainer(model=student, args=args, train_dataset=train, eval_dataset=val,
@@ -106,14 +115,14 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
             split = getattr(dataset, split_name)
             reference = predict_logits(teacher, tokenizer, split.texts, max_length)
             stage.metrics[split_name] = classification_metrics(
-                predict_logits(student, student_tok, split.texts, max_length), dataset.label_ids(split), reference)
+                predict_logits(student, student_tok, split.texts, student_length), dataset.label_ids(split), reference)
         stage.metrics.update({
             "params": count_parameters(student), "teacher_params": count_parameters(teacher),
             "teacher_cache_hit": cache_hit,
             "transfer_set": transfer_set,
             "layer_map": intermediate.layer_map if intermediate else None,
         })
-        stage.extra.update({"max_length": max_length, "labels": dataset.label_names})
+        stage.extra.update({"max_length": student_length, "labels": dataset.label_names})
         student.save_pretrained(stage.path)
         student_tok.save_pretrained(stage.path)
         for name in ("LICENSE", "NOTICE"):
@@ -133,10 +142,13 @@ def _build_student(recipe: Recipe, teacher, tokenizer, dataset: Dataset):
             raise ModelError(f"student.model '{cfg.model}' tokenizes differently from the teacher, so its layers "
                              f"cannot be matched token by token; set hidden_weight, attention_weight and "
                              f"value_weight to 0 (logit distillation works across tokenizers)")
+        if cfg.layers is not None:  # a cut of that model: its layers are not the teacher's, so none is "kept"
+            student = cut_layers(student, cfg.layers)
         return student, student_tok, None
     if cfg.config:
         return fresh_student(teacher, cfg.config), tokenizer, None
-    return cut_layers(teacher, cfg.layers), tokenizer, list(cfg.layers)
+    kept = layers_to_keep(cfg.layers, num_layers(teacher))
+    return cut_layers(teacher, kept), tokenizer, kept
 
 
 def _intermediate(cfg, teacher, student, kept_layers, tokenizer, student_tok, to_teacher_ids):

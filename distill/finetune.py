@@ -17,6 +17,7 @@ from edgekd.distill.training import (
 from edgekd.manifest import is_done, read_manifest, stage_key, write_stage
 from edgekd.metrics import classification_metrics
 from edgekd.models import (
+    classifier_tokenizer,
     copy_licenses,
     count_parameters,
     load_classifier,
@@ -86,7 +87,7 @@ def train_teacher(recipe: Recipe, dataset: Dataset, tokenizer, texts: list[str],
 def finetune(recipe: Recipe, dataset: Dataset, out: Path) -> dict:
     """Fine-tune `recipe.teacher.model` with early stopping; write the best checkpoint to `out`."""
     cfg = recipe.teacher
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.allow_pickle)
+    tokenizer = classifier_tokenizer(load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.allow_pickle), cfg.model)
     max_length = recipe.data.max_length or choose_max_length(tokenizer, dataset.train.texts)
     params, inputs = teacher_params(recipe, dataset, max_length)
     # Checkpoints live beside the stage, keyed by it: a crash keeps them, a rerun resumes from them.

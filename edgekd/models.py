@@ -119,17 +119,18 @@ def _gguf_kwargs(spec: str) -> tuple[str, dict]:
     return str(file.parent), {"gguf_file": file.name}
 
 
-def _load_gguf_llm(spec: str):
-    """The built-in GGUF LLM as a plain float32 model. dequantize=True unpacks every weight into a dense Linear
-    and drops the GGUF quantizer; without it transformers may keep the model marked as quantized (packed blocks,
-    or only the mark), and then the Trainer refuses to train it and save_pretrained to save it."""
+def _load_gguf_llm(spec: str, loader=None, **extra):
+    """The built-in GGUF LLM as a plain float32 model (a causal LM, or what `loader` builds on it). dequantize=True
+    unpacks every weight into a dense Linear and drops the GGUF quantizer; without it transformers may keep the
+    model marked as quantized (packed blocks, or only the mark), and then the Trainer refuses to train it and
+    save_pretrained to save it."""
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
     folder, kwargs = _gguf_kwargs(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True), **kwargs)
+        model = (loader or AutoModelForCausalLM).from_pretrained(
+            folder, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kwargs, **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {spec}: {str(exc).strip().splitlines()[0]}; {LLM_INSTALL}") from None
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
@@ -318,7 +319,25 @@ def load_classifier(spec: str, label_names: list[str] | None = None, trust_remot
     pruned = _pruned_classifier(spec)
     if pruned is not None and label_names is None:
         return pruned
-    return _load(AutoModelForSequenceClassification, spec, allow_pickle, **kwargs)
+    if spec == BUILTIN_LLM:
+        model = _load_gguf_llm(spec, AutoModelForSequenceClassification, **kwargs)
+    else:
+        model = _load(AutoModelForSequenceClassification, spec, allow_pickle, **kwargs)
+    if model.config.pad_token_id is None:  # a decoder's classifier reads its last real token, found by the pad id
+        model.config.pad_token_id = classifier_tokenizer(
+            load_tokenizer(spec, trust_remote_code, allow_pickle), spec).pad_token_id
+    return model
+
+
+def classifier_tokenizer(tokenizer, spec: str):
+    """`tokenizer` able to pad a batch: a decoder's that has no pad token (Llama 3.x) pads with its eos token,
+    which the classifier then skips when it looks for each text's last token."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"the tokenizer of '{spec}' has neither a pad nor an eos token, so batches of texts "
+                             f"cannot be padded; give a model whose tokenizer defines a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _pruned_classifier(spec: str):

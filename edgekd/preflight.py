@@ -131,18 +131,21 @@ class ModelCheck:
     def _building(self) -> list[str]:
         cfg, found = self.cfg, []
         total = _layers(self.teacher)
-        if not cfg.model and not cfg.config and not _mapped(self.teacher):
+        cut = None if cfg.config or (cfg.model and cfg.layers is None) else self.student if cfg.model else self.teacher
+        whose, fix = (("student.model", "leave student.layers out to keep the whole model") if cfg.model else
+                      ("teacher", "give student.config or student.model instead"))
+        if cut is not None and not _mapped(cut):
             from edgekd.architecture import supported
 
             found.append(f"student.layers cuts layers from the families of edgekd's architecture map ({supported()}), "
-                         f"not a {self.teacher.model_type} teacher; give student.config or student.model instead")
-        elif not cfg.model and not cfg.config:
-            keep = cfg.layers
-            if any(not 0 <= i < total for i in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
+                         f"not a {cut.model_type} {whose}; {fix}")
+        elif cut is not None and cfg.layers is not None:
+            keep, count = cfg.layers, _layers(cut)
+            if any(not 0 <= i < count for i in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
                 from edgekd.distill.student import uniform_layers
-                example = uniform_layers(total, min(len(keep), total))
-                found.append(f"student.layers {keep} must be increasing, distinct teacher layers in 0..{total - 1} "
-                             f"(the teacher has {total}); e.g. student.layers: {example}")
+                example = uniform_layers(count, min(len(keep), count))
+                found.append(f"student.layers {keep} must be increasing, distinct {whose} layers in 0..{count - 1} "
+                             f"(the {whose} has {count}); e.g. student.layers: {example}")
         if cfg.config:
             for key in vars(cfg.config):
                 if not hasattr(self.teacher, key):
@@ -151,22 +154,32 @@ class ModelCheck:
         if cfg.trim_vocab and not _wordpiece(self.student_tok):
             found.append("student.trim_vocab supports WordPiece (BERT-family) tokenizers only, and this student's "
                          "tokenizer is not one; set student.trim_vocab: false")
-        if cfg.augment and not getattr(self.teacher_tok, "mask_token", None):
-            found.append("student.augment masks words with the teacher's mask token, and its tokenizer has none; "
-                         "set student.augment: 0")
         if cfg.intermediate:
             found += self._intermediate(total, layers_ok=not found)
         return found
 
+    def _student_layers(self) -> int:
+        from edgekd.distill.student import layers_to_keep
+
+        cfg = self.cfg
+        if self.built or (cfg.model and cfg.layers is None):
+            return _layers(self.student)
+        if cfg.config:
+            return cfg.config.num_hidden_layers
+        return len(layers_to_keep(cfg.layers, _layers(self.teacher)))
+
     def _intermediate(self, teacher_layers: int, layers_ok: bool) -> list[str]:
-        from edgekd.distill.student import layer_map
+        from edgekd.distill.student import layer_map, layers_to_keep, same_tokenization
 
         cfg, found = self.cfg, []
+        if cfg.model and not same_tokenization(self.student_tok, self.teacher_tok):
+            found.append(f"student.model '{cfg.model}' tokenizes differently from the teacher, so its layers cannot "
+                         f"be matched token by token; set student.hidden_weight, attention_weight and value_weight "
+                         f"to 0 (logit distillation works across tokenizers)")
         heads = (_heads(self.student) if self.student is not None else
                  cfg.config.num_attention_heads if cfg.config else _heads(self.teacher))
-        student_layers = (_layers(self.student) if self.student is not None else
-                          cfg.config.num_hidden_layers if cfg.config else len(cfg.layers))
-        kept = None if cfg.model or cfg.config else cfg.layers
+        student_layers = self._student_layers()
+        kept = None if cfg.model or cfg.config else layers_to_keep(cfg.layers, teacher_layers)
         try:  # (with student.layers wrong, its own line says so; the layer map follows from it)
             if layers_ok:
                 layer_map(cfg.layer_map, student_layers, teacher_layers, kept)
@@ -191,8 +204,7 @@ class ModelCheck:
         cfg = self.cfg
         heads = (_heads(self.student) if self.student is not None else
                  cfg.config.num_attention_heads if cfg.config else _heads(self.teacher))
-        layers = (_layers(self.student) if self.student is not None else
-                  cfg.config.num_hidden_layers if cfg.config else len(cfg.layers))
+        layers = self._student_layers()
         heads = min(heads) if isinstance(heads, list) else heads  # a pruned student lists heads per layer
         if prune.heads and math.floor(prune.heads * heads) == 0:
             least = math.ceil(100 / heads) / 100  # the smallest two-decimal fraction that removes one head

@@ -27,7 +27,7 @@ def main() -> int:
     import torch
 
     from edgekd.data import Encoded, choose_max_length, load_dataset
-    from edgekd.distill.student import cut_layers, trim_vocabulary
+    from edgekd.distill.student import cut_layers, layers_to_keep, num_layers, trim_vocabulary
     from edgekd.distill.trainer import DistillationTrainer, Intermediate
     from edgekd.distill.training import collator, predict_logits, training_args
     from edgekd.models import load_classifier, load_tokenizer
@@ -39,7 +39,8 @@ def main() -> int:
     tokenizer = load_tokenizer(recipe.teacher.model)
     max_length = choose_max_length(tokenizer, dataset.train.texts)
     texts = dataset.train.texts
-    _, student_tok, kept = trim_vocabulary(cut_layers(teacher, recipe.student.layers), tokenizer, texts,
+    layers = layers_to_keep(recipe.student.layers, num_layers(teacher))
+    _, student_tok, kept = trim_vocabulary(cut_layers(teacher, layers), tokenizer, texts,
                                            recipe.student.vocab_margin)
     train = Encoded(student_tok, texts, dataset.label_ids(dataset.train), max_length)
     started = time.perf_counter()
@@ -47,7 +48,7 @@ def main() -> int:
     fill_s = time.perf_counter() - started
 
     def epoch(use_cache: bool) -> float:
-        student, _, _ = trim_vocabulary(cut_layers(teacher, recipe.student.layers), tokenizer, texts,
+        student, _, _ = trim_vocabulary(cut_layers(teacher, layers), tokenizer, texts,
                                         recipe.student.vocab_margin)
         with tempfile.TemporaryDirectory() as tmp:
             targs = training_args(Path(tmp), epochs=1, learning_rate=2e-4, batch_size=32, seed=0,

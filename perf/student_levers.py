@@ -8,8 +8,9 @@ the teacher is fine-tuned once (reused from --out when done there, e.g. perf/cro
 student is distilled with the recipe as it is (arm "demo") and with each --arm's changes (dotted recipe keys,
 values read as YAML). Each student is exported int8 for android/executorch (the demo's target) and its `.pte`
 measured in the ExecuTorch runtime on the validation and test splits together (the export's `vs_fp32`),
-against the teacher on the same texts. Records perf/results/<--results> after every seed (each arm's figures,
-its paired difference from "demo", mean and standard error over the seeds) and prints a table.
+against the teacher on the same texts (--quant: each spec in turn; the size ratio is against the teacher's fp32
+`.pte`). Records perf/results/<--results> after every seed (each arm's figures, its paired difference from
+"demo", mean and standard error over the seeds) and prints a table.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -45,7 +45,7 @@ def with_changes(base: dict, changes: dict[str, object]) -> dict:
     return recipe
 
 
-def run_seed(seed: int, arms: dict[str, dict], out: Path) -> dict:
+def run_seed(seed: int, arms: dict[str, dict], quants: list[str], out: Path) -> dict:
     from edgekd.compress.quant import get_spec
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
@@ -62,28 +62,35 @@ def run_seed(seed: int, arms: dict[str, dict], out: Path) -> dict:
     dataset = load_dataset(recipe)
     teacher = finetune(recipe, dataset, root / "finetune")
     teacher_acc, texts = _pooled(teacher)
+    # The teacher's fp32 .pte, the demo's reference size (the report's size_x), from the ExecuTorch exporter
+    export_artifact(root / "finetune", "finetune", get_format("android", "executorch"),
+                    get_spec("fp32"), dataset, root / "export-teacher", "teacher", "finsent")
+    teacher_size = read_manifest(root / "export-teacher")["size_bytes"]
     row = {"seed": seed, "texts": texts, "teacher_accuracy": teacher_acc, "arms": {}}
     for name, changes in arms.items():
-        arm = recipe_from_dict(with_changes(base, changes))
         # "demo" shares perf/cross_fit.py's folder for the unchanged recipe, so its stage is reused.
         folder = "cf0" if name == "demo" else name
-        started = time.time()
-        distill(arm, dataset, root / "finetune", root / f"distill-{folder}", root / ".cache")
-        distill_s = time.time() - started
-        export = export_artifact(root / f"distill-{folder}", "distill", get_format("android", "executorch"),
-                                 get_spec("int8"), dataset, root / f"export-{folder}", "student", f"finsent-{folder}")
-        int8, _ = _pooled(export["vs_fp32"])
-        size = read_manifest(root / f"export-{folder}")["size_bytes"]
-        fp32, _ = _pooled(export["vs_fp32"], "fp32_accuracy")
-        row["arms"][name] = {
-            "changes": changes, "int8_accuracy": int8, "fp32_accuracy": fp32, "size_bytes": size,
-            "int8_minus_teacher_points": round(100 * (int8 - teacher_acc), 2),
-            "distill_s": round(distill_s, 1)}
-        print(f"seed {seed} {name:<14} int8 {100 * int8:.2f} % ({100 * (int8 - teacher_acc):+.2f} points from the "
-              f"teacher's {100 * teacher_acc:.2f}), {size / 1e6:.2f} MB, distill {distill_s:.0f} s",
-              flush=True)
+        distill(recipe_from_dict(with_changes(base, changes)), dataset, root / "finetune", root / f"distill-{folder}",
+                root / ".cache")
+        distill_s = read_manifest(root / f"distill-{folder}")["wall_s"]  # its own time, also when reused
+        row["arms"][name] = arm = {"changes": changes, "distill_s": round(distill_s, 1)}
+        for quant in quants:  # the first is the demo's int8: its folders are perf/cross_fit.py's
+            suffix = "" if quant == "int8" else f"-{quant}"
+            export = export_artifact(root / f"distill-{folder}", "distill", get_format("android", "executorch"),
+                                     get_spec(quant), dataset, root / f"export-{folder}{suffix}", "student",
+                                     f"finsent-{folder}")
+            accuracy, _ = _pooled(export["vs_fp32"])
+            arm["fp32_accuracy"], _ = _pooled(export["vs_fp32"], "fp32_accuracy")
+            size = read_manifest(root / f"export-{folder}{suffix}")["size_bytes"]
+            arm[quant] = {"accuracy": accuracy, "size_bytes": size, "size_x": round(teacher_size / size, 2),
+                          "minus_teacher_points": round(100 * (accuracy - teacher_acc), 2)}
+            print(f"seed {seed} {name:<10} {quant:<5} {100 * accuracy:.2f} % ({100 * (accuracy - teacher_acc):+.2f} "
+                  f"points from the teacher's {100 * teacher_acc:.2f}), {size / 1e6:.2f} MB "
+                  f"({teacher_size / size:.1f}x smaller), distill {distill_s:.0f} s", flush=True)
     for arm in row["arms"].values():
-        arm["minus_demo_points"] = round(100 * (arm["int8_accuracy"] - row["arms"]["demo"]["int8_accuracy"]), 2)
+        for quant in quants:
+            arm[quant]["minus_demo_points"] = round(
+                100 * (arm[quant]["accuracy"] - row["arms"]["demo"][quant]["accuracy"]), 2)
     return row
 
 
@@ -92,8 +99,12 @@ def summarize(rows: list[dict]) -> dict:
         se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
         return {"mean": round(statistics.mean(values), 2), "se": None if se is None else round(se, 2)}
 
-    return {name: {"int8_minus_teacher_points": mean_se([r["arms"][name]["int8_minus_teacher_points"] for r in rows]),
-                   "minus_demo_points": mean_se([r["arms"][name]["minus_demo_points"] for r in rows])}
+    quants = [q for q in rows[0]["arms"]["demo"] if isinstance(rows[0]["arms"]["demo"][q], dict)]
+    return {name: {quant: {"minus_teacher_points": mean_se([r["arms"][name][quant]["minus_teacher_points"]
+                                                            for r in rows]),
+                           "minus_demo_points": mean_se([r["arms"][name][quant]["minus_demo_points"] for r in rows]),
+                           "size_x": rows[-1]["arms"][name][quant]["size_x"]}
+                   for quant in quants}
             for name in rows[0]["arms"]}
 
 
@@ -118,6 +129,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/perf-cross-fit")
     parser.add_argument("--results", default="student_levers.json")
+    parser.add_argument("--quant", nargs="+", default=["int8"], help="QuantSpecs each student is exported with")
     args = parser.parse_args(argv)
     arms = parse_arms(args.arm)
     import torch
@@ -126,15 +138,16 @@ def main(argv: list[str]) -> int:
               "threads": torch.get_num_threads(), "arms": arms, "rows": []}
     results = RESULTS_DIR / args.results
     for seed in args.seeds:
-        record["rows"].append(run_seed(seed, arms, Path(args.out)))
+        record["rows"].append(run_seed(seed, arms, args.quant, Path(args.out)))
         record["summary"] = summarize(record["rows"])
         results.parent.mkdir(exist_ok=True)
         results.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'arm':<14} {'int8 - teacher (points)':>24} {'arm - demo (points)':>20}")
-    for name, s in record["summary"].items():
-        a, b = s["int8_minus_teacher_points"], s["minus_demo_points"]
-        print(f"{name:<14} {a['mean']:>+17.2f} ± {a['se'] if a['se'] is not None else '-':<5}"
-              f"{b['mean']:>+13.2f} ± {b['se'] if b['se'] is not None else '-'}")
+    print(f"{'arm':<10} {'quant':<6} {'- teacher (points)':>20} {'- demo arm (points)':>20} {'smaller':>8}")
+    for name, by_quant in record["summary"].items():
+        for quant, s in by_quant.items():
+            a, b = s["minus_teacher_points"], s["minus_demo_points"]
+            print(f"{name:<10} {quant:<6} {a['mean']:>+13.2f} ± {a['se'] if a['se'] is not None else '-':<5}"
+                  f"{b['mean']:>+13.2f} ± {b['se'] if b['se'] is not None else '-':<5} {s['size_x']:>7.1f}x")
     print(f"recorded in {results}")
     return 0
 

@@ -139,3 +139,18 @@ def test_a_local_decoder_folder_loads_in_float32(tmp_path):
     model = models.load_causal_lm(str(tmp_path / "lm"))
     assert type(model).__name__ == "LlamaForCausalLM" and next(model.parameters()).dtype == torch.float32
     assert not model.training
+
+
+@needs_builtin
+def test_the_builtin_loads_as_a_sequence_classifier_that_reads_each_texts_last_token():
+    """teacher.model: builtin:SmolLM2-135M-Instruct for text classification (issue 15, lever 2)."""
+    pytest.importorskip("gguf")
+    tokenizer = models.classifier_tokenizer(models.load_tokenizer(models.BUILTIN_LLM), models.BUILTIN_LLM)
+    model = models.load_classifier(models.BUILTIN_LLM, ["negative", "neutral", "positive"]).eval()
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_hidden_layers == 30
+    assert model.score.out_features == 3 and model.config.pad_token_id == tokenizer.pad_token_id
+    texts = ["Profit rose.", "The company said it expects operating profit to fall in the second half."]
+    with torch.no_grad():
+        together = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+        alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)

@@ -27,7 +27,7 @@ FORMATS = [  # (target, format, QuantSpec) the issue lists for the default stude
 def default_student(tmp_path_factory):
     """The default student in a distill-stage dir, and the dataset."""
     from edgekd.data import choose_max_length, load_dataset
-    from edgekd.distill.student import cut_layers, trim_vocabulary
+    from edgekd.distill.student import cut_layers, layers_to_keep, num_layers, trim_vocabulary
     from edgekd.manifest import write_stage
     from edgekd.models import builtin_model_dir, load_classifier, load_tokenizer
     from edgekd.recipe import builtin_recipe
@@ -37,7 +37,8 @@ def default_student(tmp_path_factory):
     tokenizer = load_tokenizer(str(builtin_model_dir()))
     length = choose_max_length(tokenizer, dataset.train.texts)
     torch.manual_seed(0)
-    student = cut_layers(load_classifier(str(builtin_model_dir()), dataset.label_names), recipe.student.layers)
+    student = load_classifier(str(builtin_model_dir()), dataset.label_names)
+    student = cut_layers(student, layers_to_keep(recipe.student.layers, num_layers(student)))
     student, student_tok, _ = trim_vocabulary(student, tokenizer, dataset.train.texts + dataset.unlabeled,
                                               recipe.student.vocab_margin)
     # 5 epochs: after 3, the 3-layer student's margins were so thin that its int4 .pte agreed with it on only
