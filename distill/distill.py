@@ -23,7 +23,6 @@ from edgekd.distill.student import (
     layers_to_keep,
     num_layers,
     same_tokenization,
-    trim_positions,
     trim_vocabulary,
     vocabulary_coverage,
 )
@@ -55,8 +54,6 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
     params = {"student": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "allow_pickle"},
               "seed": recipe.seed,
               "max_length": max_length, "batching": BATCHING}
-    if cfg.trim_vocab:  # the position table is trimmed with the vocabulary (to max_length rows)
-        params["trim"] = "tokens+positions"
     if recipe.teacher.cross_fit:  # the transfer set's soft labels come from the fold teachers too
         params["cross_fit"] = recipe.teacher.cross_fit
     inputs = {"teacher": teacher_input, "data": dataset.fingerprint()}
@@ -95,8 +92,7 @@ def distill(recipe: Recipe, dataset: Dataset, teacher_dir: Path, out: Path, cach
             # The trimmed vocabulary covers the whole transfer set, so teacher ids are a lookup away.
             to_teacher_ids = torch.tensor(kept) if shares_vocabulary else None
             stage.metrics["vocabulary"] = {"kept": len(kept), "original": len(untrimmed.get_vocab()),
-                                           "test_coverage": vocabulary_coverage(untrimmed, kept, dataset.test.texts),
-                                           "positions": trim_positions(student, student_tok, student_length)}
+                                           "test_coverage": vocabulary_coverage(untrimmed, kept, dataset.test.texts)}
         intermediate = _intermediate(cfg, teacher, student, kept_layers, tokenizer, student_tok, to_teacher_ids)
         labels = dataset.label_ids(dataset.train) + [-100] * (len(transfer) - len(dataset.train))
         train = Encoded(student_tok, transfer, labels, student_length)

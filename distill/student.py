@@ -85,32 +85,6 @@ def trim_vocabulary(model, tokenizer, corpus: list[str], margin: int = 0):
     return trimmed, trimmed_tok, kept_ids
 
 
-def trim_positions(model, tokenizer, max_length: int) -> int | None:
-    """Keep the absolute-position rows that inputs of at most `max_length` tokens reach (BERT's 512 rows are 2 % of
-    the demo's 3-layer student at 40 tokens: they cost it the 10x). The logits of such inputs are unchanged.
-    Returns the rows kept, or None where the model has no such table (or none to spare)."""
-    embeddings = getattr(model.base_model, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not isinstance(table, torch.nn.Embedding) or \
-            getattr(model.config, "position_embedding_type", "absolute") != "absolute":
-        return None
-    # RoBERTa-style tables number positions from padding_idx + 1.
-    rows = max_length + (table.padding_idx + 1 if table.padding_idx is not None else 0)
-    if rows >= table.num_embeddings:
-        return None
-    new = torch.nn.Embedding(rows, table.embedding_dim, padding_idx=table.padding_idx)
-    new.weight.data.copy_(table.weight.data[:rows])
-    embeddings.position_embeddings = new
-    for name in ("position_ids", "token_type_ids"):  # buffers of max_position_embeddings columns
-        buffer = getattr(embeddings, name, None)
-        if isinstance(buffer, torch.Tensor) and buffer.dim() == 2 and buffer.shape[1] > rows:
-            embeddings.register_buffer(name, buffer[:, :rows].clone(),
-                                       persistent=name not in embeddings._non_persistent_buffers_set)
-    model.config.max_position_embeddings = rows
-    tokenizer.model_max_length = min(tokenizer.model_max_length, max_length)  # nothing feeds it longer texts
-    return rows
-
-
 def vocabulary_coverage(tokenizer, kept_ids: list[int], texts: list[str]) -> dict:
     """Share of texts (and tokens) whose original tokens are all kept: where trimming is exact."""
     kept = set(kept_ids)

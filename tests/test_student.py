@@ -13,7 +13,6 @@ from edgekd.distill.losses import soft_label_kd
 from edgekd.distill.student import (
     cut_layers,
     layers_to_keep,
-    trim_positions,
     trim_vocabulary,
     uniform_layers,
     vocabulary_coverage,
@@ -416,36 +415,6 @@ def test_agreement_with_reference():
 def test_macro_f1_of_perfect_predictions_on_a_subset_of_classes():
     labels = [0, 1, 0, 1]
     assert classification_metrics(_one_hot_logits(labels), labels)["macro_f1"] == 1.0
-
-
-# --- trim_positions ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_trimmed_positions_keep_the_logits_of_every_input_up_to_max_length(family, tokenizer, tmp_path):
-    from transformers import BertConfig, RobertaConfig
-
-    shape = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=128, num_labels=3)
-    config = BertConfig(**shape) if family == "bert" else RobertaConfig(**shape, pad_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    texts = [row["text"] for row in make_rows(8, 5)]
-    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
-    with torch.no_grad():
-        before = model(**batch).logits
-    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    rows = trim_positions(model, tok, 16)
-    assert rows == (16 if family == "bert" else 18)  # RoBERTa numbers positions from padding_idx + 1
-    table = model.base_model.embeddings.position_embeddings
-    assert table.num_embeddings == rows == model.config.max_position_embeddings
-    assert tok.model_max_length == 16
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, before)
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**batch).logits, before)
-    assert trim_positions(reloaded, tok, 16) is None  # nothing left to spare
 
 
 def test_layers_left_out_keep_half_the_teachers_evenly_ending_at_the_last():
