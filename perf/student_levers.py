@@ -129,9 +129,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/perf-cross-fit")
     parser.add_argument("--results", default="student_levers.json")
+    parser.add_argument("--base", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="recipe changes for every arm, the demo arm too")
     parser.add_argument("--quant", nargs="+", default=["int8"], help="QuantSpecs each student is exported with")
     args = parser.parse_args(argv)
     arms = parse_arms(args.arm)
+    shared = parse_arms([["base", *args.base]])["base"]
+    arms = {name: {**shared, **changes} for name, changes in arms.items()}
     import torch
 
     record = {"command": " ".join(["python perf/student_levers.py", *argv]), "machine": platform.machine(),
