@@ -99,7 +99,7 @@ def summarize(rows: list[dict]) -> dict:
         se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
         return {"mean": round(statistics.mean(values), 2), "se": None if se is None else round(se, 2)}
 
-    quants = [q for q in rows[0]["arms"]["demo"] if isinstance(rows[0]["arms"]["demo"][q], dict)]
+    quants = [q for q in rows[0]["arms"]["demo"] if q not in ("changes", "distill_s", "fp32_accuracy")]
     return {name: {quant: {"minus_teacher_points": mean_se([r["arms"][name][quant]["minus_teacher_points"]
                                                             for r in rows]),
                            "minus_demo_points": mean_se([r["arms"][name][quant]["minus_demo_points"] for r in rows]),
