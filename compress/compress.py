@@ -26,7 +26,7 @@ from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, load_classifier, load_tokenizer
 from edgekd.recipe import Recipe
 from edgekd.sample import Samples
-from edgekd.targets.graph import ExportWrapper, encode_fixed, encode_unpadded, run_graph
+from edgekd.targets.graph import ExportWrapper, encode_fixed, encode_unpadded, median_length_text, run_graph
 
 EVAL_TEXTS = 1000       # validation texts each variant is scored on
 RANKING_TEXTS = 512     # validation texts the pruning importance is measured on
@@ -161,9 +161,13 @@ class Compression:
         return classification_metrics(logits, self.eval_labels, reference)
 
     def timing_input(self, dynamic: bool):
-        """The (ids, mask) a candidate is timed on: the first validation text, unpadded for a dynamic length."""
+        """The (ids, mask) a candidate is timed on: the export's sample input (the parity sample's text of median
+        token length), unpadded for a dynamic length, as the benchmark stage will time the exported artifact."""
+        from edgekd.targets.export import PARITY_TEXTS
+
+        texts = self.samples.split("validation", PARITY_TEXTS, "parity").texts
         encode = encode_unpadded if dynamic else encode_fixed
-        return encode(self.tokenizer, self.dataset.validation.texts[:1], self.max_length)[0]
+        return encode(self.tokenizer, [median_length_text(self.tokenizer, texts, self.max_length)], self.max_length)[0]
 
     def check_artifact(self, model, spec: QuantSpec, runner, dynamic: bool, name: str, reference=None) -> dict:
         """The export stage's gate on a search candidate's artifact, against the reference its exporter returned

@@ -93,6 +93,7 @@ def make_bundle(artifact_dir: Path, platform: str, out: Path, recipe=None) -> di
         (root / "README.md").write_text(bundle_readme(platform, fmt, export, values, kernels, tables, code))
         stage.extra.update({"platform": platform, "format": fmt, "artifact": f"model/{export['artifact']}",
                             "model_files": model_files, "labels": export["labels"], "max_length": max_length,
+                            "dynamic_length": bool(export.get("dynamic_length")),
                             "quant": export["quant"], "runtime": export.get("runtime", {}), "kernels": kernels,
                             "tokenizer": {k: v for k, v in tables.items() if k != "normalizer"},
                             "calling_code": code, "verify_texts": len(expected["texts"])})
@@ -107,7 +108,7 @@ def _expected(export: dict, artifact_dir: Path, tokenizer, texts: list[str], max
     from edgekd.manifest import stage_input
     from edgekd.models import load_classifier
     from edgekd.targets import RuntimeUnavailable, get_format
-    from edgekd.targets.graph import ExportWrapper, encode_fixed, run_graph
+    from edgekd.targets.graph import ExportWrapper, encode_fixed, encode_unpadded, run_graph
 
     if not texts:
         raise BundleError("the recipe's test split is empty; the bundle needs test texts to verify against")
@@ -120,7 +121,9 @@ def _expected(export: dict, artifact_dir: Path, tokenizer, texts: list[str], max
     if found["sha256"] != source["sha256"]:
         raise BundleError(f"the model at {source['path']} changed since {artifact_dir} was exported from it; "
                           f"re-export, then bundle")
-    inputs = encode_fixed(tokenizer, texts, max_length)
+    # A dynamic-length artifact gets each text at its own length, as its calling code passes it
+    dynamic = bool(export.get("dynamic_length"))
+    inputs = (encode_unpadded if dynamic else encode_fixed)(tokenizer, texts, max_length)
     with torch.no_grad():
         pytorch = run_graph(ExportWrapper(load_classifier(source["path"]).eval()), inputs).argmax(-1).tolist()
     fmt = get_format(export["params"]["target"], export["params"]["format"])
@@ -130,7 +133,8 @@ def _expected(export: dict, artifact_dir: Path, tokenizer, texts: list[str], max
         runtime_note = None
     except RuntimeUnavailable as exc:
         runtime, runtime_note = None, str(exc)
-    return {"format": f"{fmt.target}/{fmt.name}", "max_length": max_length, "quant": export["quant"]["name"],
+    return {"format": f"{fmt.target}/{fmt.name}", "max_length": max_length, "dynamic_length": dynamic,
+            "quant": export["quant"]["name"],
             "float": export["quant"]["weights"] in ("fp32", "fp16") and export["quant"]["activations"] == "none",
             "texts": texts, "hf_ids": [[int(i) for i, m in zip(ids[0], mask[0]) if m] for ids, mask in inputs],
             "pytorch_labels": pytorch, "runtime_labels": runtime, "runtime_note": runtime_note}
@@ -184,7 +188,8 @@ def _template_values(export: dict, expected: dict, model_dir: Path) -> dict:
               "LABELS": ", ".join(json.dumps(label, ensure_ascii=False) for label in labels),
               "C_LABELS": ", ".join(_c_string(label) for label in labels),
               "OUTPUT_SCALE": "0", "OUTPUT_ZERO_POINT": "0", "OUTPUT_NAME": "output_0",
-              "IDS_INPUT": "0", "MASK_INPUT": "1", "LOGIT": "output->data.f[i]"}
+              "IDS_INPUT": "0", "MASK_INPUT": "1", "LOGIT": "output->data.f[i]",
+              "DYNAMIC_LENGTH": "true" if export.get("dynamic_length") else "false"}
     if export["artifact"].endswith(".tflite"):
         from edgekd.targets.litert import model_summary
 
@@ -319,7 +324,7 @@ def verify_bundle(path: Path) -> dict:
         raise BundleError(f"the C tokenizer differs from the model's tokenizer on {len(wrong)} of {len(texts)} "
                           f"verification texts (first: {texts[wrong[0]][:60]!r})")
     result = {"bundle": str(path), "files": len(manifest["files"]), "texts": len(texts), "tokenizer": "exact"}
-    labels = _app_labels(path, manifest, encoded)
+    labels = _app_labels(path, manifest, encoded, expected.get("dynamic_length", False))
     if labels is None:
         result["model"] = f"not run here: {expected['runtime_note']}"
         return result
@@ -343,8 +348,9 @@ def verify_bundle(path: Path) -> dict:
     return result
 
 
-def _app_labels(path: Path, manifest: dict, encoded) -> list[int] | None:
-    """What the calling code computes: the runtime's logits for the C tokenizer's ids, softmax, argmax."""
+def _app_labels(path: Path, manifest: dict, encoded, dynamic: bool) -> list[int] | None:
+    """What the calling code computes: the runtime's logits for the C tokenizer's ids (only the real tokens where the
+    artifact takes a dynamic length), softmax, argmax."""
     import torch
 
     from edgekd.targets import RuntimeUnavailable, get_format
@@ -356,6 +362,8 @@ def _app_labels(path: Path, manifest: dict, encoded) -> list[int] | None:
         return None
     labels = []
     for ids, mask in encoded:
+        if dynamic:
+            ids, mask = ids[:int(mask.sum())], mask[:int(mask.sum())]
         logits = np.asarray(runner(torch.from_numpy(ids[None]), torch.from_numpy(mask[None])), np.float64)[0]
         probabilities = np.exp(logits - logits.max())
         labels.append(int(np.argmax(probabilities / probabilities.sum())))

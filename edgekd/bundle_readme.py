@@ -81,6 +81,11 @@ def render(platform: str, fmt: str, export: dict, values: dict, kernels: dict, t
         arena=delegation.get("arena", {}).get("size", "?"), model_bytes=export.get("size_bytes", "?"),
         table_bytes_kb=f"{tables['table_bytes'] / 1024:.0f} KB", op_count=len(delegation.get("resolver", [])),
         workspace=11 * 100)
+    dynamic = ""
+    if export.get("dynamic_length"):
+        dynamic = (f"\n- Dynamic length: the `.pte` also takes `[1, n]` for any n from 1 to {values['MAX_LENGTH']}; the "
+                   f"calling code passes only the text's own n tokens (the count `ekd_tokenize` returns), which is "
+                   f"faster than padding. Padded inputs give the same labels.")
     operators = ""
     if kernels.get("operators"):
         operators = ("\nOperators the runtime must provide (read from the `.pte`): "
@@ -110,7 +115,7 @@ them and runs the app's steps on a development machine (see "What was verified")
 ## Model
 
 - Inputs, in this order: `input_ids` int32 `[1, {values['MAX_LENGTH']}]` and `attention_mask` int32
-  `[1, {values['MAX_LENGTH']}]` (1 = token, 0 = padding). Output: {output}.
+  `[1, {values['MAX_LENGTH']}]` (1 = token, 0 = padding). Output: {output}.{dynamic}
 - Quantization: {quant}. Runtime versions it was exported and checked with: {', '.join(f'{k} {v}' for k, v in runtime.items()) or 'see manifest.json'}.
 {operators}
 ## Pre-processing: the C tokenizer

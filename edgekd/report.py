@@ -92,6 +92,9 @@ def collect(run_dir: Path, price_per_core_hour: float | None = None) -> dict:
             "accuracy": (test or {}).get("accuracy"), "macro_f1": (test or {}).get("macro_f1"),
             "ece": (test or {}).get("ece"),
             "predictions": manifest.get("test_predictions"), "labels": manifest.get("test_labels"),
+            # the tokens of the input a benchmark feeds: a dynamic-length artifact's own, else max_length
+            "input_tokens": len((manifest.get("sample_input") or {}).get("input_ids", [])) or None,
+            "dynamic_length": bool(manifest.get("dynamic_length")),
             "latency_ms": measured.get("latency_ms"), "runtime": measured.get("runtime"),
             "load_ms": measured.get("load_ms"), "peak_rss_mb": measured.get("peak_rss_mb"),
             **_cost(measured.get("cpu_ms_per_inference"), price),
@@ -209,7 +212,11 @@ def _notes(bench: dict | None, price: float) -> list[str]:
     runs = (f"{params['seconds']} s of interleaved runs" if params.get("seconds") else
             f"{params['iterations']} interleaved iterations per variant")
     notes = [f"Latency on {params.get('device', 'host')}: {runs} after {params['warmup']} warm-up, batch 1, "
-             f"fixed length; ratios are from this one run."]
+             f"one validation text of median length (a dynamic-length artifact takes its own tokens, a fixed-length "
+             f"one takes it padded to max length: the Input row); ratios are from this one run."]
+    if machine.get("device", "host").startswith("android"):
+        notes.append("On Android, executor_runner sizes a dynamic-length .pte's inputs at max length, so every "
+                     ".pte there is timed padded to max length.")
     if machine.get("device", "host") == "host":
         notes.append(f"CPU time per inference: this process's CPU time (all threads) during a variant's calls, "
                      f"divided by its calls; cost per million inferences at {price} USD per core-hour "

@@ -294,6 +294,13 @@ def _search_blocks(search):
                        "p50 (ms)"], rows)]
 
 
+def _input(variant) -> str:
+    tokens = variant.get("input_tokens")
+    if tokens is None:
+        return DASH
+    return f"{tokens}, {'dynamic length' if variant.get('dynamic_length') else 'padded'}"
+
+
 def _blocks(summary, plots):
     variants = summary.get("variants") or []
     m = summary.get("machine") or {}
@@ -323,6 +330,7 @@ def _blocks(summary, plots):
     b.append(("table", ["Metric"] + [v.get("title") or v.get("name") or DASH for v in variants], [
         ["Model size"] + [_fmt_size(v.get("size_bytes")) for v in variants],
         ["Latency p50 / p90 (ms)"] + [p50_p90(v) for v in variants],
+        ["Input (tokens)"] + [_input(v) for v in variants],
         ["Accuracy / macro-F1 (test)"] + [acc_f1(v) for v in variants],
         ["Accuracy, 95 % interval (test)"] + [_fmt_ci(v.get("accuracy_ci95")) for v in variants],
         ["Parameters"] + [_fmt_params(v.get("params")) for v in variants],

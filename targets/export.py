@@ -29,7 +29,15 @@ from edgekd.metrics import classification_metrics
 from edgekd.models import count_parameters, label_names, load_classifier, load_tokenizer
 from edgekd.sample import Samples
 from edgekd.targets import Format, Reference, RuntimeUnavailable
-from edgekd.targets.graph import INPUT_NAMES, MIN_LENGTH, ExportWrapper, encode_fixed, encode_unpadded, run_graph
+from edgekd.targets.graph import (
+    INPUT_NAMES,
+    MIN_LENGTH,
+    ExportWrapper,
+    encode_fixed,
+    encode_unpadded,
+    median_length_text,
+    run_graph,
+)
 
 FP32_TOLERANCE = 1e-4          # max |logit difference| of a float artifact vs PyTorch
 # Validation accuracy points a quantized artifact may lose against its fp32 model when the recipe sets
@@ -128,9 +136,9 @@ def export_artifact(model_dir: Path, model_stage: str, fmt: Format, spec: QuantS
             # variant with the teacher's, text by text (paired intervals).
             "test_predictions": None if test_logits is None else test_logits.argmax(-1).tolist(),
             "test_labels": [int(label) for label in test_labels],
-            # A real validation text as the graph takes it (unpadded for a dynamic-length artifact, so a
-            # benchmark times its real length): benchmarks feed this input.
-            "sample_input": _sample_input(tokenizer, parity_texts[0], max_length, encode),
+            # A real validation text as the graph takes it: the parity sample's text of median token length,
+            # unpadded for a dynamic-length artifact, so a benchmark times a typical length. Benchmarks feed it.
+            "sample_input": _sample_input(tokenizer, parity_texts, max_length, encode),
             "runtime": fmt.runner.versions(),
             "samples": samples.records,
         })
@@ -158,9 +166,11 @@ def check_artifact(model, spec: QuantSpec, runner, tokenizer, texts: list[str], 
     return parity
 
 
-def _sample_input(tokenizer, text: str, max_length: int, encode) -> dict:
+def _sample_input(tokenizer, texts: list[str], max_length: int, encode) -> dict:
+    text = median_length_text(tokenizer, texts, max_length)
     ids, mask = encode(tokenizer, [text], max_length)[0]
-    return {"text": text, "input_ids": ids[0].tolist(), "attention_mask": mask[0].tolist()}
+    return {"text": text, "tokens": int(mask.sum()), "input_ids": ids[0].tolist(),
+            "attention_mask": mask[0].tolist()}
 
 
 def _run(runner, inputs) -> np.ndarray:

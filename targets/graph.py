@@ -137,6 +137,13 @@ def encode_unpadded(tokenizer, texts: list[str], max_length: int) -> list[tuple[
     return encoded
 
 
+def median_length_text(tokenizer, texts: list[str], max_length: int) -> str:
+    """The text of median token length (truncated at max_length; the first of ties): the input a benchmark times,
+    typical of the data, and the same for every export and search candidate drawn from the same sample."""
+    lengths = [int(mask.sum()) for _, mask in encode_unpadded(tokenizer, texts, max_length)]
+    return texts[sorted(range(len(texts)), key=lambda i: (lengths[i], i))[(len(texts) - 1) // 2]]
+
+
 def encode_fixed(tokenizer, texts: list[str], max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each text as the exported graph takes it: padded to max_length, int32, batch of one."""
     if not texts:

@@ -60,8 +60,14 @@ def test_android_bench_end_to_end(phone, binaries, bench_exports, tmp_path, caps
     runs = [c for c in log if "/data/local/tmp/edgekd/executor_runner --model_path" in c]
     assert len(runs) == 6 and all("--cpu_threads=-1" in c for c in runs)
     assert [c.split("--num_executions=")[1].split()[0] for c in runs] == ["2", "2", "2", "2", "2", "2"]
-    ids = np.fromfile(state / "device/data/local/tmp/edgekd" / f"{arts[0].name}.input_ids.bin", dtype="<i4")
-    assert ids.tolist() == read_manifest(arts[0])["sample_input"]["input_ids"]
+    # A dynamic-length .pte (the default) gets its sample padded to max_length, the tensor executor_runner sizes
+    exported = read_manifest(arts[0])
+    ids, mask = (np.fromfile(state / "device/data/local/tmp/edgekd" / f"{arts[0].name}.{name}.bin", dtype="<i4")
+                 for name in ("input_ids", "attention_mask"))
+    real = len(exported["sample_input"]["input_ids"])
+    assert exported["dynamic_length"] is True and real < exported["max_length"] == len(ids) == len(mask)
+    assert ids.tolist() == exported["sample_input"]["input_ids"] + [0] * (exported["max_length"] - real)
+    assert mask.tolist() == [1] * real + [0] * (exported["max_length"] - real)
     bm = next(c for c in log if "benchmark_model --graph" in c)
     assert "--use_xnnpack=true" in bm and "--input_layer_value_files=" in bm
     # The report of the device run: means where the tool keeps no per-run times, no CPU-time claim.

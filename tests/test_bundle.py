@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -93,10 +94,23 @@ def test_android_bundle_holds_kotlin_jni_and_kernel_notes(bundles):
                     "android/CMakeLists.txt"}
     kotlin = (folder / "android/EdgekdClassifier.kt").read_text()
     assert "Module.load" in kotlin and "{{" not in kotlin
+    # The .pte takes a dynamic length (the default): the app passes the text's own tokens, as verify simulated
+    assert "private val dynamicLength = true" in kotlin and "mask.count { it == 1 }" in kotlin
+    assert json.loads((folder / "verify/expected.json").read_text())["dynamic_length"] is True
     readme = (folder / "README.md").read_text()
+    assert "Dynamic length: the `.pte` also takes `[1, n]`" in readme
     # int8 embedding rows: the program calls the quantized embedding kernel, and the README says to link it.
     assert "quantized_decomposed::embedding_byte" in readme and "executorch-android:" in readme
     assert "not compiled" in readme
+
+
+def test_a_fixed_length_pte_is_passed_padded():
+    from edgekd.bundle import RESOURCES, _template_values, fill_template
+
+    export = {"labels": ["a", "b"], "max_length": 16, "artifact": "student.pte", "dynamic_length": False}
+    kotlin = fill_template((RESOURCES / "android/EdgekdClassifier.executorch.kt").read_text(),
+                           _template_values(export, {}, Path(".")), "EdgekdClassifier.executorch.kt")
+    assert "private val dynamicLength = false" in kotlin and "{{" not in kotlin
 
 
 def test_embedded_bundle_ships_c_sources_and_cpp(bundles):

@@ -53,10 +53,12 @@ def test_dynamic_export_records_its_length_range_and_parity_at_own_and_max_lengt
         assert parity["own_length"]["max_abs_diff"] <= 1e-4 and parity["padded_to_max_length"]["max_abs_diff"] <= 1e-4
     # the reported accuracy is the artifact's, at each text's own length (not the parity gate re-asserted)
     assert check_reported_test_metrics(exports[quant], dataset) == manifest
-    # The benchmark's sample is the first validation text at its own length, not padded.
+    # The benchmark's sample: the parity sample's text of median token length, at its own length, not padded.
     sample = manifest["sample_input"]
     expected = tokenizer(sample["text"], truncation=True, max_length=LENGTH)["input_ids"]
     assert sample["input_ids"] == expected and len(expected) < LENGTH and set(sample["attention_mask"]) == {1}
+    lengths = sorted(len(tokenizer(t, truncation=True, max_length=LENGTH)["input_ids"]) for t in texts)
+    assert sample["tokens"] == len(expected) == lengths[(len(lengths) - 1) // 2]
 
 
 def test_dynamic_pte_runs_every_length_up_to_the_bound_and_refuses_longer(dynamic_exports):
@@ -80,8 +82,9 @@ def test_dynamic_pte_runs_every_length_up_to_the_bound_and_refuses_longer(dynami
         runner(too_long, too_long)
 
 
-def test_dynamic_length_is_an_executorch_option_and_a_boolean():
-    assert get_format("android", "executorch").resolve_options(None) == {"dynamic_length": False}
+def test_dynamic_length_is_the_executorch_default_and_a_boolean():
+    assert get_format("android", "executorch").resolve_options(None) == {"dynamic_length": True}
+    assert get_format("android", "executorch").resolve_options({"dynamic_length": False}) == {"dynamic_length": False}
     expected = r"^android/executorch option 'dynamic_length' takes true or false, not 'yes'$"
     with pytest.raises(RecipeError, match=expected):
         get_format("android", "executorch").resolve_options({"dynamic_length": "yes"})

@@ -8,11 +8,16 @@ import org.pytorch.executorch.Tensor
 /** classify(text) -> (label, probabilities) with the bundled .pte; modelPath: a file path on the device. */
 class EdgekdClassifier(modelPath: String) {
     private val module = Module.load(modelPath)
-    private val shape = longArrayOf(1, EdgekdTokenizer.MAX_LENGTH.toLong())
+
+    // true: the .pte takes 1..MAX_LENGTH tokens, so only the text's own tokens are passed (faster than padding)
+    private val dynamicLength = {{DYNAMIC_LENGTH}}
 
     fun classify(text: String): Pair<String, FloatArray> {
         val (ids, mask) = EdgekdTokenizer.encode(text)
-        val outputs = module.forward(EValue.from(Tensor.fromBlob(ids, shape)), EValue.from(Tensor.fromBlob(mask, shape)))
+        val length = if (dynamicLength) mask.count { it == 1 } else EdgekdTokenizer.MAX_LENGTH
+        val shape = longArrayOf(1, length.toLong())
+        val outputs = module.forward(EValue.from(Tensor.fromBlob(ids.copyOfRange(0, length), shape)),
+                                     EValue.from(Tensor.fromBlob(mask.copyOfRange(0, length), shape)))
         return EdgekdTokenizer.decide(outputs[0].toTensor().dataAsFloatArray)  // logits [1, {{NUM_LABELS}}]
     }
 }
