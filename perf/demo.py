@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from edgekd.errors import StageError
+from edgekd.manifest import check_run_dir
+
 RESULTS = Path(__file__).parent / "results" / "demo.json"
 
 
@@ -23,6 +26,10 @@ def main() -> int:
     parser.add_argument("--out", default="runs/perf-demo")
     args = parser.parse_args()
     out = Path(args.out)
+    try:  # only a run directory edgekd wrote is removed: a user's folder is refused
+        check_run_dir(out)
+    except StageError as exc:
+        raise SystemExit(f"error: {exc}") from None
     shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing cached
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "edgekd", "demo", "--out", str(out), "--json"],

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from edgekd.errors import StageError
+from edgekd.manifest import check_run_dir
+
 RESULTS = Path(__file__).parent / "results" / "lm_demo.json"
 BARS = {"size_ratio": 8.0, "decode_speedup_over_teacher": 3.0, "decode_speedup_over_eager": 1.5}
 
@@ -32,6 +35,10 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     if not args.resume:
+        try:  # only a run directory edgekd wrote is removed: a user's folder is refused
+            check_run_dir(out)
+        except StageError as exc:
+            raise SystemExit(f"error: {exc}") from None
         shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing cached
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "edgekd", "demo", "--task", "text-generation", "--out", str(out),
