@@ -226,11 +226,18 @@ class Adb:
 
 # ---------------------------------------------------------------- the device
 def _input_files(artifact: Artifact, folder: Path) -> list[Path]:
-    """The artifact's sample input as raw little-endian int32 files, one per model input, in order."""
+    """The artifact's sample input as raw little-endian int32 files, one per model input, in order.
+
+    Padded to max_length (mask 0: the same logits) for a dynamic-length `.pte`: executor_runner sizes its input
+    tensors at the program's upper bound, so on the phone it is timed at max_length, like a fixed-length one."""
     files = []
+    manifest = artifact.manifest
     for name in ("input_ids", "attention_mask"):
+        values = list(manifest["sample_input"][name])
+        if manifest.get("dynamic_length"):
+            values += [0] * (manifest["max_length"] - len(values))
         file = folder / f"{artifact.name}.{name}.bin"
-        file.write_bytes(np.asarray(artifact.manifest["sample_input"][name], dtype="<i4").tobytes())
+        file.write_bytes(np.asarray(values, dtype="<i4").tobytes())
         files.append(file)
     return files
 
