@@ -9,8 +9,10 @@ student is distilled with the recipe as it is (arm "demo") and with each --arm's
 values read as YAML). Each student is exported int8 for android/executorch (the demo's target) and its `.pte`
 measured in the ExecuTorch runtime on the validation and test splits together (the export's `vs_fp32`),
 against the teacher on the same texts (--quant: each spec in turn; the size ratio is against the teacher's fp32
-`.pte`). Records perf/results/<--results> after every seed (each arm's figures, its paired difference from
-"demo", mean and standard error over the seeds) and prints a table.
+`.pte`). Then every student `.pte` and the teacher's are timed by `edgekd bench`'s host device in one interleaved
+run (--iterations, the runtime's default threads as the demo's bench), so each speed-up over the teacher comes from
+one run. Records perf/results/<--results> after every seed (each arm's figures, its paired difference from "demo",
+mean and standard error over the seeds) and prints a table.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def with_changes(base: dict, changes: dict[str, object]) -> dict:
     return recipe
 
 
-def run_seed(seed: int, arms: dict[str, dict], quants: list[str], out: Path) -> dict:
+def run_seed(seed: int, arms: dict[str, dict], quants: list[str], out: Path, iterations: int) -> dict:
+    from edgekd.benchmarks.stage import bench
     from edgekd.compress.quant import get_spec
     from edgekd.data import load_dataset
     from edgekd.distill.distill import distill
@@ -67,6 +70,7 @@ def run_seed(seed: int, arms: dict[str, dict], quants: list[str], out: Path) -> 
                     get_spec("fp32"), dataset, root / "export-teacher", "teacher", "finsent")
     teacher_size = read_manifest(root / "export-teacher")["size_bytes"]
     row = {"seed": seed, "texts": texts, "teacher_accuracy": teacher_acc, "arms": {}}
+    exports = {"teacher": root / "export-teacher"}
     for name, changes in arms.items():
         # "demo" shares perf/cross_fit.py's folder for the unchanged recipe, so its stage is reused.
         folder = "cf0" if name == "demo" else name
@@ -81,12 +85,20 @@ def run_seed(seed: int, arms: dict[str, dict], quants: list[str], out: Path) -> 
                                      f"finsent-{folder}")
             accuracy, _ = _pooled(export["vs_fp32"])
             arm["fp32_accuracy"], _ = _pooled(export["vs_fp32"], "fp32_accuracy")
-            size = read_manifest(root / f"export-{folder}{suffix}")["size_bytes"]
+            exports[(name, quant)] = root / f"export-{folder}{suffix}"
+            size = read_manifest(exports[(name, quant)])["size_bytes"]
             arm[quant] = {"accuracy": accuracy, "size_bytes": size, "size_x": round(teacher_size / size, 2),
                           "minus_teacher_points": round(100 * (accuracy - teacher_acc), 2)}
             print(f"seed {seed} {name:<10} {quant:<5} {100 * accuracy:.2f} % ({100 * (accuracy - teacher_acc):+.2f} "
                   f"points from the teacher's {100 * teacher_acc:.2f}), {size / 1e6:.2f} MB "
                   f"({teacher_size / size:.1f}x smaller), distill {distill_s:.0f} s", flush=True)
+    # One interleaved run for all of them (a rerun with the same exports reuses it: the stage key)
+    timed = bench(list(exports.values()), root / "bench-levers", iterations=iterations)
+    p50 = {r["name"]: r["latency_ms"]["p50"] for r in timed["results"]}  # keyed by the export folder's name
+    teacher_p50 = row["teacher_p50_ms"] = p50[exports["teacher"].name]
+    for (name, quant), folder in ((k, v) for k, v in exports.items() if k != "teacher"):
+        student_p50 = p50[folder.name]
+        row["arms"][name][quant].update(p50_ms=student_p50, faster_x=round(teacher_p50 / student_p50, 2))
     for arm in row["arms"].values():
         for quant in quants:
             arm[quant]["minus_demo_points"] = round(
@@ -103,7 +115,8 @@ def summarize(rows: list[dict]) -> dict:
     return {name: {quant: {"minus_teacher_points": mean_se([r["arms"][name][quant]["minus_teacher_points"]
                                                             for r in rows]),
                            "minus_demo_points": mean_se([r["arms"][name][quant]["minus_demo_points"] for r in rows]),
-                           "size_x": rows[-1]["arms"][name][quant]["size_x"]}
+                           "size_x": rows[-1]["arms"][name][quant]["size_x"],
+                           "faster_x": mean_se([r["arms"][name][quant]["faster_x"] for r in rows])}
                    for quant in quants}
             for name in rows[0]["arms"]}
 
@@ -132,6 +145,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--base", nargs="+", default=[], metavar="KEY=VALUE",
                         help="recipe changes for every arm, the demo arm too")
     parser.add_argument("--quant", nargs="+", default=["int8"], help="QuantSpecs each student is exported with")
+    parser.add_argument("--iterations", type=int, default=300, help="interleaved rounds of the latency run")
     args = parser.parse_args(argv)
     arms = parse_arms(args.arm)
     shared = parse_arms([["base", *args.base]])["base"]
@@ -142,16 +156,18 @@ def main(argv: list[str]) -> int:
               "threads": torch.get_num_threads(), "arms": arms, "rows": []}
     results = RESULTS_DIR / args.results
     for seed in args.seeds:
-        record["rows"].append(run_seed(seed, arms, args.quant, Path(args.out)))
+        record["rows"].append(run_seed(seed, arms, args.quant, Path(args.out), args.iterations))
         record["summary"] = summarize(record["rows"])
         results.parent.mkdir(exist_ok=True)
         results.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'arm':<10} {'quant':<6} {'- teacher (points)':>20} {'- demo arm (points)':>20} {'smaller':>8}")
+    print(f"{'arm':<10} {'quant':<6} {'- teacher (points)':>20} {'- demo arm (points)':>20} {'smaller':>8} "
+          f"{'faster':>8}")
     for name, by_quant in record["summary"].items():
         for quant, s in by_quant.items():
             a, b = s["minus_teacher_points"], s["minus_demo_points"]
             print(f"{name:<10} {quant:<6} {a['mean']:>+13.2f} ± {a['se'] if a['se'] is not None else '-':<5}"
-                  f"{b['mean']:>+13.2f} ± {b['se'] if b['se'] is not None else '-':<5} {s['size_x']:>7.1f}x")
+                  f"{b['mean']:>+13.2f} ± {b['se'] if b['se'] is not None else '-':<5} {s['size_x']:>7.1f}x "
+                  f"{s['faster_x']['mean']:>7.2f}x")
     print(f"recorded in {results}")
     return 0
 
