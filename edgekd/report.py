@@ -312,7 +312,8 @@ def machine_summary(summary: dict) -> dict:
     """The `--json` view: one object with a `variants` list (samples left out)."""
     keep = ("name", "role", "artifact", "size_bytes", "accuracy", "accuracy_ci95", "macro_f1", "agreement", "ece",
             "params",
-            "quant", "runtime", "load_ms", "peak_rss_mb", "cpu_ms_per_inference", "cost_per_million_usd")
+            "quant", "runtime", "input_tokens", "dynamic_length", "load_ms", "peak_rss_mb", "cpu_ms_per_inference",
+            "cost_per_million_usd")
     variants = []
     for v in summary["variants"]:
         row = {k: v.get(k) for k in keep}
