@@ -54,6 +54,18 @@ def test_bench_with_baselines_writes_a_versioned_interleaved_result(bench_export
     summary = json.loads((tmp_path / "report.json").read_text())
     for v in summary["variants"]:
         assert v["cost_per_million_usd"] == pytest.approx(v["cpu_ms_per_inference"] * 0.10 / 3.6, abs=1e-4)
+    # Each artifact was timed on its sample input: the .pte files (dynamic length, the default) at the text's own
+    # tokens, the .tflite padded to max_length; the report says which
+    exported = {a.name: verify_stage(a, "export") for a in arts}
+    for v in summary["variants"]:
+        manifest = exported[v["name"]]
+        assert v["input_tokens"] == len(manifest["sample_input"]["input_ids"])
+        assert v["dynamic_length"] is manifest["dynamic_length"] is (manifest["artifact"].endswith(".pte"))
+    litert = exported[arts[2].name]
+    pte_tokens = exported[arts[0].name]["sample_input"]["tokens"]
+    assert len(litert["sample_input"]["input_ids"]) == litert["max_length"] > pte_tokens
+    row = next(line for line in report.splitlines() if line.startswith("| Input (tokens) |"))
+    assert "dynamic length" in row and f"{litert['max_length']}, padded" in row
     for plot in ("size.png", "latency.png", "latency_distribution.png", "runtimes.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 1000
 

@@ -30,14 +30,17 @@ def make_summary():
             {"name": "teacher-fp32", "role": "teacher", "title": "Teacher (fine-tuned)",
              "artifact": "export/teacher-fp32/model.pte", "size_bytes": 90953868,
              "params": 22714755, "quant": "fp32", "accuracy": 0.861, "macro_f1": 0.85,
+             "input_tokens": 20, "dynamic_length": True,
              "latency_ms": _lat(rng, 23.5, 25.9, 32.9, 24.2, 1.18)},
             {"name": "student-fp32", "role": "student", "title": "Student (distilled)",
              "artifact": "export/student-fp32/model.pte", "size_bytes": 16788012,
              "params": 4197123, "quant": "fp32", "accuracy": 0.857, "macro_f1": 0.842,
+             "input_tokens": 21, "dynamic_length": True,
              "latency_ms": _lat(rng, 6.2, 6.82, 8.1, 6.31, 0.41)},
             {"name": "student-int8", "role": "compressed", "title": "Student, int8",
              "artifact": "export/student-int8/model.pte", "size_bytes": 4078612,
              "params": 4197123, "quant": "int8", "accuracy": 0.854, "macro_f1": 0.839,
+             "input_tokens": 64, "dynamic_length": False,
              "latency_ms": _lat(rng, 3.85, 4.24, 5.02, 3.9, 0.27)},
         ],
         "ratios": [
@@ -68,6 +71,7 @@ def test_all_files_and_numbers(tmp_path):
     assert "| Metric | Teacher (fine-tuned) | Student (distilled) | Student, int8 |" in md
     assert "| Model size | 90.95 MB (90,953,868 B) | 16.79 MB (16,788,012 B) | 4.08 MB (4,078,612 B) |" in md
     assert "| Latency p50 / p90 (ms) | 23.5 / 25.9 | 6.20 / 6.82 | 3.85 / 4.24 |" in md
+    assert "| Input (tokens) | 20, dynamic length | 21, dynamic length | 64, padded |" in md
     assert "| Accuracy / macro-F1 (test) | 86.1 % / 0.850 | 85.7 % / 0.842 | 85.4 % / 0.839 |" in md
     assert "| Parameters | 22.71 M | 4.20 M | 4.20 M |" in md
     assert ("student-int8: 22.3x smaller, 6.1x faster at p50, accuracy -0.7 points, "
