@@ -81,7 +81,7 @@ def default_export(default_student, tmp_path_factory):
 def test_the_default_student_exports_and_passes_parity(default_export, target, fmt, quant):
     from edgekd.compress.quant import get_spec
     from edgekd.manifest import verify_stage
-    from edgekd.targets.export import FP32_TOLERANCE, PARITY_TEXTS
+    from edgekd.targets.export import FP32_TOLERANCE, PADDED_TEXTS, PARITY_TEXTS
 
     manifest = verify_stage(default_export(target, fmt, quant), "export")
     parity = manifest["metrics"]["parity"]
@@ -91,7 +91,10 @@ def test_the_default_student_exports_and_passes_parity(default_export, target, f
     if parity["checked"] == "none":  # LiteRT's CPU kernels do not compute blockwise int4: no reference
         assert (fmt, quant) == ("litert", "int4") and manifest["metrics"]["vs_fp32"]["validation"]["texts"]
         return
-    assert parity["checked"] == "numerical" and parity["texts"] == PARITY_TEXTS
+    # A dynamic-length .pte (ExecuTorch's default) is also checked on a few texts padded to max_length
+    assert parity["checked"] == "numerical"
+    assert parity["texts"] == PARITY_TEXTS + (PADDED_TEXTS if manifest["dynamic_length"] else 0)
+    assert manifest["dynamic_length"] is (fmt == "executorch")
     spec = get_spec(quant)
     if spec.is_float:
         assert parity["reference"] == "the fp32 PyTorch model" and parity["max_abs_diff"] <= FP32_TOLERANCE

@@ -32,7 +32,8 @@ def test_run_reduced_recipe(tmp_path, tiny_recipe_dict, capsys):
         assert variant["latency_ms"]["p50"] > 0 and variant["latency_ms"]["p90"] >= variant["latency_ms"]["p50"]
         assert 0.0 <= variant["accuracy"] <= 1.0 and 0.0 <= variant["macro_f1"] <= 1.0
         assert variant["params"] > 0
-        assert manifest["metrics"]["parity"]["texts"] == 30
+        # every validation text at its own length, and 20 of them padded to max_length (dynamic length, the default)
+        assert manifest["dynamic_length"] is True and manifest["metrics"]["parity"]["texts"] == 30 + 20
     teacher, student = by_name["teacher-fp32-android-executorch"], by_name["student-fp32-android-executorch"]
     assert teacher["agreement"] == 1.0 and 0.0 <= student["agreement"] <= 1.0
     assert all(0.0 <= v["ece"] <= 1.0 for v in printed["variants"])
