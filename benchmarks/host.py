@@ -40,7 +40,9 @@ def cpu_model() -> str:
     name = fields.get("model name") or platform.processor() or platform.machine()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
-    details += [" ".join(f for f in ISA_FLAGS if f in flags)] if flags & set(ISA_FLAGS) else []
+    isa = [f for f in ISA_FLAGS if f in flags]
+    if isa:
+        details.append(" ".join(isa))
     return f"{name} ({'; '.join(details)})" if details else name
 
 

@@ -363,7 +363,8 @@ def _app_labels(path: Path, manifest: dict, encoded, dynamic: bool) -> list[int]
     labels = []
     for ids, mask in encoded:
         if dynamic:
-            ids, mask = ids[:int(mask.sum())], mask[:int(mask.sum())]
+            real = int(mask.sum())
+            ids, mask = ids[:real], mask[:real]
         logits = np.asarray(runner(torch.from_numpy(ids[None]), torch.from_numpy(mask[None])), np.float64)[0]
         probabilities = np.exp(logits - logits.max())
         labels.append(int(np.argmax(probabilities / probabilities.sum())))

@@ -169,8 +169,7 @@ def check_artifact(model, spec: QuantSpec, runner, tokenizer, texts: list[str], 
 def _sample_input(tokenizer, texts: list[str], max_length: int, encode) -> dict:
     text = median_length_text(tokenizer, texts, max_length)
     ids, mask = encode(tokenizer, [text], max_length)[0]
-    return {"text": text, "tokens": int(mask.sum()), "input_ids": ids[0].tolist(),
-            "attention_mask": mask[0].tolist()}
+    return {"text": text, "input_ids": ids[0].tolist(), "attention_mask": mask[0].tolist()}
 
 
 def _run(runner, inputs) -> np.ndarray:

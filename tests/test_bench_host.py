@@ -62,7 +62,7 @@ def test_bench_with_baselines_writes_a_versioned_interleaved_result(bench_export
         assert v["input_tokens"] == len(manifest["sample_input"]["input_ids"])
         assert v["dynamic_length"] is manifest["dynamic_length"] is (manifest["artifact"].endswith(".pte"))
     litert = exported[arts[2].name]
-    pte_tokens = exported[arts[0].name]["sample_input"]["tokens"]
+    pte_tokens = sum(exported[arts[0].name]["sample_input"]["attention_mask"])
     assert len(litert["sample_input"]["input_ids"]) == litert["max_length"] > pte_tokens
     row = next(line for line in report.splitlines() if line.startswith("| Input (tokens) |"))
     assert "dynamic length" in row and f"{litert['max_length']}, padded" in row
